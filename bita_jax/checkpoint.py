@@ -1,0 +1,383 @@
+"""Import HF checkpoints (LLaMA family, Falcon) into the bita_jax base-param pytree.
+
+    cfg, params = load_hf_checkpoint("/path/to/hf_dir", dtype="bfloat16")
+    params = params_from_hf_tensors(cfg, named_tensors)  # any (HF name, [out, in] array) stream
+
+A per-architecture name map sends every HF tensor to one leaf of `model.abstract_params(cfg)`
+(layered tensors to one row of an [L, ...] leaf). Every source key must be consumed and every
+target leaf filled with exactly its shape, else `CheckpointError` names the key or leaf. Layout
+differences are fixed here, never in the model: HF `Linear` weights are [out, in] and become
+`DenseGeneral` kernels [in..., out...]; Falcon's fused query_key_value is split into q/k/v.
+
+Falcon fused QKV, rows of the [(N + 2K) * D, E] weight (and of the bias), as in transformers'
+`FalconAttention._split_heads`:
+  * new_decoder_architecture (40B/180B): grouped per kv head, [K, G + 2, D]: the G queries of kv
+    head k, then its key, then its value.
+  * multi_query (7B, K = 1): [N + 2, D]: all N queries, then the one key, then the one value.
+  * old multi-head (multi_query false, K = N): per head [N, 3, D]: query, key, value.
+All three are the grouped layout [K, G + 2, D] (MQA: K = 1, G = N; MHA: K = N, G = 1), so one
+split serves them; query head n = k * G + g, which is the order `block_attention` assumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import struct
+from typing import Any, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from bita_jax import model
+from bita_jax.config import ModelConfig
+
+Leaf = tuple[str, ...]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model config, or missing files; the message says which."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """Where one HF tensor goes.
+
+    kind: "linear": an HF [out, in] weight; the first `n_in` dims of the leaf are the input.
+          "vector": a 1-D HF tensor (bias, norm weight) reshaped to the leaf.
+          "same": the HF tensor has the leaf's shape (embedding table).
+          "qkv": Falcon's fused query_key_value weight (n_in=1) or bias (n_in=0).
+    """
+
+    leaf: Leaf
+    kind: str
+    n_in: int = 1
+
+
+def _lin(*leaf: str, n_in: int = 1) -> _Target:
+    return _Target(leaf, "linear", n_in)
+
+
+def _vec(*leaf: str) -> _Target:
+    return _Target(leaf, "vector")
+
+
+_QKV_LEAVES = tuple(("layers", "attn", f"{p}_proj") for p in "qkv")
+
+_LLAMA_GLOBAL = {
+    "model.embed_tokens.weight": _Target(("embed", "embedding"), "same"),
+    "model.norm.weight": _vec("final_norm", "scale"),
+    "lm_head.weight": _lin("lm_head", "kernel"),
+}
+_LLAMA_LAYER = {
+    **{f"self_attn.{p}_proj.weight": _lin("layers", "attn", f"{p}_proj", "kernel") for p in "qkv"},
+    **{f"self_attn.{p}_proj.bias": _vec("layers", "attn", f"{p}_proj", "bias") for p in "qkvo"},
+    "self_attn.o_proj.weight": _lin("layers", "attn", "o_proj", "kernel", n_in=2),
+    **{f"mlp.{p}.weight": _lin("layers", "mlp", p, "kernel") for p in ("gate_proj", "up_proj",
+                                                                        "down_proj")},
+    **{f"mlp.{p}.bias": _vec("layers", "mlp", p, "bias") for p in ("gate_proj", "up_proj",
+                                                                    "down_proj")},
+    "input_layernorm.weight": _vec("layers", "attn_norm", "scale"),
+    "post_attention_layernorm.weight": _vec("layers", "mlp_norm", "scale"),
+}
+
+_FALCON_GLOBAL = {
+    "transformer.word_embeddings.weight": _Target(("embed", "embedding"), "same"),
+    "transformer.ln_f.weight": _vec("final_norm", "scale"),
+    "transformer.ln_f.bias": _vec("final_norm", "bias"),
+    "lm_head.weight": _lin("lm_head", "kernel"),
+}
+_FALCON_LAYER = {
+    "self_attention.query_key_value.weight": _Target(("layers", "attn", "qkv"), "qkv", 1),
+    "self_attention.query_key_value.bias": _Target(("layers", "attn", "qkv"), "qkv", 0),
+    "self_attention.dense.weight": _lin("layers", "attn", "o_proj", "kernel", n_in=2),
+    "self_attention.dense.bias": _vec("layers", "attn", "o_proj", "bias"),
+    "mlp.dense_h_to_4h.weight": _lin("layers", "mlp", "up_proj", "kernel"),
+    "mlp.dense_h_to_4h.bias": _vec("layers", "mlp", "up_proj", "bias"),
+    "mlp.dense_4h_to_h.weight": _lin("layers", "mlp", "down_proj", "kernel"),
+    "mlp.dense_4h_to_h.bias": _vec("layers", "mlp", "down_proj", "bias"),
+    **{f"{ln}.{w}": _vec("layers", ln, s)
+       for ln in ("input_layernorm", "post_attention_layernorm", "ln_attn", "ln_mlp")
+       for w, s in (("weight", "scale"), ("bias", "bias"))},
+}
+
+# arch -> (layer-key regex with groups (index, suffix), global map, per-layer map, layer prefix)
+_NAME_MAPS = {
+    "llama": (re.compile(r"model\.layers\.(\d+)\.(.+)"), _LLAMA_GLOBAL, _LLAMA_LAYER,
+              "model.layers.{i}."),
+    "falcon": (re.compile(r"transformer\.h\.(\d+)\.(.+)"), _FALCON_GLOBAL, _FALCON_LAYER,
+               "transformer.h.{i}."),
+}
+# Non-parameter buffers that older exports wrote into checkpoints.
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_TIED_HEAD = "lm_head.weight"
+
+
+def _fmt(leaf: Leaf) -> str:
+    return "/".join(leaf)
+
+
+def _split_qkv(cfg: ModelConfig, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Falcon fused [(N + 2K) * D, ...] -> q [N * D, ...], k, v [K * D, ...] (see module doc)."""
+    n, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    rest = x.shape[1:]
+    grouped = x.reshape(kv, n // kv + 2, d, *rest)
+    return (grouped[:, :-2].reshape(n * d, *rest), grouped[:, -2].reshape(kv * d, *rest),
+            grouped[:, -1].reshape(kv * d, *rest))
+
+
+def _convert(name: str, t: _Target, leaf: Leaf, x: np.ndarray, shape: tuple[int, ...]):
+    """One HF tensor -> the leaf's (per-layer) shape, or a CheckpointError naming both shapes."""
+    if t.kind == "linear":
+        want = (math.prod(shape[t.n_in:]), math.prod(shape[:t.n_in]))
+    elif t.kind == "vector":
+        want = (math.prod(shape),)
+    else:
+        want = shape
+    if x.shape != want:
+        raise CheckpointError(
+            f"{name}: HF tensor of shape {x.shape} does not fit leaf {_fmt(leaf)} of per-layer "
+            f"shape {shape} (expected an HF tensor of shape {want})")
+    return x.T.reshape(shape) if t.kind == "linear" else x.reshape(shape)
+
+
+def _route(cfg: ModelConfig, name: str) -> tuple[_Target, int | None]:
+    """HF name -> (target, layer index or None)."""
+    layer_re, global_map, layer_map, _ = _NAME_MAPS[cfg.arch]
+    if name in global_map:
+        return global_map[name], None
+    m = layer_re.fullmatch(name)
+    if m and m.group(2) in layer_map:
+        i = int(m.group(1))
+        if i >= cfg.num_layers:
+            raise CheckpointError(f"{name}: layer {i} out of range for num_layers={cfg.num_layers}")
+        return layer_map[m.group(2)], i
+    raise CheckpointError(f"unknown checkpoint key {name!r} for a {cfg.arch} model: no rule in the "
+                          f"name map consumes it")
+
+
+def _hf_name(cfg: ModelConfig, leaf: Leaf) -> str:
+    """The HF name pattern that feeds `leaf` (for error messages)."""
+    _, global_map, layer_map, prefix = _NAME_MAPS[cfg.arch]
+    for name, t in global_map.items():
+        if t.leaf == leaf:
+            return name
+    for suffix, t in layer_map.items():
+        if t.leaf == leaf or (t.kind == "qkv" and leaf[:-1] in _QKV_LEAVES
+                              and suffix.endswith(".weight") == (leaf[-1] == "kernel")):
+            return prefix + suffix
+    return "?"
+
+
+def params_from_hf_tensors(cfg: ModelConfig, named_tensors: Iterable[tuple[str, np.ndarray]],
+                           shardings: Any = None) -> dict:
+    """Builds the base params from a stream of HF-named tensors in HF orientation.
+
+    Args:
+      cfg: the model config (decides every target shape and the dtype).
+      named_tensors: (HF name, array) pairs; Linear weights as [out, in]. Consumed once, in order.
+      shardings: optional pytree like the params with a `jax.sharding.Sharding` per leaf; each
+        leaf is then built with `jax.make_array_from_callback`, so it lands straight on the mesh.
+
+    Returns:
+      The params pytree (structure of `model.abstract_params(cfg)`) as jax arrays of cfg.dtype.
+
+    Raises:
+      CheckpointError: an unknown or duplicate key, a wrong shape, a missing tensor, or a tied
+        `lm_head.weight` that differs from the embedding.
+    """
+    abstract = model.abstract_params(cfg)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    leaves: dict[Leaf, jax.ShapeDtypeStruct] = {
+        tuple(k.key for k in path): s for path, s in flat}
+    dtype = np.dtype(cfg.jnp_dtype)
+    buffers: dict[Leaf, np.ndarray] = {}  # allocated on first write
+    filled: dict[Leaf, set] = {leaf: set() for leaf in leaves}
+    tied_head = None
+
+    def write(name: str, t: _Target, leaf: Leaf, layer: int | None, x: np.ndarray):
+        if leaf not in leaves:
+            raise CheckpointError(
+                f"{name} maps to leaf {_fmt(leaf)}, which this {cfg.arch} config does not have "
+                f"(check bias / attention_bias / mlp_bias / parallel_attn / "
+                f"new_decoder_architecture / tie_word_embeddings in config.json)")
+        shape = leaves[leaf].shape[1:] if layer is not None else leaves[leaf].shape
+        value = _convert(name, t, leaf, x, shape)
+        slot = 0 if layer is None else layer
+        if slot in filled[leaf]:
+            raise CheckpointError(f"{name}: leaf {_fmt(leaf)} (layer {layer}) written twice")
+        buf = buffers.get(leaf)
+        if buf is None:
+            buf = buffers[leaf] = np.empty(leaves[leaf].shape, dtype)
+        if layer is None:
+            buf[...] = value
+        else:
+            buf[layer] = value
+        filled[leaf].add(slot)
+
+    for name, x in named_tensors:
+        if _IGNORED.search(name):
+            continue
+        if name == _TIED_HEAD and cfg.tie_word_embeddings:
+            tied_head = np.asarray(x)  # checked against the embedding below
+            continue
+        t, layer = _route(cfg, name)
+        x = np.asarray(x)
+        if t.kind != "qkv":
+            write(name, t, t.leaf, layer, x)
+            continue
+        e = cfg.hidden_size
+        n, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        want = ((n + 2 * kv) * d, e) if t.n_in else ((n + 2 * kv) * d,)
+        if x.shape != want:
+            raise CheckpointError(
+                f"{name}: fused QKV of shape {x.shape}, expected {want} for N={n}, K={kv}, D={d}, "
+                f"E={e} (leaves layers/attn/{{q,k,v}}_proj)")
+        part = "kernel" if t.n_in else "bias"
+        for sub, leaf in zip(_split_qkv(cfg, x), _QKV_LEAVES):
+            write(name, _Target(leaf + (part,), "linear" if t.n_in else "vector"), leaf + (part,),
+                  layer, sub)
+
+    missing = []
+    for leaf, s in leaves.items():
+        want = set(range(cfg.num_layers)) if leaf[0] == "layers" else {0}
+        if filled[leaf] != want:
+            gaps = sorted(want - filled[leaf])
+            where = f" layers {gaps}" if leaf[0] == "layers" else ""
+            missing.append(f"{_fmt(leaf)} {s.shape}{where} (from {_hf_name(cfg, leaf)})")
+    if missing:
+        raise CheckpointError("checkpoint is missing tensors for: " + "; ".join(missing))
+    if tied_head is not None:
+        embed = buffers[("embed", "embedding")]
+        if tied_head.shape != embed.shape or not np.array_equal(tied_head.astype(dtype), embed):
+            raise CheckpointError(
+                f"{_TIED_HEAD} differs from the embedding but tie_word_embeddings is true; set "
+                f"tie_word_embeddings=false in config.json to load an untied head")
+
+    shard_of = {}
+    if shardings is not None:
+        sflat = jax.tree_util.tree_flatten_with_path(shardings)[0]
+        shard_of = {tuple(k.key for k in path): s for path, s in sflat}
+        if set(shard_of) != set(leaves):
+            raise CheckpointError(f"shardings tree does not match the params: "
+                                  f"{sorted(map(_fmt, set(shard_of) ^ set(leaves)))}")
+
+    out = []
+    for path, _ in flat:
+        leaf = tuple(k.key for k in path)
+        buf = buffers.pop(leaf)  # drop the host copy as each leaf is placed
+        if leaf in shard_of:
+            out.append(jax.make_array_from_callback(buf.shape, shard_of[leaf],
+                                                    lambda idx, b=buf: b[idx]))
+        else:
+            out.append(jax.device_put(buf))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files.
+
+_RAW_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64,
+               "BF16": np.dtype(jnp.bfloat16)}
+
+
+def _read_raw(file: str, name: str) -> np.ndarray:
+    """Reads one tensor straight from the safetensors layout (8-byte header size, JSON, data).
+
+    Fallback for dtypes that `safe_open(framework="numpy")` cannot return (bf16 on older
+    safetensors releases).
+    """
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        entry = json.loads(f.read(size))[name]
+        if entry["dtype"] not in _RAW_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {entry['dtype']}")
+        start, end = entry["data_offsets"]
+        f.seek(8 + size + start)
+        data = f.read(end - start)
+    return np.frombuffer(data, _RAW_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def _safetensors_files(path: str) -> list[tuple[str, set | None]]:
+    """[(file, keys the index assigns to it or None)] of a HF directory."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not weight_map:
+            raise CheckpointError(f"{index} has no weight_map")
+        by_file: dict[str, set] = {}
+        for key, shard in weight_map.items():
+            by_file.setdefault(shard, set()).add(key)
+        files = []
+        for shard in sorted(by_file):
+            file = os.path.join(path, shard)
+            if not os.path.exists(file):
+                raise CheckpointError(
+                    f"{index} points to shard {shard}, which is missing from {path}")
+            files.append((file, by_file[shard]))
+        return files
+    if os.path.exists(single):
+        return [(single, None)]
+    other = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".gguf"))]
+    hint = f" (found {sorted(other)}: convert them to safetensors)" if other else ""
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
+
+
+def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Streams (HF name, numpy array) from a HF directory, one tensor at a time."""
+    for file, expected in _safetensors_files(path):
+        try:
+            handle = safe_open(file, framework="numpy")
+        except Exception as e:  # SafetensorError: truncated or not a safetensors file
+            raise CheckpointError(f"cannot read {file}: {e}") from None
+        with handle as f:
+            keys = list(f.keys())
+            if expected is not None and not expected <= set(keys):
+                raise CheckpointError(f"{file} lacks keys its index assigns to it: "
+                                      f"{sorted(expected - set(keys))[:8]}")
+            for key in keys:
+                try:
+                    x = f.get_tensor(key)
+                except Exception:
+                    if f.get_slice(key).get_dtype() != "BF16":
+                        raise
+                    x = _read_raw(file, key)
+                yield key, x
+
+
+def read_hf_config(path: str) -> dict:
+    """The `config.json` dict of a HF directory."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    file = os.path.join(path, "config.json")
+    if not os.path.exists(file):
+        raise CheckpointError(f"no config.json in {path}")
+    with open(file) as f:
+        return json.load(f)
+
+
+def load_hf_checkpoint(path: str, dtype: str = "float32",
+                       shardings: Any = None) -> tuple[ModelConfig, dict]:
+    """Loads a HF LLaMA-family or Falcon directory (config.json + safetensors, sharded or not).
+
+    Args:
+      path: the HF model directory.
+      dtype: storage/compute dtype of the loaded base ("float32", "bfloat16", "float16").
+      shardings: optional per-leaf shardings (see `params_from_hf_tensors`).
+
+    Returns:
+      (ModelConfig, params) with params shaped as `model.abstract_params(cfg)`.
+
+    Raises:
+      CheckpointError: missing files, unknown keys, missing tensors or wrong shapes.
+      ConfigError: an architecture bita_jax does not run (e.g. ALiBi Falcon).
+    """
+    cfg = ModelConfig.from_hf_config(read_hf_config(path), dtype=dtype)
+    return cfg, params_from_hf_tensors(cfg, iter_safetensors(path), shardings)
