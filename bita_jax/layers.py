@@ -129,6 +129,8 @@ class AttnContext(NamedTuple):
     cache_len: [B] int32 committed slots per row (None without a cache).
     block_mask: [B, T, T] bool, query t may see new token u.
     prefix_rows: [B, T] bool, rows that see the BiTA prefix (mask tokens); None without BiTA.
+    cache_visible: [B, T, S] bool, an explicit per-query view of the cache that replaces
+      `slot < cache_len` (training: each mask group sees only the real tokens before its anchor).
     """
 
     cos: jnp.ndarray
@@ -136,6 +138,7 @@ class AttnContext(NamedTuple):
     cache_len: jnp.ndarray | None
     block_mask: jnp.ndarray
     prefix_rows: jnp.ndarray | None
+    cache_visible: jnp.ndarray | None = None
 
 
 class _Part(NamedTuple):
@@ -180,9 +183,12 @@ def block_attention(q, k_blk, v_blk, ctx: AttnContext, k_cache=None, v_cache=Non
     qg = (q.astype(jnp.float32) * (1.0 / math.sqrt(d))).reshape(b, t, kv, g, d)
     part = _part(qg, k_blk, v_blk, ctx.block_mask[:, None, None, :, :])
     if k_cache is not None:
-        s_slots = k_cache.shape[1]
-        visible = jnp.arange(s_slots)[None, :] < ctx.cache_len[:, None]  # [B, S]
-        part = _merge(_part(qg, k_cache, v_cache, visible[:, None, None, None, :]), part)
+        if ctx.cache_visible is not None:
+            visible = ctx.cache_visible[:, None, None, :, :]  # [B, 1, 1, T, S]
+        else:
+            s_slots = k_cache.shape[1]
+            visible = (jnp.arange(s_slots)[None, :] < ctx.cache_len[:, None])[:, None, None, None]
+        part = _merge(_part(qg, k_cache, v_cache, visible), part)
     out = part.o / part.l[..., None]
     if prefix is not None:
         p = prefix.shape[0]

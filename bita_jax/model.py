@@ -48,7 +48,8 @@ class CausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), ("vocab",), False, dt, None)
 
-    def __call__(self, tokens, positions, block_mask, cache_kv=None, cache_len=None, bita=None):
+    def __call__(self, tokens, positions, block_mask, cache_kv=None, cache_len=None, bita=None,
+                 cache_visible=None):
         """See `forward`. Returns (hidden [B, T, E], (k, v) [L, B, T, K, D])."""
         cfg = self.cfg
         is_mask = tokens >= cfg.vocab_size
@@ -64,7 +65,8 @@ class CausalLM(nn.Module):
         cos, sin = rope_tables(cfg, positions)
         if block_mask.ndim == 2:
             block_mask = jnp.broadcast_to(block_mask, (tokens.shape[0],) + block_mask.shape)
-        ctx = AttnContext(cos, sin, cache_len, block_mask, is_mask if bita is not None else None)
+        ctx = AttnContext(cos, sin, cache_len, block_mask, is_mask if bita is not None else None,
+                          cache_visible)
         x, block_kv = self.layers(x, layer_inputs, ctx)
         return self.final_norm(x), block_kv
 
@@ -77,7 +79,7 @@ class CausalLM(nn.Module):
 
 
 def forward(cfg: ModelConfig, base_params: Params, tokens, positions, block_mask,
-            cache: KVCache | None = None, bita_params: Params | None = None):
+            cache: KVCache | None = None, bita_params: Params | None = None, cache_visible=None):
     """Runs T new tokens through the model.
 
     Args:
@@ -88,6 +90,9 @@ def forward(cfg: ModelConfig, base_params: Params, tokens, positions, block_mask
       block_mask: [T, T] or [B, T, T] bool: query t sees new token u. Any pattern (causal, tree).
       cache: committed keys/values; every new token sees slots [0, cache.length) of its row.
       bita_params: {"prefix": [P, L, 2, N, D], "mask_embed": [M, E]} or None.
+      cache_visible: optional [B, T, S] bool, which cache slots each new token sees (replaces
+        `slot < cache.length`; `cache.length` is then unused). Lets training attend mask groups
+        to the real-token keys/values of a no-gradient first pass.
 
     Returns:
       hidden [B, T, E] after the final norm, and the block's (k, v), each [L, B, T, K, D],
@@ -96,7 +101,7 @@ def forward(cfg: ModelConfig, base_params: Params, tokens, positions, block_mask
     cache_kv = (cache.k, cache.v) if cache is not None else None
     cache_len = cache.length if cache is not None else None
     return CausalLM(cfg).apply({"params": base_params}, tokens, positions, block_mask, cache_kv,
-                               cache_len, bita_params)
+                               cache_len, bita_params, cache_visible)
 
 
 def lm_logits(cfg: ModelConfig, base_params: Params, hidden):
