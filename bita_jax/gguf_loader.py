@@ -6,16 +6,35 @@ wheel. `read_gguf` dequantizes every tensor to float32 and renames it to the HF 
 exactly like a HF checkpoint. llama.cpp stores Q and K rows in an interleaved RoPE order; they are
 un-permuted here (never in the model) back to HF's rotate-half order.
 
+Opening a GGUF parses all of its metadata (SmolLM2: 49k vocab strings), so callers that need the
+config, the tensors and the tokenizer share one reader (`reader=`, see `lazy_reader`). Derived
+artifacts are cached on disk (`cache_entry`): the dequantized, un-permuted float32 tensors and the
+config in one safetensors file, read back memory-mapped; the tokenizer (bita_jax/tokenizer.py).
+A cache hit never opens the GGUF. Set `BITA_JAX_NO_CACHE=1` to disable the cache,
+`BITA_JAX_CACHE=dir` to move it (default `$XDG_CACHE_HOME/bita_jax`, else `~/.cache/bita_jax`).
+
 No torch: only `gguf` and numpy.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
 import importlib.util
+import inspect
+import json
 import os
 import pathlib
 import re
-from typing import Any, Iterator
+import shutil
+import struct
+import sys
+import tempfile
+import time
+import warnings
+import zlib
+from typing import Any, BinaryIO, Callable, Iterator, Union
 
 import gguf
 import numpy as np
@@ -45,6 +64,53 @@ _GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
+
+CACHE_ENV = "BITA_JAX_CACHE"
+NO_CACHE_ENV = "BITA_JAX_NO_CACHE"
+# Bump whenever a cached artifact would change (conversion code, file layout): old entries then
+# simply stop matching.
+CACHE_FORMAT = 1
+TENSOR_CACHE_FILE = "tensors.safetensors"
+_KEY_CHUNK = 1 << 20  # the key hashes the file's first and last MiB
+_STALE_TMP_S = 3600.0  # a *.tmp file untouched this long was left by a killed process
+
+# A reader, or a zero-argument function returning one (opened on first use; see `lazy_reader`).
+ReaderArg = Union[gguf.GGUFReader, Callable[[], gguf.GGUFReader], None]
+
+
+class CacheWarning(RuntimeWarning):
+    """A cache entry was unreadable (and is rebuilt) or could not be written (load goes on)."""
+
+
+class _FastGGUFReader(gguf.GGUFReader):
+    """`gguf.GGUFReader` that slices a plain ndarray view of its memory map while parsing.
+
+    Parsing slices the file ~10^6 times (every vocab string is a field part); slicing `np.memmap`
+    itself runs its Python `__array_finalize__` each time, which is most of the ~2.4 s it takes to
+    open SmolLM2. The fields and tensors come out the same, as plain read-only views of the map.
+    """
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        buf = self.__dict__.get("_plain_data")
+        if buf is None:
+            buf = self._plain_data = self.data.view(np.ndarray)
+        count = int(count)
+        dtype = np.dtype(dtype)
+        arr = buf[offset:offset + dtype.itemsize * count].view(dtype=dtype)[:count]
+        return arr.view(arr.dtype.newbyteorder(
+            self.byte_order if override_order is None else override_order))
+
+
+def _fast_reader_fits() -> bool:
+    """Whether `_FastGGUFReader._get` still matches the installed gguf's private `_get`."""
+    try:
+        params = list(inspect.signature(gguf.GGUFReader._get).parameters)
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return params == ["self", "offset", "dtype", "count", "override_order"]
+
+
+_READER_CLASS = _FastGGUFReader if _fast_reader_fits() else gguf.GGUFReader
 
 
 def find_smollm2_gguf() -> pathlib.Path:
@@ -77,9 +143,27 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
-        return gguf.GGUFReader(path)
+        return _READER_CLASS(path)
     except Exception as e:  # gguf raises ValueError, IndexError, struct errors, ... on bad input
         raise ValueError(f"{path} is not a readable GGUF file: {type(e).__name__}: {e}") from e
+
+
+def lazy_reader(path: str | os.PathLike) -> Callable[[], gguf.GGUFReader]:
+    """A function that opens `path` on its first call and returns the same reader afterwards.
+
+    Pass it as `reader=` to `read_gguf` and `tokenizer_from_gguf`: the file is parsed at most once,
+    and not at all when both are served from the cache.
+    """
+    return functools.cache(lambda: open_gguf(path))
+
+
+def resolve_reader(path: str | os.PathLike, reader: ReaderArg = None) -> gguf.GGUFReader:
+    """The reader for `path`: `reader` itself, `reader()` if it is a function, else a new one."""
+    if reader is None:
+        return open_gguf(path)
+    if isinstance(reader, gguf.GGUFReader):
+        return reader
+    return reader()
 
 
 def field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
@@ -191,17 +275,27 @@ def _tensors(reader: gguf.GGUFReader, config: dict[str, Any]) -> Iterator[tuple[
         elif ".k_proj." in name:
             w = unpermute_rope(w, kv_heads)
         # Own the memory: do not hand out read-only views of the memory-mapped file.
-        yield name, np.array(w, dtype=np.float32, order="C", copy=True)
+        if (w.dtype != np.float32 or not w.flags.c_contiguous or not w.flags.writeable
+                or np.may_share_memory(w, t.data)):
+            w = np.array(w, dtype=np.float32, order="C", copy=True)
+        yield name, w
 
 
-def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], Iterator[tuple[str, np.ndarray]]]:
+def read_gguf(path: str | os.PathLike, reader: ReaderArg = None, *, use_cache: bool = True
+              ) -> tuple[dict[str, Any], Iterator[tuple[str, np.ndarray]]]:
     """Reads a LLaMA GGUF file: HF-style config and dequantized, HF-named tensors.
 
     Every tensor name is checked before any is dequantized, so an unsupported file fails fast.
-    Tensors are produced lazily, one at a time, from the memory-mapped file.
+    Tensors are produced lazily, one at a time, from the memory-mapped file. With the cache on
+    (`use_cache` and no `BITA_JAX_NO_CACHE`), the first full pass also writes them to the cache
+    (committed only once the last tensor has been produced); later calls read them back
+    memory-mapped (copy-on-write, so still writable and private) without opening the GGUF.
 
     Args:
       path: a `.gguf` file.
+      reader: an open reader for `path`, or a function returning one (`lazy_reader`), to share
+        one parse of the file with other readers of its metadata; opened here when needed if None.
+      use_cache: False to neither read nor write the on-disk cache.
 
     Returns:
       (config, tensors): `config` is a dict for `ModelConfig.from_hf_config` (keys model_type,
@@ -217,14 +311,271 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], Iterator[tuple[s
       FileNotFoundError: `path` does not exist.
       ValueError: unreadable file, non-LLaMA architecture, or an unknown tensor.
     """
-    reader = open_gguf(path)
+    entry = cache_entry(path) if use_cache else None
+    if entry is not None:
+        cached = _read_tensor_cache(entry / TENSOR_CACHE_FILE)
+        if cached is not None:
+            config, tensors = cached
+            return config, iter(tensors)
+    reader = resolve_reader(path, reader)
     config = hf_config_from_gguf(reader)
     for t in reader.tensors:
         hf_name(t.name)
-    return config, _tensors(reader, config)
+    tensors = _tensors(reader, config)
+    if entry is not None:
+        tensors = _tee_to_cache(entry / TENSOR_CACHE_FILE, reader, config, tensors)
+    return config, tensors
 
 
-def load_gguf_state_dict(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def load_gguf_state_dict(path: str | os.PathLike, reader: ReaderArg = None, *,
+                         use_cache: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """`read_gguf`, with the tensors collected into a dict {hf_name: float32 array}."""
-    config, tensors = read_gguf(path)
+    config, tensors = read_gguf(path, reader, use_cache=use_cache)
     return config, dict(tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# On-disk cache of artifacts derived from a GGUF file.
+
+
+def cache_root() -> pathlib.Path | None:
+    """The cache directory, or None when `BITA_JAX_NO_CACHE` is set (to anything but 0/false)."""
+    if os.environ.get(NO_CACHE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off"):
+        return None
+    if sys.byteorder != "little":  # cached files are little-endian float32
+        return None
+    if os.environ.get(CACHE_ENV):
+        return pathlib.Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / ".cache") / "bita_jax"
+
+
+@functools.cache
+def _gguf_version() -> str:
+    try:
+        return importlib.metadata.version("gguf")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def file_key(path: str | os.PathLike) -> str:
+    """A cheap identity of a file's contents: size, mtime and its first and last MiB (hex sha256).
+
+    Also covers `CACHE_FORMAT` and the gguf version (the dequantizer), so none of those can
+    change without the key changing.
+    """
+    st = os.stat(path)
+    h = hashlib.sha256(f"bita_jax-gguf/{CACHE_FORMAT}/{_gguf_version()}/{st.st_size}/"
+                       f"{st.st_mtime_ns}/".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_KEY_CHUNK))
+        if st.st_size > _KEY_CHUNK:
+            f.seek(max(_KEY_CHUNK, st.st_size - _KEY_CHUNK))
+            h.update(f.read(_KEY_CHUNK))
+    return h.hexdigest()
+
+
+def cache_entry(path: str | os.PathLike) -> pathlib.Path | None:
+    """The cache directory for artifacts derived from GGUF file `path` (not created here).
+
+    Named `{stem}-{hash of the absolute path}-{file_key}`: another file, or the same path with new
+    contents, gets another directory. Writing an entry removes the older ones of the same path.
+
+    Returns:
+      None when caching is disabled or `path` is not a readable file.
+    """
+    root = cache_root()
+    path = pathlib.Path(path)
+    if root is None or not path.is_file():
+        return None
+    try:
+        key = file_key(path)
+    except OSError:
+        return None
+    where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)[:48]
+    return root / "gguf" / f"{stem}-{where}-{key[:24]}"
+
+
+def _remove_stale_entries(entry: pathlib.Path) -> None:
+    """Deletes the other entries of the same GGUF path (older contents) and stale temp files."""
+    prefix = entry.name[:-24]
+    try:
+        for other in entry.parent.iterdir():
+            if (other != entry and other.name.startswith(prefix)
+                    and re.fullmatch(r"[0-9a-f]{24}", other.name[len(prefix):])):
+                shutil.rmtree(other, ignore_errors=True)
+        now = time.time()
+        for tmp in entry.glob("*.tmp"):
+            if now - tmp.stat().st_mtime > _STALE_TMP_S:
+                tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+class AtomicFile:
+    """A file written under a temporary name next to `dest`, renamed onto `dest` by `commit`.
+
+    A killed process leaves at most a `*.tmp` file (removed later), never a partial `dest`.
+
+    Raises:
+      OSError: the directory cannot be created or written.
+    """
+
+    def __init__(self, dest: pathlib.Path):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        self.dest = dest
+        self.file: BinaryIO = os.fdopen(fd, "wb")
+
+    def commit(self) -> None:
+        self.file.close()
+        os.replace(self._tmp, self.dest)
+        _remove_stale_entries(self.dest.parent)
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        pathlib.Path(self._tmp).unlink(missing_ok=True)
+
+
+def write_cache_file(dest: pathlib.Path, data: bytes) -> bool:
+    """Atomically writes `data` to cache file `dest`; warns (and returns False) if it cannot."""
+    try:
+        f = AtomicFile(dest)
+    except OSError as e:
+        _warn_unwritable(dest, e)
+        return False
+    try:
+        f.file.write(data)
+        f.commit()
+    except OSError as e:
+        f.abort()
+        _warn_unwritable(dest, e)
+        return False
+    return True
+
+
+def _warn_unwritable(dest: pathlib.Path, e: Exception) -> None:
+    warnings.warn(f"cannot write cache file {dest} ({type(e).__name__}: {e}); continuing without "
+                  f"it (set {NO_CACHE_ENV}=1 to disable the cache)", CacheWarning, stacklevel=3)
+
+
+def warn_unreadable(file: pathlib.Path, e: Exception) -> None:
+    """Warns that cache file `file` is unreadable and deletes it (it is about to be rebuilt)."""
+    warnings.warn(f"ignoring unreadable cache file {file} ({type(e).__name__}: {e}); rebuilding "
+                  "it from the GGUF file", CacheWarning, stacklevel=3)
+    try:
+        file.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _tensor_cache_header(specs: list[tuple[str, tuple[int, ...]]], config: dict[str, Any],
+                         crc: int) -> bytes:
+    """The safetensors header (length + JSON, space-padded to 8 bytes) for float32 `specs`."""
+    meta = {"format": "bita_jax.gguf_tensors", "version": str(CACHE_FORMAT),
+            "config": json.dumps(config), "order": json.dumps([n for n, _ in specs]),
+            "crc32": f"{crc:08x}"}  # fixed width: the header is rewritten in place at the end
+    header: dict[str, Any] = {"__metadata__": meta}
+    offset = 0
+    for name, shape in specs:
+        size = 4 * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": "F32", "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _tee_to_cache(file: pathlib.Path, reader: gguf.GGUFReader, config: dict[str, Any],
+                  tensors: Iterator[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields `tensors` unchanged while streaming them into the safetensors cache `file`.
+
+    The file is committed only after the last tensor; an abandoned or failed pass leaves nothing.
+    A write error only warns: the tensors keep coming.
+    """
+    specs = [(hf_name(t.name), tuple(int(d) for d in reversed(t.shape))) for t in reader.tensors]
+    out: AtomicFile | None = None
+    try:
+        out = AtomicFile(file)
+        out.file.write(_tensor_cache_header(specs, config, 0))
+    except (OSError, TypeError, ValueError) as e:  # TypeError/ValueError: config not JSON-able
+        if out is not None:
+            out.abort()
+            out = None
+        _warn_unwritable(file, e)
+    crc = 0
+    try:
+        for i, (name, w) in enumerate(tensors):
+            if out is not None:
+                try:
+                    if (name, w.shape) != specs[i]:  # cannot happen: both come from reader.tensors
+                        raise ValueError(f"tensor {i} is {name} {w.shape}, expected {specs[i]}")
+                    raw = np.ascontiguousarray(w, dtype="<f4").reshape(-1).view(np.uint8)
+                    out.file.write(raw)
+                    crc = zlib.crc32(raw, crc)
+                except (OSError, ValueError) as e:
+                    out.abort()
+                    out = None
+                    _warn_unwritable(file, e)
+            yield name, w
+        if out is not None:
+            try:
+                out.file.seek(0)
+                out.file.write(_tensor_cache_header(specs, config, crc))
+                out.commit()
+            except OSError as e:
+                out.abort()
+                _warn_unwritable(file, e)
+            out = None
+    finally:
+        if out is not None:  # the consumer stopped early or raised
+            out.abort()
+
+
+def _read_tensor_cache(file: pathlib.Path
+                       ) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]] | None:
+    """(config, tensors) from a cache file written by `_tee_to_cache`; None if absent.
+
+    The data is checked (sizes, layout, crc32) before anything is returned; an unreadable file
+    warns, is deleted and reads as absent.
+    """
+    if not file.is_file():
+        return None
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 64 << 20:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(f.read(n))
+        meta = header.pop("__metadata__")
+        if (meta.get("format"), meta.get("version")) != ("bita_jax.gguf_tensors",
+                                                          str(CACHE_FORMAT)):
+            raise ValueError(f"not a version {CACHE_FORMAT} bita_jax tensor cache")
+        config = json.loads(meta["config"])
+        names = json.loads(meta["order"])
+        if sorted(names) != sorted(header) or not isinstance(config, dict):
+            raise ValueError("tensor index does not match the metadata")
+        data = np.memmap(file, dtype=np.uint8, mode="c", offset=8 + n).view(np.ndarray)
+        tensors, end = [], 0
+        for name in names:
+            info = header[name]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, stop = info["data_offsets"]
+            if (info["dtype"] != "F32" or begin != end
+                    or stop - begin != 4 * int(np.prod(shape, dtype=np.int64))):
+                raise ValueError(f"bad index entry for {name}: {info}")
+            tensors.append((name, data[begin:stop].view("<f4").reshape(shape)))
+            end = stop
+        if end != data.size:
+            raise ValueError(f"{data.size} data bytes, index says {end}")
+        if zlib.crc32(data) != int(meta["crc32"], 16):
+            raise ValueError("checksum mismatch")
+    except Exception as e:  # any damage: rebuild, never crash
+        warn_unreadable(file, e)
+        return None
+    return config, tensors

@@ -3,6 +3,9 @@
     loaded = load_model("smollm2-135m")            # the embedded default (offline)
     loaded = load_model("/path/to/hf_dir")         # config.json + safetensors (+ tokenizer)
     loaded = load_model("/path/to/model.gguf")     # a LLaMA-family GGUF
+
+A GGUF's dequantized tensors and tokenizer are cached on disk after the first load (see
+bita_jax/gguf_loader.py; `BITA_JAX_NO_CACHE=1` disables it, `BITA_JAX_CACHE` moves it).
 """
 
 from __future__ import annotations
@@ -88,10 +91,13 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32",
             cfg, params = checkpoint.load_hf_checkpoint(str(path), dtype, shardings)
             tokenizer = load_tokenizer(path)
         elif path.suffix == ".gguf":
-            hf_config, tensors = gguf_loader.read_gguf(path)
+            # One parse of the GGUF serves config, tensors and tokenizer, and none when both the
+            # tensors and the tokenizer come from the on-disk cache (gguf_loader).
+            reader = gguf_loader.lazy_reader(path)
+            hf_config, tensors = gguf_loader.read_gguf(path, reader)
             cfg = ModelConfig.from_hf_config(hf_config, dtype=dtype)
             params = checkpoint.params_from_hf_tensors(cfg, tensors, shardings)
-            tokenizer = tokenizer_from_gguf(path)
+            tokenizer = tokenizer_from_gguf(path, reader)
         else:
             raise ModelLoadError(f"cannot load {path}: expected a HF model directory or a .gguf file")
     except (checkpoint.CheckpointError, FileNotFoundError) as e:

@@ -73,6 +73,8 @@ def prompt_of(record: dict) -> str:
         return record["turns"][0]
     if "instruction" in record:
         extra = record.get("input") or ""
+        if not extra and record.get("instances"):  # alpaca seed tasks keep inputs per instance
+            extra = record["instances"][0].get("input") or ""
         return record["instruction"] + ("\n" + extra if extra.strip() else "")
     if record.get("conversations"):
         return record["conversations"][0]["value"]

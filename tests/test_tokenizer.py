@@ -3,12 +3,15 @@
 References: transformers' GGUF tokenizer (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`) and,
 for digits after a whitespace run, the same vocab with SmolLM2's own tokenizer.json pre-tokenizer
 (Digits(individual) -> ByteLevel), which transformers' GGUF converter drops (bita_jax/tokenizer.py).
+The tokenizer read back from the on-disk cache must equal the one built from the GGUF, id for id.
+Every test runs with the cache in a temporary directory.
 """
 
 import json
 import random
 import subprocess
 import sys
+import warnings
 
 import pytest
 import tokenizers
@@ -16,7 +19,8 @@ import transformers
 from tokenizers import pre_tokenizers
 
 from bita_jax import gguf_loader
-from bita_jax.tokenizer import Tokenizer, load_tokenizer
+from bita_jax import tokenizer as tokenizer_mod
+from bita_jax.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
 
 TEXTS = [
     "Hello, world!",
@@ -44,6 +48,16 @@ DIGIT_AFTER_WHITESPACE = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cache_dir(tmp_path_factory):
+    """A fresh cache directory for this module (never the user's ~/.cache)."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("bita_jax_cache")
+        mp.setenv(gguf_loader.CACHE_ENV, str(path))
+        mp.delenv(gguf_loader.NO_CACHE_ENV, raising=False)
+        yield path
+
+
 @pytest.fixture(scope="module")
 def gguf_path():
     return gguf_loader.find_smollm2_gguf()
@@ -51,7 +65,23 @@ def gguf_path():
 
 @pytest.fixture(scope="module")
 def tok(gguf_path):
+    """Built from the GGUF (cold cache): also writes the tokenizer cache."""
     return load_tokenizer(gguf_path)
+
+
+def _no_gguf_parse(monkeypatch):
+    def fail(path):
+        raise AssertionError(f"GGUF parsed although cached: {path}")
+    monkeypatch.setattr(gguf_loader, "open_gguf", fail)
+
+
+@pytest.fixture(scope="module")
+def tok_cached(tok, gguf_path):
+    """Read back from the cache written by `tok`, without parsing the GGUF."""
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _no_gguf_parse(mp)
+        return load_tokenizer(gguf_path)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +109,10 @@ def _random_texts(n, digits):
     return ["".join(rng.choice(pool) for _ in range(rng.randint(1, 40))) for _ in range(n)]
 
 
-def test_no_torch_at_runtime(gguf_path):
+def test_no_torch_at_runtime(gguf_path, tmp_path, monkeypatch):
+    monkeypatch.setenv(gguf_loader.CACHE_ENV, str(tmp_path))  # built, then read from the cache
     code = ("import sys; from bita_jax.tokenizer import load_tokenizer; "
+            f"t = load_tokenizer({str(gguf_path)!r}); t.chat_ids('hi'); "
             f"t = load_tokenizer({str(gguf_path)!r}); t.chat_ids('hi'); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -173,3 +205,68 @@ def test_missing_and_corrupt_gguf(tmp_path):
     bad.write_bytes(b"GGUF" + b"\x00" * 64)
     with pytest.raises(ValueError, match="is not a readable GGUF file"):
         load_tokenizer(bad)
+
+
+# --- on-disk cache ------------------------------------------------------------------------------
+
+
+def _assert_same_tokenizer(a, b, n_random=200):
+    assert a.hf.backend_tokenizer.to_str() == b.hf.backend_tokenizer.to_str()
+    assert (a.vocab_size, a.bos_token_id, a.pad_token_id, a.eos_token_ids) == (
+        b.vocab_size, b.bos_token_id, b.pad_token_id, b.eos_token_ids)
+    assert a.hf.chat_template == b.hf.chat_template
+    assert a.hf.all_special_tokens == b.hf.all_special_tokens
+    texts = (TEXTS + sorted(DIGIT_AFTER_WHITESPACE) + _random_texts(n_random, digits=False)
+             + _random_texts(n_random, digits=True))
+    for text in texts:
+        ids = a.encode(text)
+        assert b.encode(text) == ids, repr(text)
+        assert b.decode(ids) == a.decode(ids), repr(text)
+        assert b.decode(ids, skip_special_tokens=True) == a.decode(ids, skip_special_tokens=True)
+    for system in (None, "You are terse."):
+        assert b.apply_chat_template("Hi  2", system=system) == a.apply_chat_template(
+            "Hi  2", system=system)
+        assert b.chat_ids("Hi  2", system=system) == a.chat_ids("Hi  2", system=system)
+
+
+def test_cached_tokenizer_is_identical(tok, tok_cached, gguf_path):
+    entry = gguf_loader.cache_entry(gguf_path)
+    assert (entry / tokenizer_mod.TOKENIZER_CACHE_FILE).is_file()
+    assert (entry / tokenizer_mod.TOKENIZER_META_CACHE_FILE).is_file()
+    _assert_same_tokenizer(tok, tok_cached)
+
+
+@pytest.mark.parametrize("name,damage", [(tokenizer_mod.TOKENIZER_CACHE_FILE, "truncate"),
+                                         (tokenizer_mod.TOKENIZER_META_CACHE_FILE, "garbage")])
+def test_corrupt_tokenizer_cache_is_rebuilt(tok, tok_cached, gguf_path, tmp_path, monkeypatch,
+                                            name, damage):
+    # Copy the module's (good) cache entry into a private cache, then damage one file.
+    source = gguf_loader.cache_entry(gguf_path)
+    monkeypatch.setenv(gguf_loader.CACHE_ENV, str(tmp_path))
+    entry = gguf_loader.cache_entry(gguf_path)
+    entry.mkdir(parents=True)
+    for f in (tokenizer_mod.TOKENIZER_CACHE_FILE, tokenizer_mod.TOKENIZER_META_CACHE_FILE):
+        (entry / f).write_bytes((source / f).read_bytes())
+    good = (entry / name).read_bytes()
+    (entry / name).write_bytes(b"\x00garbage{" * 10 if damage == "garbage"
+                               else good[:len(good) // 2])
+    with pytest.warns(gguf_loader.CacheWarning, match="unreadable cache file"):
+        rebuilt = tokenizer_from_gguf(gguf_path)
+    assert (entry / name).read_bytes() == good
+    _assert_same_tokenizer(tok, rebuilt, n_random=0)
+    with monkeypatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _no_gguf_parse(mp)
+        tokenizer_from_gguf(gguf_path)  # a clean hit again
+
+
+def test_tokenizer_cache_disabled(tok, gguf_path, tmp_path, monkeypatch):
+    monkeypatch.setenv(gguf_loader.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(gguf_loader.NO_CACHE_ENV, "1")
+    reader = gguf_loader.lazy_reader(gguf_path)  # one parse for both builds
+    built = tokenizer_from_gguf(gguf_path, reader)
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.delenv(gguf_loader.NO_CACHE_ENV)
+    tokenizer_from_gguf(gguf_path, reader, use_cache=False)
+    assert not (tmp_path / "cache").exists()
+    _assert_same_tokenizer(tok, built, n_random=0)

@@ -1,0 +1,254 @@
+"""Self-distillation data on a tiny random LLaMA: dataset build, splits, resume, greedy output."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bita_jax import data, model, prompts
+from bita_jax.config import ModelConfig
+from bita_jax.generate import Generator
+
+CFG0 = ModelConfig(arch="llama", vocab_size=300, hidden_size=32, intermediate_size=64,
+                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, eos_token_ids=(2,),
+                   max_position_embeddings=512)
+MAX_NEW = 12
+BATCH = 3
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+class FakeTokenizer:
+    """ChatML-like rendering over bytes: [BOS, system header (default or empty), text, footer]."""
+
+    def chat_ids(self, text, system=None):
+        header = [1, 5, 6, 7] if system is None else [1, 5, 8]
+        return header + [10 + b % 280 for b in text.encode("utf-8")] + [3, 4]
+
+
+def _texts(heldout: bool, n: int) -> list[str]:
+    found = [t for t in (f"q{i}" for i in range(2000)) if prompts.is_heldout(t) == heldout]
+    return found[:n]
+
+
+TRAIN_TEXTS, HELDOUT_TEXTS = _texts(False, 4), _texts(True, 2)
+# An alpaca record with an input: the prompt is instruction + newline + input.
+WITH_INPUT = next(f"say{i}" for i in range(2000) if not prompts.is_heldout(f"say{i}\nin"))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return model.init_params(CFG0, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def cfg(params):
+    """CFG0 with an EOS that greedy decoding really emits, so EOS handling is exercised.
+
+    The token is found with an uncached full forward (cheaper to compile than a second
+    Generator: the EOS ids are static, so each EOS set has its own decode executables)."""
+
+    @jax.jit
+    def next_token(params, seq, n):  # seq [1, 16] right-padded, n real tokens
+        hidden, _ = model.forward(CFG0, params, seq, jnp.arange(16)[None],
+                                  np.tril(np.ones((16, 16), bool)))
+        return jnp.argmax(model.lm_logits(CFG0, params, hidden[0, n - 1]))
+
+    seq = FakeTokenizer().chat_ids(TRAIN_TEXTS[0])
+    for _ in range(3):
+        padded = np.zeros((1, 16), np.int32)
+        padded[0, : len(seq)] = seq
+        seq.append(int(next_token(params, padded, len(seq))))
+    return CFG0.replace(eos_token_ids=(seq[-1],))
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sources")
+    a = d / "a.jsonl"  # plain JSONL with `prompt`
+    a.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in
+                         [TRAIN_TEXTS[0], HELDOUT_TEXTS[0], TRAIN_TEXTS[1], TRAIN_TEXTS[0]]))
+    b = d / "b.json"  # alpaca: instruction + input; one duplicate of a.jsonl
+    b.write_text(json.dumps([
+        {"instruction": TRAIN_TEXTS[2], "input": "", "output": "x"},
+        {"instruction": HELDOUT_TEXTS[1], "input": "", "output": "x"},
+        {"instruction": TRAIN_TEXTS[1], "input": "", "output": "x"},
+        {"instruction": TRAIN_TEXTS[3], "input": "", "output": "x"},
+        {"instruction": WITH_INPUT, "input": "in", "output": "x"},
+    ]))
+    return (str(a), str(b))
+
+
+def _config(sources, **kw):
+    return data.DistillConfig(sources=sources, max_new_tokens=MAX_NEW, **kw)
+
+
+def _run(out, sources, cfg, params, on_chunk=None, **kw):
+    return data.distill(out, _config(sources, **kw), cfg, params, FakeTokenizer(),
+                        model_name="tiny", batch_size=BATCH, progress=False, on_chunk=on_chunk)
+
+
+def _raw_records(out) -> list[dict]:
+    recs = [json.loads(line) for p in data.chunk_files(pathlib.Path(out) / "raw")
+            for line in p.read_text().splitlines()]
+    return sorted(recs, key=lambda r: r["index"])
+
+
+def _loaded(out) -> dict[str, list[dict]]:
+    return {s: sorted(data.load_split(out, s), key=lambda r: r["index"]) for s in data.SPLITS}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, sources, cfg, params):
+    out = tmp_path_factory.mktemp("full")
+    _run(out, sources, cfg, params)
+    return out
+
+
+def test_dataset_builds_and_load_split_returns_the_records(full_run, sources, cfg, params):
+    splits = _loaded(full_run)
+    tok = FakeTokenizer()
+    texts = [TRAIN_TEXTS[0], HELDOUT_TEXTS[0], TRAIN_TEXTS[1], TRAIN_TEXTS[2], HELDOUT_TEXTS[1],
+             TRAIN_TEXTS[3], WITH_INPUT + "\nin"]
+    got = {(r["prompt_text"], r["with_system"]) for s in data.SPLITS for r in splits[s]}
+    assert got == {(t, w) for t in texts for w in (True, False)}  # deduplicated, both variants
+    assert sum(len(v) for v in splits.values()) == 2 * len(texts)
+    assert (full_run / "bita_distill" / "1.0.0").is_dir()
+    assert list((full_run / "bita_distill" / "1.0.0").glob("*.array_record-*"))
+    for r in splits["train"] + splits["heldout"]:
+        assert r["prompt_ids"].dtype == np.int32 and r["response_ids"].dtype == np.int32
+        assert r["prompt_ids"].tolist() == tok.chat_ids(
+            r["prompt_text"], system=None if r["with_system"] else "")
+
+    # The responses are the model's own greedy continuations, EOS included when hit. The
+    # reference batches the records in index order (the pipeline batches by prompt length) at the
+    # pipeline's batch size, so no new executable is compiled.
+    records = sorted((r for v in splits.values() for r in v), key=lambda r: r["index"])
+    gen = Generator(cfg, params)
+    for start in range(0, len(records), BATCH):
+        group = records[start:start + BATCH]
+        ids = [r["prompt_ids"].tolist() for r in group]
+        want = gen.generate(ids + [ids[0]] * (BATCH - len(ids)), MAX_NEW).tokens
+        for r, w in zip(group, want):
+            assert r["response_ids"].tolist() == w
+    ends = [r["response_ids"][-1] in cfg.eos_token_ids for r in records]
+    assert any(ends) and not all(ends)
+    assert all(len(r["response_ids"]) == MAX_NEW for r, e in zip(records, ends) if not e)
+
+
+def test_splits_are_disjoint_and_follow_is_heldout(full_run):
+    splits = _loaded(full_run)
+    train = {r["prompt_text"] for r in splits["train"]}
+    heldout = {r["prompt_text"] for r in splits["heldout"]}
+    assert heldout and train and not train & heldout
+    assert all(prompts.is_heldout(t) for t in heldout)
+    assert not any(prompts.is_heldout(t) for t in train)
+    assert heldout == set(HELDOUT_TEXTS)
+
+
+def test_killed_run_resumes_without_duplicates(tmp_path, full_run, sources, cfg, params):
+    class Killed(Exception):
+        pass
+
+    def kill(path):
+        raise Killed(path)
+
+    with pytest.raises(Killed):
+        _run(tmp_path, sources, cfg, params, on_chunk=kill)
+    raw = tmp_path / "raw"
+    assert len(data.chunk_files(raw)) == 1 and not (tmp_path / "bita_distill").exists()
+    (raw / "chunk-000001.jsonl.tmp").write_text('{"index": 0, "trunc')  # a write cut short
+
+    written = []
+    _run(tmp_path, sources, cfg, params, on_chunk=written.append)
+    plan_size = 2 * 7
+    assert len(written) == -(-(plan_size - BATCH) // BATCH)  # only the remaining batches
+    assert not list(raw.glob("*.tmp"))
+    resumed = _raw_records(tmp_path)
+    assert [r["index"] for r in resumed] == list(range(plan_size))  # each exactly once
+    assert resumed == _raw_records(full_run)
+    got, want = _loaded(tmp_path), _loaded(full_run)
+    for s in data.SPLITS:
+        assert len(got[s]) == len(want[s])
+        for a, b in zip(got[s], want[s]):
+            assert a.keys() == b.keys()
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+
+    # A finished run rerun does nothing but reuse the dataset.
+    _run(tmp_path, sources, cfg, params, on_chunk=written.append)
+    assert len(written) == -(-(plan_size - BATCH) // BATCH)
+
+
+def test_rerun_with_other_settings_is_refused(full_run, sources, cfg, params):
+    with pytest.raises(data.DistillError, match="limit: None there, 1 now"):
+        _run(full_run, sources, cfg, params, limit=1)
+
+
+def test_limit_system_mode_and_empty_heldout(tmp_path, sources, cfg, params):
+    _run(tmp_path, sources, cfg, params, limit=1, system="without")
+    splits = _loaded(tmp_path)
+    assert len(data.load_split(tmp_path, "heldout")) == 0
+    # limit=1 per source: the first prompt of a.jsonl and of b.json, without a system prompt.
+    assert [(r["prompt_text"], r["with_system"]) for r in splits["train"]] == [
+        (TRAIN_TEXTS[0], False), (TRAIN_TEXTS[2], False)]
+
+
+def test_max_prompt_tokens_skips_long_prompts(sources):
+    plan = data.plan_prompts(FakeTokenizer(), _config(sources, max_prompt_tokens=9))
+    assert plan and all(len(r["prompt_ids"]) <= 9 for r in plan)
+    assert {r["prompt_text"] for r in plan} < {r["prompt_text"] for r in data.plan_prompts(
+        FakeTokenizer(), _config(sources))}
+
+
+def test_load_split_without_dataset(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no bita_distill dataset"):
+        data.load_split(tmp_path, "train")
+
+
+# -- the entry point --------------------------------------------------------------------------
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("distill_cli", ROOT / "train" / "distill.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    return err[0]
+
+
+def test_cli_missing_source_is_one_line(tmp_path, capsys):
+    code = _cli().main(["--sources", "sharegpt_not_here.jsonl", "--out", str(tmp_path)])
+    assert code == 2
+    assert "prompt source not found: sharegpt_not_here.jsonl" in _one_line_error(capsys)
+
+
+def test_cli_unknown_model_is_one_line(tmp_path, sources, capsys):
+    code = _cli().main(["--model", "no-such-model", "--sources", sources[0], "--out",
+                        str(tmp_path), "--quiet"])
+    assert code == 2
+    assert "unknown model 'no-such-model'" in _one_line_error(capsys)
+
+
+def test_smollm2_system_variants():
+    """SmolLM2's template inserts its default system turn unless the chat starts with a system
+    message: "with" is that default, "without" an empty system turn."""
+    from bita_jax import gguf_loader
+    from bita_jax.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(gguf_loader.find_smollm2_gguf())
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    with_system = tok.decode(data.render(tok, "Hi", True))
+    without = tok.decode(data.render(tok, "Hi", False))
+    assert "You are a helpful AI assistant named SmolLM" in with_system
+    assert without == ("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                       "<|im_start|>assistant\n")

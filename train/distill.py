@@ -1,0 +1,81 @@
+"""Self-distillation data: the base model answers the training prompts greedily.
+
+    python train/distill.py --model smollm2-135m --limit 1000 --max-new-tokens 256 \\
+        --batch-size 8 --out /data/distill
+    python train/distill.py --sources sharegpt,humaneval,my_prompts.jsonl --out /data/d2
+
+--sources defaults to ShareGPT, Code Alpaca 2k and the Alpaca seed tasks (/work/shared/data).
+
+Each prompt is rendered with the chat template with and without a system prompt (--system), split
+into train / heldout by a stable hash of the prompt text, and answered by the model itself
+(greedy, up to --max-new-tokens, EOS included when hit). Killed, the same command resumes where
+it stopped. At the end DIR holds an array_record tfds dataset: `bita_jax.data.load_split(DIR,
+"train")`. See bita_jax/data.py for the directory layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from bita_jax.cli_util import fail, status  # noqa: E402
+
+DEFAULT_SOURCES = ("sharegpt,/work/shared/data/code_alpaca_2k.json,"
+                   "/work/shared/data/alpaca_seed_tasks.jsonl")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m",
+                   help="built-in name (smollm2-135m), HF model directory, or .gguf file")
+    p.add_argument("--sources", default=DEFAULT_SOURCES,
+                   help="comma-separated: sharegpt, humaneval, or JSON / JSONL prompt files")
+    p.add_argument("--limit", type=int, default=None,
+                   help="at most this many distinct prompts per source (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--system", default="both", choices=["both", "with", "without"],
+                   help="render each prompt with the template's system prompt, with an empty "
+                        "one, or both (default)")
+    p.add_argument("--max-prompt-tokens", type=int, default=512,
+                   help="skip prompts whose rendering is longer (default 512)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--out", required=True, help="run directory (resumable) and dataset dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from bita_jax import data
+    from bita_jax.generate import GenerationError
+    from bita_jax.loading import load_model, weights_fingerprint
+
+    try:
+        config = data.DistillConfig(
+            sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()),
+            limit=args.limit, max_new_tokens=args.max_new_tokens, system=args.system,
+            max_prompt_tokens=args.max_prompt_tokens)
+        data.check_sources(config.sources)  # before the model load: fail in a second
+        status(f"loading {args.model} ...", quiet=args.quiet)
+        loaded = load_model(args.model, dtype=args.dtype)
+        path = data.distill(args.out, config, loaded.cfg, loaded.params, loaded.tokenizer,
+                            model_name=f"{loaded.name}:{args.dtype}",
+                            model_fingerprint=weights_fingerprint(loaded.params),
+                            batch_size=args.batch_size, progress=not args.quiet)
+    except (ValueError, FileNotFoundError, OSError, GenerationError) as e:
+        return fail(e)
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+    sizes = {s: len(data.load_split(args.out, s)) for s in data.SPLITS}
+    status(f"dataset {path}: {sizes['train']} train, {sizes['heldout']} heldout records",
+           quiet=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
