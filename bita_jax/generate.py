@@ -51,6 +51,7 @@ class DecodeState:
     done: jnp.ndarray
     last: jnp.ndarray
     steps: jnp.ndarray
+    row_steps: jnp.ndarray
     rng: jax.Array
     drafts: jnp.ndarray
 
@@ -95,8 +96,8 @@ def prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: SamplingP
     first = sample(model.lm_logits(cfg, params, last_hidden), key, sp)
     state = DecodeState(
         cache=cache, out=jnp.zeros((b, out_slots), jnp.int32), num_new=jnp.zeros((b,), jnp.int32),
-        done=max_new <= 0, last=first, steps=jnp.int32(0), rng=rng,
-        drafts=jnp.zeros((b, 0), jnp.int32))
+        done=max_new <= 0, last=first, steps=jnp.int32(0), row_steps=jnp.zeros((b,), jnp.int32),
+        rng=rng, drafts=jnp.zeros((b, 0), jnp.int32))
     state, _ = emit(state, first[:, None], jnp.ones((b,), jnp.int32), max_new, eos_ids)
     return state
 
@@ -111,7 +112,8 @@ def ar_step(cfg: ModelConfig, params, state: DecodeState, max_new, sp: SamplingP
     cache = kv_cache.commit(state.cache, block_kv, jnp.zeros((b, 1), jnp.int32), live)
     rng, key = jax.random.split(state.rng)
     token = sample(model.lm_logits(cfg, params, hidden[:, 0]), key, sp)
-    state = state.replace(cache=cache, rng=rng, steps=state.steps + 1)
+    state = state.replace(cache=cache, rng=rng, steps=state.steps + 1,
+                          row_steps=state.row_steps + live)
     state, _ = emit(state, token[:, None], live, max_new, eos_ids)
     return state
 
@@ -129,16 +131,24 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 @dataclasses.dataclass
 class GenerationResult:
-    """tokens: new token ids per prompt (EOS included when hit); steps: model calls after prefill."""
+    """tokens: new token ids per prompt (EOS included when hit); steps: model calls after the
+    prefill (the batch's loop count); row_steps: calls while each row was still live."""
 
     tokens: list[list[int]]
     steps: int
+    row_steps: list[int]
     seconds: float
     compile_seconds: float
 
     @property
     def new_tokens(self) -> int:
         return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean tokens emitted per decode step (bonus included; the prefill's token excluded)."""
+        steps = sum(self.row_steps)
+        return (self.new_tokens - len(self.tokens)) / steps if steps else 1.0
 
 
 class Generator:
@@ -169,7 +179,7 @@ class Generator:
         return tp, tp + out_slots + HEADROOM, out_slots
 
     def _executable(self, name, fn, *args, **static):
-        key = (self.cfg, name, tuple(static.items()), tuple(
+        key = (self.cfg, type(self).__name__, name, tuple(static.items()), tuple(
             (a.shape, str(a.dtype)) for a in jax.tree.leaves(args) if hasattr(a, "shape")))
         if key not in _EXECUTABLES:
             t0 = time.perf_counter()
@@ -193,19 +203,37 @@ class Generator:
             prompt[i, : len(p)] = p
         lens = np.asarray([len(p) for p in prompts], np.int32)
         max_new = np.full((b,), max_new_tokens, np.int32)
-        args = (self.params, prompt, lens, max_new, sp, jax.random.key(seed))
-        static = dict(capacity=capacity, out_slots=out_slots, eos_ids=self.eos_ids)
-        prefill_fn = _prefill_fn(self.cfg)
+        params = self.run_params()
+        args = (params, prompt, lens, max_new, sp, jax.random.key(seed))
+        static = dict(capacity=capacity, out_slots=out_slots, **self.static_args())
+        prefill_fn = self.prefill_fn()
         prefill_exe = self._executable("prefill", prefill_fn, *args, **static)
         state_shape = jax.eval_shape(lambda *a: prefill_fn(*a, **static), *args)
-        decode_args = (self.params, state_shape, max_new, sp, np.int32(0))
-        decode_exe = self._executable("decode", self._decode_fn(), *decode_args,
-                                      eos_ids=self.eos_ids)
+        decode_args = (params, state_shape, max_new, sp, np.int32(0))
+        decode_exe = self._executable("decode", self.decode_fn(), *decode_args,
+                                      **self.static_args())
         return (lambda: prefill_exe(*args),
-                lambda state, max_steps: decode_exe(self.params, state, max_new, sp,
+                lambda state, max_steps: decode_exe(params, state, max_new, sp,
                                                     np.int32(max_steps)))
 
-    def _decode_fn(self):
+    # -- hooks that speculative decoding overrides ----------------------------------------------
+    def run_params(self):
+        """The params pytree passed (never closed over) to the jitted functions."""
+        return self.params
+
+    def static_args(self) -> dict:
+        return dict(eos_ids=self.eos_ids)
+
+    def prefill_fn(self):
+        cfg = self.cfg
+
+        def fn(params, prompt, lens, max_new, sp, rng, capacity, out_slots, eos_ids):
+            return prefill(cfg, params, prompt, lens, max_new, sp, rng, capacity=capacity,
+                           out_slots=out_slots, eos_ids=eos_ids)
+
+        return fn
+
+    def decode_fn(self):
         cfg = self.cfg
 
         def decode(params, state, max_new, sp, max_steps, eos_ids):
@@ -245,16 +273,9 @@ class Generator:
                     break
                 state = decode(state, 1)
         tokens = _tokens(state)
-        return GenerationResult(tokens, int(state.steps), time.perf_counter() - t0,
-                                self._compile_seconds)
-
-
-def _prefill_fn(cfg: ModelConfig):
-    def fn(params, prompt, lens, max_new, sp, rng, capacity, out_slots, eos_ids):
-        return prefill(cfg, params, prompt, lens, max_new, sp, rng, capacity=capacity,
-                       out_slots=out_slots, eos_ids=eos_ids)
-
-    return fn
+        seconds = time.perf_counter() - t0
+        return GenerationResult(tokens, int(state.steps), jax.device_get(state.row_steps).tolist(),
+                                seconds, self._compile_seconds)
 
 
 def _tokens(state: DecodeState) -> list[list[int]]:

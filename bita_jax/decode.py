@@ -1,0 +1,178 @@
+"""BiTA decoding: one jitted forward per step verifies the previous drafts and drafts the next tree.
+
+A step feeds `[root | tree nodes | mask groups]` (see `tree.Layout`) at positions after each
+row's cache, under the tree's [T, T] mask; mask rows alone see the BiTA prefix. Greedy
+verification walks the tree: a node is accepted when it equals the base model's argmax at its
+parent and all its ancestors were accepted; the deepest accepted node (or the root) is the
+endpoint. The step emits the accepted tokens plus one bonus token (argmax at the endpoint), commits
+the KV of the root and the accepted nodes into contiguous cache slots with a fixed-shape gather,
+and takes the next drafts from the mask group hanging off the endpoint (top-k per level).
+Every accepted or bonus token is the base model's own argmax given exactly the tokens before it,
+so the output equals plain greedy decoding token for token.
+
+Only the cache length and token values vary from step to step, so the `lax.while_loop` over
+steps compiles once per (model, tree, batch, cache capacity).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bita_jax import kv_cache, model
+from bita_jax.config import ModelConfig
+from bita_jax.generate import TRACES, DecodeState, GenerationError, Generator, emit, run_steps
+from bita_jax.sampling import SamplingParams, sample
+from bita_jax.tree import Layout, Tree
+
+NO_DRAFT = -1  # a placeholder node token: never equals a prediction, fed as token 0
+
+
+def _next_drafts(cfg: ModelConfig, params, hidden, lay: Layout, group_rows, shift):
+    """Draft tokens [B, Nn] of the next tree from one mask group per row.
+
+    hidden: [B, T, E]; group_rows: [B, M] rows of the chosen group; shift: [B] mask offset.
+    """
+    base_params, _ = params
+    rows = jnp.take_along_axis(hidden, group_rows[:, :, None], axis=1)  # [B, M, E]
+    logits = model.lm_logits(cfg, base_params, rows)  # [B, M, V]
+    top = jax.lax.top_k(logits, lay.max_rank)[1].astype(jnp.int32)  # [B, M, R]
+    level = lay.node_level[None, :] + shift[:, None]  # [B, Nn] which mask drafts each node
+    picked = jnp.take_along_axis(top, jnp.minimum(level, lay.num_masks - 1)[:, :, None], axis=1)
+    # picked: [B, Nn, R] -> the node's rank
+    tokens = jnp.take_along_axis(picked, jnp.broadcast_to(lay.node_rank, level.shape)[:, :, None],
+                                 axis=2)[:, :, 0]
+    return jnp.where(level < lay.num_masks, tokens, NO_DRAFT)
+
+
+def bita_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: SamplingParams, rng, *,
+                 capacity: int, out_slots: int, eos_ids: tuple[int, ...], tree: Tree) -> DecodeState:
+    """Prompts [B, Tp] plus one mask group after each prompt: first token and first drafts."""
+    base_params, bita_params = params
+    lay = tree.layout
+    m = lay.num_masks
+    b, tp = prompt.shape
+    masks = jnp.broadcast_to(cfg.vocab_size + jnp.arange(m, dtype=jnp.int32), (b, m))
+    tokens = jnp.concatenate([prompt, masks], axis=1)
+    positions = jnp.concatenate(
+        [jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (b, tp)),
+         prompt_len[:, None] + jnp.arange(m, dtype=jnp.int32)], axis=1)
+    block = np.zeros((tp + m, tp + m), bool)
+    block[:tp, :tp] = np.tril(np.ones((tp, tp), bool))
+    block[tp:, tp:] = np.tril(np.ones((m, m), bool))
+    sees_prompt = jnp.arange(tp)[None, None, :] < prompt_len[:, None, None]  # [B, 1, Tp]
+    mask = jnp.broadcast_to(block, (b, tp + m, tp + m))
+    mask = mask.at[:, tp:, :tp].set(jnp.broadcast_to(sees_prompt, (b, m, tp)))
+    hidden, block_kv = model.forward(cfg, base_params, tokens, positions, mask, None, bita_params)
+    last_hidden = jnp.take_along_axis(hidden, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
+    cache = kv_cache.init_cache(cfg, b, capacity)
+    cache = kv_cache.commit(cache, block_kv, jnp.broadcast_to(jnp.arange(tp), (b, tp)), prompt_len)
+    rng, key = jax.random.split(rng)
+    first = sample(model.lm_logits(cfg, base_params, last_hidden), key, sp)
+    group_rows = jnp.broadcast_to(tp + jnp.arange(m, dtype=jnp.int32), (b, m))
+    drafts = _next_drafts(cfg, params, hidden, lay, group_rows, jnp.zeros((b,), jnp.int32))
+    state = DecodeState(
+        cache=cache, out=jnp.zeros((b, out_slots), jnp.int32), num_new=jnp.zeros((b,), jnp.int32),
+        done=max_new <= 0, last=first, steps=jnp.int32(0), row_steps=jnp.zeros((b,), jnp.int32),
+        rng=rng, drafts=drafts)
+    state, _ = emit(state, first[:, None], jnp.ones((b,), jnp.int32), max_new, eos_ids)
+    return state
+
+
+def verify_greedy(pred, drafts, lay: Layout):
+    """Greedy tree verification.
+
+    Args:
+      pred: [B, 1 + Nn] argmax of the base model at the root and every node row.
+      drafts: [B, Nn] node tokens.
+
+    Returns:
+      endpoint [B] (row of the deepest accepted node, 0 = root) and its depth [B].
+    """
+    parent_pred = jnp.take(pred, lay.node_parent_row, axis=1)  # [B, Nn]
+    wrong = ((drafts != parent_pred) | (drafts < 0)).astype(jnp.float32)
+    accepted = (wrong @ lay.ancestors.T) == 0  # every ancestor-or-self matched
+    depth = jnp.where(accepted, lay.node_depth, 0)
+    best = jnp.argmax(depth, axis=1)
+    best_depth = jnp.max(depth, axis=1)
+    return jnp.where(best_depth > 0, best + 1, 0).astype(jnp.int32), best_depth.astype(jnp.int32)
+
+
+def bita_step(cfg: ModelConfig, tree: Tree, params, state: DecodeState, max_new,
+              eos_ids: tuple[int, ...]) -> DecodeState:
+    """One greedy BiTA step: verify `state.drafts`, emit 1..M+1 tokens, draft the next tree."""
+    base_params, bita_params = params
+    lay = tree.layout
+    b, nn_ = state.drafts.shape
+    n = state.cache.length
+    masks = jnp.broadcast_to(cfg.vocab_size + lay.mask_ids, (b, lay.mask_ids.shape[0]))
+    tokens = jnp.concatenate(
+        [state.last[:, None], jnp.maximum(state.drafts, 0), masks], axis=1)  # [B, T]
+    positions = n[:, None] + lay.offsets[None, :]
+    hidden, block_kv = model.forward(cfg, base_params, tokens, positions, lay.mask, state.cache,
+                                     bita_params)
+    pred = jnp.argmax(model.lm_logits(cfg, base_params, hidden[:, : 1 + nn_]), axis=-1)
+    endpoint, depth = verify_greedy(pred.astype(jnp.int32), state.drafts, lay)
+    path = jnp.take(lay.path_rows, endpoint, axis=0)  # [B, M + 1] rows root..endpoint
+    accepted_tokens = jnp.take_along_axis(tokens, path[:, 1:], axis=1)  # [B, M]
+    bonus = jnp.take_along_axis(pred, endpoint[:, None], axis=1).astype(jnp.int32)  # [B, 1]
+    j = jnp.arange(lay.num_masks + 1)[None, :]
+    emitted = jnp.where(j < depth[:, None],
+                        jnp.concatenate([accepted_tokens, bonus], axis=1), bonus)
+    live = ~state.done
+    cache = kv_cache.commit(state.cache, block_kv, path, jnp.where(live, depth + 1, 0))
+    drafts = _next_drafts(cfg, params, hidden, lay, jnp.take(lay.group_rows, jnp.take(
+        lay.endpoint_group, endpoint), axis=0), jnp.take(lay.endpoint_shift, endpoint))
+    state = state.replace(cache=cache, steps=state.steps + 1, row_steps=state.row_steps + live,
+                          drafts=jnp.where(live[:, None], drafts, state.drafts))
+    state, _ = emit(state, emitted, depth + 1, max_new, eos_ids)
+    return state
+
+
+class BitaGenerator(Generator):
+    """Lossless greedy BiTA generation with the same API as `Generator`."""
+
+    def __init__(self, cfg: ModelConfig, params, bita_params, tree: Tree,
+                 eos_ids: Sequence[int] | None = None, max_cache: int | None = None):
+        super().__init__(cfg, params, eos_ids, max_cache)
+        masks = bita_params["mask_embed"].shape[0]
+        if tree.num_masks > masks:
+            raise GenerationError(f"tree {tree.name!r} needs {tree.num_masks} masks but the adapter "
+                                  f"has {masks}: build the tree for M={masks}")
+        if tree.num_masks + 1 > 8:
+            raise GenerationError(f"trees deeper than 7 need more cache headroom (M={tree.num_masks})")
+        self.bita_params, self.tree = bita_params, tree
+
+    def run_params(self):
+        return (self.params, self.bita_params)
+
+    def static_args(self) -> dict:
+        return dict(eos_ids=self.eos_ids, tree=self.tree)
+
+    def prefill_fn(self):
+        cfg = self.cfg
+
+        def fn(params, prompt, lens, max_new, sp, rng, capacity, out_slots, eos_ids, tree):
+            return bita_prefill(cfg, params, prompt, lens, max_new, sp, rng, capacity=capacity,
+                                out_slots=out_slots, eos_ids=eos_ids, tree=tree)
+
+        return fn
+
+    def decode_fn(self):
+        cfg = self.cfg
+
+        def decode(params, state, max_new, sp, max_steps, eos_ids, tree):
+            TRACES[("bita", cfg, tree)] += 1
+            return run_steps(lambda s: bita_step(cfg, tree, params, s, max_new, eos_ids), state,
+                             max_steps)
+
+        return decode
+
+    def generate(self, prompts, max_new_tokens, sp=None, seed=0, on_tokens=None):
+        if sp is not None and float(sp.temperature) > 0:
+            raise GenerationError("BiTA decoding is greedy here; exact speculative sampling is not "
+                                  "implemented yet: use --temperature 0 or plain decoding")
+        return super().generate(prompts, max_new_tokens, sp, seed, on_tokens)

@@ -1,0 +1,191 @@
+"""BiTA decoding is lossless: token ids equal plain greedy decoding exactly, for every tree,
+batch size, prompt length and max-new-tokens; tree buffers match hand-built ones; the loop
+compiles once."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bita_jax import bita, model
+from bita_jax.config import ModelConfig
+from bita_jax.decode import BitaGenerator, bita_step
+from bita_jax.generate import _EXECUTABLES, TRACES, GenerationError, Generator, run_steps
+from bita_jax.sampling import SamplingParams
+from bita_jax.tree import Tree, TreeError, upper_triangle
+
+LLAMA = ModelConfig(arch="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=512)
+FALCON = ModelConfig(arch="falcon", vocab_size=89, hidden_size=32, intermediate_size=128,
+                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                     new_decoder_architecture=True, tie_word_embeddings=True,
+                     max_position_embeddings=512)
+PROMPTS = [[5, 17, 33, 2, 80], [44], list(range(1, 21)), [7] * 8 + [60, 61, 62]]
+TREES = ["upper-triangle", "chain", "full", "upper-triangle-pruned", "upper-triangle:3"]
+
+
+@pytest.fixture(scope="module", params=[LLAMA, FALCON], ids=["llama", "falcon"])
+def setup(request):
+    cfg = request.param
+    params = model.init_params(cfg, jax.random.key(3))
+    return cfg, params
+
+
+# ---------------------------------------------------------------------------------------------
+# Tree buffers.
+
+
+def test_upper_triangle_matches_the_paper():
+    assert upper_triangle(3) == ((0,), (1,), (2,), (3,), (4,), (0, 0), (0, 1), (0, 2), (0, 3),
+                                 (0, 0, 0), (0, 0, 1), (0, 0, 2))
+    assert Tree.make("upper-triangle", 3).layout.num_tokens == 1 + 12 + 13 * 3 == 52
+    assert Tree.make("upper-triangle", 4).layout.num_tokens == 1 + 14 + 15 * 4 == 75
+    pruned = Tree.make("upper-triangle-pruned", 3).layout
+    assert pruned.num_tokens == 1 + 12 + 3 * 3  # groups under the root, (0,) and (0, 0)
+
+
+def test_chain_buffers_by_hand():
+    lay = Tree.make("chain", 2).layout
+    # rows: 0 root, 1 node (0,), 2 node (0,0), 3-4 group@root, 5-6 group@(0,), 7-8 group@(0,0)
+    want = np.zeros((9, 9), bool)
+    want[0, [0]] = want[1, [0, 1]] = want[2, [0, 1, 2]] = True
+    want[3, [0, 3]] = want[4, [0, 3, 4]] = True
+    want[5, [0, 1, 5]] = want[6, [0, 1, 5, 6]] = True
+    want[7, [0, 1, 2, 7]] = want[8, [0, 1, 2, 7, 8]] = True
+    np.testing.assert_array_equal(lay.mask, want)
+    np.testing.assert_array_equal(lay.offsets, [0, 1, 2, 1, 2, 2, 3, 3, 4])
+    np.testing.assert_array_equal(lay.node_parent_row, [0, 1])
+    np.testing.assert_array_equal(lay.path_rows, [[0, 0, 0], [0, 1, 1], [0, 1, 2]])
+    np.testing.assert_array_equal(lay.group_rows, [[3, 4], [5, 6], [7, 8]])
+    np.testing.assert_array_equal(lay.endpoint_group, [0, 1, 2])
+
+
+def test_pruned_buffers_by_hand():
+    tree = Tree(((0,), (1,), (0, 0)), num_masks=2, pruned=True)
+    lay = tree.layout
+    # rows: 0 root, 1 (0,), 2 (1,), 3 (0,0); groups only under root (4-5) and (0,) (6-7)
+    assert lay.num_tokens == 8
+    np.testing.assert_array_equal(lay.endpoint_group, [0, 1, 0, 1])
+    np.testing.assert_array_equal(lay.endpoint_shift, [0, 0, 1, 1])
+    assert lay.mask[6].tolist() == [True, True, False, False, False, False, True, False]
+
+
+@pytest.mark.parametrize("name", TREES + ["full:3"])
+def test_every_node_sees_exactly_its_ancestors(name):
+    tree = Tree.make(name, 3)
+    lay = tree.layout
+    nodes = sorted(tree.paths, key=lambda p: (len(p), p))
+    row = {(): 0, **{p: i + 1 for i, p in enumerate(nodes)}}
+    for p in nodes:
+        ancestors = {row[p[:d]] for d in range(len(p) + 1)}
+        assert set(np.nonzero(lay.mask[row[p]])[0]) == ancestors
+        assert lay.offsets[row[p]] == len(p)
+    for g, rows in enumerate(lay.group_rows):  # a mask sees its anchor's chain + earlier masks
+        for k, r in enumerate(rows):
+            seen = set(np.nonzero(lay.mask[r])[0])
+            assert set(rows[: k + 1]) <= seen and not (set(rows[k + 1:]) & seen)
+            assert seen - set(rows) <= set(range(1 + lay.num_nodes))
+
+
+def test_bad_trees_are_clear_errors(tmp_path):
+    with pytest.raises(TreeError, match="only 2 masks"):
+        Tree.make("upper-triangle", 2).__class__(upper_triangle(3), 2)
+    with pytest.raises(TreeError, match="no parent"):
+        Tree(((0,), (1, 0)), 2)
+    with pytest.raises(TreeError, match="unknown tree"):
+        Tree.make("bushy", 3)
+    f = tmp_path / "tree.json"
+    f.write_text("[[0], [1], [0, 0]]")
+    assert Tree.make(str(f), 2).paths == ((0,), (1,), (0, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Losslessness.
+
+
+@pytest.mark.parametrize("tree_name, masks", [(t, 3 + i % 2) for i, t in enumerate(TREES)])
+def test_random_adapter_is_lossless(setup, tree_name, masks):
+    cfg, params = setup
+    bp = bita.init_bita_params(cfg, bita.BitaConfig(num_masks=masks), jax.random.key(masks))
+    tree = Tree.make(tree_name, masks)
+    for prompts, n in ((PROMPTS, 37), (PROMPTS[1:2], 9)):  # batch 4 (mixed lengths) and 1
+        want = Generator(cfg, params).generate(prompts, n).tokens
+        got = BitaGenerator(cfg, params, bp, tree).generate(prompts, n)
+        assert got.tokens == want, (tree_name, n)
+
+
+def _oracle_decode(cfg, params, bp, tree, prompts, max_new, corrupt, seed=0):
+    """BiTA decoding where, before each step, the drafts are replaced by the true greedy
+    continuation with a fraction `corrupt` of nodes wrong: exercises deep acceptance, partial
+    paths and every endpoint while the step itself stays untouched."""
+    reference = Generator(cfg, params).generate(prompts, max_new + 8).tokens
+    width = max(len(p) for p in prompts) + max_new + 16
+    truth = np.zeros((len(prompts), width), np.int32)
+    for i, (p, r) in enumerate(zip(prompts, reference)):
+        seq = p + r
+        truth[i, : len(seq)] = seq
+    truth = jnp.asarray(truth)
+    lay = tree.layout
+    gen = BitaGenerator(cfg, params, bp, tree)
+    start, _ = gen.prepare(prompts, max_new, SamplingParams.greedy(), 0)
+
+    @jax.jit
+    def run(params_pair, state):
+        def step(s):
+            pos = s.cache.length[:, None] + lay.node_depth[None, :]  # position each node guesses
+            right = jnp.take_along_axis(truth, pos, axis=1)
+            key = jax.random.fold_in(jax.random.key(seed), s.steps)
+            wrong = jax.random.bernoulli(key, corrupt, right.shape)
+            drafts = jnp.where(wrong, (right + 1) % cfg.vocab_size, right)
+            return bita_step(cfg, tree, params_pair, s.replace(drafts=drafts), max_new, ())
+
+        return run_steps(step, state, max_new + 1)
+
+    state = run((params, bp), start())
+    out, num, row_steps = jax.device_get((state.out, state.num_new, state.row_steps))
+    return [o[:n].tolist() for o, n in zip(out, num)], row_steps, reference
+
+
+@pytest.mark.parametrize("tree_name", ["upper-triangle", "chain", "full", "upper-triangle-pruned"])
+@pytest.mark.parametrize("corrupt", [0.0, 0.4])
+def test_oracle_drafts_deep_acceptance_is_lossless(setup, tree_name, corrupt):
+    cfg, params = setup
+    bp = bita.init_bita_params(cfg, bita.BitaConfig(num_masks=3), jax.random.key(7))
+    tree = Tree.make(tree_name, 3)
+    for max_new in (6, 30):
+        got, row_steps, reference = _oracle_decode(cfg, params, bp, tree, PROMPTS, max_new, corrupt)
+        assert got == [r[:max_new] for r in reference]
+        if corrupt == 0.0 and max_new == 30:  # perfect drafts: M + 1 tokens every step
+            assert max(row_steps) == -(-(max_new - 1) // 4)
+
+
+def test_eos_inside_an_accepted_run_stops_exactly(setup):
+    cfg, params = setup
+    free = Generator(cfg, params).generate(PROMPTS, 30).tokens
+    eos = free[2][11]
+    cfg_eos = cfg.replace(eos_token_ids=(eos,))
+    bp = bita.init_bita_params(cfg, bita.BitaConfig(num_masks=3), jax.random.key(7))
+    want = Generator(cfg_eos, params).generate(PROMPTS, 30).tokens
+    assert want[2][-1] == eos and len(want[2]) <= 12
+    got = BitaGenerator(cfg_eos, params, bp, Tree.make("chain", 3)).generate(PROMPTS, 30).tokens
+    assert got == want
+
+
+def test_step_compiles_once(setup):
+    cfg, params = setup
+    cfg = cfg.replace(rope_theta=4321.0)
+    bp = bita.init_bita_params(cfg, bita.BitaConfig(num_masks=3), jax.random.key(1))
+    tree = Tree.make("upper-triangle", 3)
+    gen = BitaGenerator(cfg, params, bp, tree)
+    gen.generate([[1, 2, 3], [4, 5]], 10)
+    gen.generate([[9, 8, 7, 6, 5, 4], [1]], 40)
+    gen.generate([[3] * 12, [2] * 5], 17)
+    assert TRACES[("bita", cfg, tree)] == 1
+    assert sum(k[0] == cfg and k[1] == "BitaGenerator" for k in _EXECUTABLES) == 2
+
+
+def test_tree_needing_more_masks_than_the_adapter_is_refused(setup):
+    cfg, params = setup
+    bp = bita.init_bita_params(cfg, bita.BitaConfig(num_masks=2), jax.random.key(1))
+    with pytest.raises(GenerationError, match="needs 3 masks but the adapter has 2"):
+        BitaGenerator(cfg, params, bp, Tree.make("chain", 3))
