@@ -105,3 +105,46 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32",
     if not cfg.eos_token_ids and tokenizer.eos_token_ids:
         cfg = cfg.replace(eos_token_ids=tuple(tokenizer.eos_token_ids))
     return LoadedModel(name, cfg, params, tokenizer, path)
+
+
+# Adapters shipped in the repository for the embedded models (issue: out-of-the-box speed).
+SHIPPED_ADAPTERS = {DEFAULT_MODEL: pathlib.Path(__file__).resolve().parents[1] / "adapters" /
+                    "smollm2-135m"}
+
+
+def shipped_adapter(loaded: LoadedModel) -> pathlib.Path | None:
+    """The repository's adapter for this model, if one ships."""
+    path = SHIPPED_ADAPTERS.get(loaded.name)
+    return path if path is not None and path.is_dir() else None
+
+
+def load_bita(spec: str, loaded: LoadedModel):
+    """BiTA params for a base model: `random:SEED[:M]`, an adapter directory, or `default`.
+
+    Returns:
+      (bita_params, BitaConfig, metadata).
+
+    Raises:
+      AdapterError: a missing, corrupt or mismatched adapter (one-line message).
+    """
+    import jax
+
+    from bita_jax import bita
+
+    if spec.startswith("random:"):
+        parts = spec.split(":")
+        try:
+            seed = int(parts[1])
+            masks = int(parts[2]) if len(parts) > 2 else 3
+        except (IndexError, ValueError):
+            raise bita.AdapterError(f"bad adapter spec {spec!r}: use random:SEED or "
+                                    "random:SEED:NUM_MASKS") from None
+        bcfg = bita.BitaConfig(num_masks=masks)
+        return bita.init_bita_params(loaded.cfg, bcfg, jax.random.key(seed)), bcfg, {}
+    if spec == "default":
+        path = shipped_adapter(loaded)
+        if path is None:
+            raise bita.AdapterError(f"no adapter ships for model {loaded.name!r}: pass --adapter DIR "
+                                    "(train one with train/train.py) or --adapter none")
+        spec = str(path)
+    return bita.load_adapter(spec, loaded.cfg, loaded.identity())

@@ -4,7 +4,7 @@
         --batch-size 8 --out /data/distill
     python train/distill.py --sources sharegpt,humaneval,my_prompts.jsonl --out /data/d2
 
---sources defaults to ShareGPT, Code Alpaca 2k and the Alpaca seed tasks (/work/shared/data).
+--sources defaults to ShareGPT, Code Alpaca 2k and the Alpaca seed tasks (../shared/data).
 
 Each prompt is rendered with the chat template with and without a system prompt (--system), split
 into train / heldout by a stable hash of the prompt text, and answered by the model itself
@@ -23,8 +23,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bita_jax.cli_util import fail, status  # noqa: E402
 
-DEFAULT_SOURCES = ("sharegpt,/work/shared/data/code_alpaca_2k.json,"
-                   "/work/shared/data/alpaca_seed_tasks.jsonl")
+# The team's shared prompt files live beside the checkout, in ../shared/data.
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_SOURCES = (f"sharegpt,{SHARED_DATA / 'code_alpaca_2k.json'},"
+                   f"{SHARED_DATA / 'alpaca_seed_tasks.jsonl'}")
 
 
 def parse_args(argv=None):
