@@ -25,7 +25,7 @@ import numpy as np
 from bita_jax import kv_cache, model
 from bita_jax.config import ModelConfig
 from bita_jax.generate import TRACES, DecodeState, GenerationError, Generator, emit, run_steps
-from bita_jax.sampling import SamplingParams, sample
+from bita_jax.sampling import SamplingParams, filtered_logits, sample
 from bita_jax.tree import Layout, Tree
 
 NO_DRAFT = -1  # a placeholder node token: never equals a prediction, fed as token 0
@@ -101,9 +101,57 @@ def verify_greedy(pred, drafts, lay: Layout):
     return jnp.where(best_depth > 0, best + 1, 0).astype(jnp.int32), best_depth.astype(jnp.int32)
 
 
+def verify_sampling(logits, drafts, lay: Layout, sp: SamplingParams, rng):
+    """Exact speculative sampling over the tree (recursive rejection, SpecInfer / EAGLE style).
+
+    The drafts are deterministic (top-k), so trying child c of the current node accepts it with
+    probability p(c) / sum(p); a rejection zeroes p(c) (the residual of p minus a one-hot draft)
+    and the next sibling is tried. When every child is rejected, or the walk reaches a leaf, the
+    bonus token is drawn from what is left of p. Each emitted token is thereby distributed as
+    the base model's (filtered) sampling distribution given the tokens before it.
+
+    Args:
+      logits: [B, 1 + Nn, V] base-model logits at the root and node rows.
+      drafts: [B, Nn] node tokens (NO_DRAFT never accepted).
+
+    Returns:
+      endpoint [B] row of the last accepted node (0 = root), its depth [B], bonus token [B].
+    """
+    probs = jax.nn.softmax(filtered_logits(logits, sp), axis=-1)  # [B, 1 + Nn, V]
+    b = logits.shape[0]
+    rows = jnp.arange(b)
+    cur = jnp.zeros((b,), jnp.int32)
+    p = probs[:, 0]
+    walking = jnp.ones((b,), bool)
+    depth = jnp.zeros((b,), jnp.int32)
+    node_tokens = jnp.concatenate([jnp.full((b, 1), NO_DRAFT, jnp.int32), drafts], axis=1)
+    for level in range(lay.num_masks):
+        moved = jnp.zeros((b,), bool)
+        for j in range(lay.children.shape[1]):
+            child = jnp.take(lay.children[:, j], cur)  # [B]
+            tok = jnp.take_along_axis(node_tokens, jnp.maximum(child, 0)[:, None], axis=1)[:, 0]
+            valid = walking & ~moved & (child >= 0) & (tok >= 0)
+            tok = jnp.maximum(tok, 0)
+            u = jax.random.uniform(jax.random.fold_in(rng, level * 64 + j), (b,))
+            accept = valid & (u * jnp.sum(p, axis=-1) < p[rows, tok])
+            reject = valid & ~accept
+            p = jnp.where(accept[:, None], probs[rows, jnp.maximum(child, 0)],
+                          jnp.where(reject[:, None] & (jnp.arange(p.shape[-1]) == tok[:, None]),
+                                    0.0, p))
+            cur = jnp.where(accept, child, cur)
+            moved = moved | accept
+        depth = depth + moved
+        walking = walking & moved
+    bonus = jax.random.categorical(jax.random.fold_in(rng, 10_000), jnp.log(p), axis=-1)
+    return cur, depth, bonus.astype(jnp.int32)
+
+
 def bita_step(cfg: ModelConfig, tree: Tree, params, state: DecodeState, max_new,
-              eos_ids: tuple[int, ...]) -> DecodeState:
-    """One greedy BiTA step: verify `state.drafts`, emit 1..M+1 tokens, draft the next tree."""
+              eos_ids: tuple[int, ...], sp: SamplingParams | None = None) -> DecodeState:
+    """One BiTA step: verify `state.drafts`, emit 1..M+1 tokens, draft the next tree.
+
+    Greedy verification unless `sp` has temperature > 0 (then exact rejection sampling).
+    """
     base_params, bita_params = params
     lay = tree.layout
     b, nn_ = state.drafts.shape
@@ -114,11 +162,24 @@ def bita_step(cfg: ModelConfig, tree: Tree, params, state: DecodeState, max_new,
     positions = n[:, None] + lay.offsets[None, :]
     hidden, block_kv = model.forward(cfg, base_params, tokens, positions, lay.mask, state.cache,
                                      bita_params)
-    pred = jnp.argmax(model.lm_logits(cfg, base_params, hidden[:, : 1 + nn_]), axis=-1)
-    endpoint, depth = verify_greedy(pred.astype(jnp.int32), state.drafts, lay)
+    node_logits = model.lm_logits(cfg, base_params, hidden[:, : 1 + nn_])  # [B, 1 + Nn, V]
+    rng, key = jax.random.split(state.rng)
+
+    def greedy(_):
+        pred = jnp.argmax(node_logits, axis=-1).astype(jnp.int32)
+        endpoint, depth = verify_greedy(pred, state.drafts, lay)
+        return endpoint, depth, jnp.take_along_axis(pred, endpoint[:, None], axis=1)[:, 0]
+
+    def sampled(_):
+        return verify_sampling(node_logits, state.drafts, lay, sp, key)
+
+    if sp is None:
+        endpoint, depth, bonus = greedy(None)
+    else:
+        endpoint, depth, bonus = jax.lax.cond(sp.temperature > 0, sampled, greedy, None)
+    bonus = bonus[:, None]
     path = jnp.take(lay.path_rows, endpoint, axis=0)  # [B, M + 1] rows root..endpoint
     accepted_tokens = jnp.take_along_axis(tokens, path[:, 1:], axis=1)  # [B, M]
-    bonus = jnp.take_along_axis(pred, endpoint[:, None], axis=1).astype(jnp.int32)  # [B, 1]
     j = jnp.arange(lay.num_masks + 1)[None, :]
     emitted = jnp.where(j < depth[:, None],
                         jnp.concatenate([accepted_tokens, bonus], axis=1), bonus)
@@ -126,14 +187,14 @@ def bita_step(cfg: ModelConfig, tree: Tree, params, state: DecodeState, max_new,
     cache = kv_cache.commit(state.cache, block_kv, path, jnp.where(live, depth + 1, 0))
     drafts = _next_drafts(cfg, params, hidden, lay, jnp.take(lay.group_rows, jnp.take(
         lay.endpoint_group, endpoint), axis=0), jnp.take(lay.endpoint_shift, endpoint))
-    state = state.replace(cache=cache, steps=state.steps + 1, row_steps=state.row_steps + live,
+    state = state.replace(cache=cache, steps=state.steps + 1, row_steps=state.row_steps + live, rng=rng,
                           drafts=jnp.where(live[:, None], drafts, state.drafts))
     state, _ = emit(state, emitted, depth + 1, max_new, eos_ids)
     return state
 
 
 class BitaGenerator(Generator):
-    """Lossless greedy BiTA generation with the same API as `Generator`."""
+    """Lossless BiTA generation (greedy, or exact sampling) with the same API as `Generator`."""
 
     def __init__(self, cfg: ModelConfig, params, bita_params, tree: Tree,
                  eos_ids: Sequence[int] | None = None, max_cache: int | None = None):
@@ -166,13 +227,7 @@ class BitaGenerator(Generator):
 
         def decode(params, state, max_new, sp, max_steps, eos_ids, tree):
             TRACES[("bita", cfg, tree)] += 1
-            return run_steps(lambda s: bita_step(cfg, tree, params, s, max_new, eos_ids), state,
-                             max_steps)
+            return run_steps(lambda s: bita_step(cfg, tree, params, s, max_new, eos_ids, sp),
+                             state, max_steps)
 
         return decode
-
-    def generate(self, prompts, max_new_tokens, sp=None, seed=0, on_tokens=None):
-        if sp is not None and float(sp.temperature) > 0:
-            raise GenerationError("BiTA decoding is greedy here; exact speculative sampling is not "
-                                  "implemented yet: use --temperature 0 or plain decoding")
-        return super().generate(prompts, max_new_tokens, sp, seed, on_tokens)

@@ -101,6 +101,7 @@ class Layout:
       endpoint_group: [1 + Nn] group drafting the next tree when that row is the last accepted.
       endpoint_shift: [1 + Nn] mask shift for that group (0 own group, 1 parent's group).
       max_rank: largest rank + 1 (top-k width needed).
+      children: [1 + Nn, C] child node rows of each row in rank order, -1 padded (sampling).
     """
 
     num_tokens: int
@@ -119,6 +120,7 @@ class Layout:
     endpoint_group: np.ndarray
     endpoint_shift: np.ndarray
     max_rank: int
+    children: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,4 +218,16 @@ def _build_layout(paths: tuple[Path, ...], num_masks: int, pruned: bool) -> Layo
         ancestors=ancestors, path_rows=path_rows, group_rows=group_rows,
         mask_ids=np.tile(np.arange(m, dtype=np.int32), len(anchors)),
         endpoint_group=endpoint_group, endpoint_shift=endpoint_shift,
-        max_rank=max(p[-1] for p in nodes) + 1)
+        max_rank=max(p[-1] for p in nodes) + 1,
+        children=_children(nodes, row_of))
+
+
+def _children(nodes: list[Path], row_of: dict) -> np.ndarray:
+    kids: dict[Path, list[int]] = {(): []}
+    for p in nodes:  # nodes are sorted, so siblings come in rank order
+        kids.setdefault(p[:-1], []).append(row_of[p])
+    width = max(len(v) for v in kids.values())
+    table = np.full((1 + len(nodes), width), -1, np.int32)
+    for parent, rows in kids.items():
+        table[row_of[parent], : len(rows)] = rows
+    return table

@@ -65,8 +65,8 @@ def main(argv=None) -> int:
         plain = Generator(loaded.cfg, loaded.params, max_cache=args.max_cache)
         plain.shapes([len(prompt_ids)], args.max_new_tokens)  # fail fast, before compiling
         adapter = args.adapter
-        if adapter == "default" and (args.temperature > 0 or shipped_adapter(loaded) is None):
-            adapter = "none"  # sampling, or no shipped adapter: plain decoding
+        if adapter == "default" and shipped_adapter(loaded) is None:
+            adapter = "none"  # no adapter ships for this model: plain decoding
         gen, tree = plain, None
         if adapter != "none":
             bita_params, bcfg, _ = load_bita(adapter, loaded)
