@@ -301,6 +301,8 @@ class BitaDistill(tfds.core.GeneratorBasedBuilder):
         plan = {r["index"]: r["split"] for r in _read_jsonl(raw / PLAN_FILE)}
         done = done_indices(raw)
         missing = sorted(set(plan) - done)
+        if (raw / PARTIAL_MARKER).is_file():  # asked for: build from the answered prompts only
+            missing = []
         if missing or done - set(plan):
             raise DistillError(f"{raw} is not complete ({len(missing)} of {len(plan)} prompts "
                                "not answered yet): rerun train/distill.py to finish it")
@@ -324,11 +326,23 @@ def _builder(data_dir: str | os.PathLike) -> BitaDistill:
     return BitaDistill(data_dir=str(data_dir), file_format="array_record")
 
 
-def build_dataset(data_dir: str | os.PathLike) -> pathlib.Path:
+PARTIAL_MARKER = "PARTIAL"
+
+
+def build_dataset(data_dir: str | os.PathLike, partial: bool = False) -> pathlib.Path:
     """Builds (or reuses) the array_record dataset from `data_dir/raw`; no TensorFlow, no network.
+
+    Args:
+      data_dir: the distillation run directory.
+      partial: build from the prompts answered so far (a stopped run); recorded as a marker file
+        `raw/PARTIAL` so the dataset says it is a subset. Rerunning distill.py later still finishes
+        the raw data, but the built dataset is not rebuilt automatically (delete it first).
 
     Returns the dataset directory (`data_dir/bita_distill/1.0.0`).
     """
+    if partial:
+        (pathlib.Path(data_dir) / RAW_DIR / PARTIAL_MARKER).write_text(
+            f"built from {len(done_indices(pathlib.Path(data_dir) / RAW_DIR))} answered prompts\n")
     builder = _builder(data_dir)
     builder.download_and_prepare(
         file_format="array_record",

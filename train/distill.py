@@ -47,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", required=True, help="run directory (resumable) and dataset dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--build-partial", action="store_true",
+                   help="do not generate: build the dataset from the prompts answered so far "
+                        "(a stopped run); the dataset is then marked as a subset")
     return p.parse_args(argv)
 
 
@@ -56,6 +59,14 @@ def main(argv=None) -> int:
     from bita_jax.generate import GenerationError
     from bita_jax.loading import load_model, weights_fingerprint
 
+    if args.build_partial:
+        try:
+            path = data.build_dataset(args.out, partial=True)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            return fail(e)
+        sizes = {s: len(data.load_split(args.out, s)) for s in data.SPLITS}
+        status(f"partial dataset {path}: {sizes['train']} train, {sizes['heldout']} heldout")
+        return 0
     try:
         config = data.DistillConfig(
             sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()),
