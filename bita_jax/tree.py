@@ -137,10 +137,18 @@ class Tree:
 
     @classmethod
     def make(cls, name: str, num_masks: int, pruned: bool = False) -> "Tree":
+        """`NAME[-pruned][@D]`; `@D` builds the tree for D <= num_masks of the adapter's masks
+        (a mask only sees earlier masks of its group, so dropping the last ones changes nothing
+        else and makes the step smaller)."""
+        spec, (base, at, depth) = name, name.rpartition("@")
+        if at and depth.isdigit():
+            if not 1 <= int(depth) <= num_masks:
+                raise TreeError(f"tree {spec!r}: @{depth} must be between 1 and {num_masks}")
+            name, num_masks = base, int(depth)
         if name.endswith("-pruned"):
             name, pruned = name[: -len("-pruned")], True
         return cls(named_tree(name, num_masks), num_masks, pruned,
-                   name + ("-pruned" if pruned else ""))
+                   spec if "@" in spec else name + ("-pruned" if pruned else ""))
 
     @property
     def layout(self) -> Layout:

@@ -1,0 +1,62 @@
+"""Multi-host start-up: `jax.distributed.initialize()` only where a multi-process job is detected.
+
+    distributed.initialize()          # first thing in an entry point, before any other jax call
+    if distributed.is_main_process(): write logs / metrics / the exported adapter
+
+One host (the default): nothing to do, `initialize()` returns False. A job is multi-process when
+the environment says so: `JAX_COORDINATOR_ADDRESS` (with `JAX_NUM_PROCESSES` and
+`JAX_PROCESS_ID`), a SLURM step or Open MPI job with more than one task, or a multi-host Cloud
+TPU slice. `BITA_JAX_DISTRIBUTED=1` forces the call (JAX then auto-detects the cluster),
+`BITA_JAX_DISTRIBUTED=0` disables it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+_initialized = False
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+def multi_process_env() -> bool:
+    """True when the environment describes a job of more than one process."""
+    env = os.environ
+    forced = env.get("BITA_JAX_DISTRIBUTED")
+    if forced is not None:
+        return forced not in ("0", "", "false", "False")
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    if "SLURM_JOB_ID" in env and (_int_env("SLURM_NTASKS") or 1) > 1:
+        return True
+    if (_int_env("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+        return True
+    hosts = env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES") or ""
+    return len([h for h in hosts.split(",") if h]) > 1 or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
+
+
+def initialize() -> bool:
+    """Calls `jax.distributed.initialize()` once in a multi-process job; a no-op otherwise.
+
+    Returns:
+      True when the distributed runtime is (now) initialized.
+    """
+    global _initialized
+    if _initialized:
+        return True
+    if not multi_process_env():
+        return False
+    jax.distributed.initialize(num_processes=_int_env("JAX_NUM_PROCESSES"),
+                               process_id=_int_env("JAX_PROCESS_ID"))
+    _initialized = True
+    return True
+
+
+def is_main_process() -> bool:
+    """Process 0 writes logs, metrics and exported files."""
+    return jax.process_index() == 0

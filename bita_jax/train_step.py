@@ -1,0 +1,254 @@
+"""The BiTA loss, the optimizer, and jitted train / eval steps with explicit shardings.
+
+    tx = make_optimizer(learning_rate=3e-2, total_steps=n)
+    opt_state = tx.init(bita_params)                     # optimizer state: BiTA params only
+    step = make_train_step(cfg, bcfg, spec, tx, mesh)
+    bita_params, opt_state, metrics = step(bita_params, opt_state, base_params, batch, rng)
+
+The loss (see `sar` for the batch layout) runs two passes: the real tokens through the frozen
+base under `stop_gradient`, then the G*M mask tokens with the real keys/values as a cache that
+each mask group sees up to its anchor. Gradients are taken w.r.t. the BiTA pytree only
+(`jax.value_and_grad(loss, argnums=0)`), so the real-token pass needs no backward at all.
+
+Metrics are sums (so they add across micro-batches, steps and hosts):
+    nll [], count [M], correct [M] (top-1 per mask index), and in eval also correct5 [M].
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from bita_jax import bita as bita_lib
+from bita_jax import model, sharding
+from bita_jax.bita import BitaConfig
+from bita_jax.config import ModelConfig
+from bita_jax.kv_cache import KVCache
+from bita_jax.sar import SampleSpec, group_mask, mask_ids, mask_offsets
+
+Batch = dict[str, jax.Array]
+
+# XLA CPU options that cut compile time 2-3x for small models (tests, CPU smoke runs); numerics
+# stay IEEE fp32 (no fast-math), only the LLVM optimisation level and fusion codegen change.
+FAST_CPU_COMPILE = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1}
+
+
+def make_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0,
+                  schedule: str = "cosine", final_lr_ratio: float = 0.0) -> optax.Schedule:
+    """Cosine decay to `final_lr_ratio * lr` over `total_steps` (official: no warmup), or constant."""
+    if schedule == "constant":
+        if warmup_steps:
+            return optax.join_schedules(
+                [optax.linear_schedule(0.0, learning_rate, warmup_steps),
+                 optax.constant_schedule(learning_rate)], [warmup_steps])
+        return optax.constant_schedule(learning_rate)
+    if schedule != "cosine":
+        raise ValueError(f"unknown schedule {schedule!r}: expected 'cosine' or 'constant'")
+    total_steps = max(int(total_steps), 1)
+    if warmup_steps:
+        return optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1),
+            end_value=final_lr_ratio * learning_rate)
+    return optax.cosine_decay_schedule(learning_rate, total_steps, alpha=final_lr_ratio)
+
+
+def make_optimizer(learning_rate: float = 3e-2, total_steps: int = 1, *, warmup_steps: int = 0,
+                   schedule: str = "cosine", final_lr_ratio: float = 0.0, b1: float = 0.9,
+                   b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+                   clip_norm: float | None = 1.0) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW on a schedule (the official BiTA recipe by default)."""
+    lr = make_schedule(learning_rate, total_steps, warmup_steps, schedule, final_lr_ratio)
+    adamw = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    if clip_norm is None or clip_norm <= 0:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss.
+
+
+def mask_logits(cfg: ModelConfig, spec: SampleSpec, bita_params, base_params, batch: Batch):
+    """fp32 logits [B, G*M, V] of every mask slot (two passes, see module doc)."""
+    tokens, anchors = batch["tokens"], batch["anchors"]
+    b, tr = tokens.shape
+    m = spec.num_masks
+    # Pass 1: the real tokens, plain causal, no BiTA. Nothing here depends on the BiTA params.
+    positions = jnp.broadcast_to(jnp.arange(tr, dtype=jnp.int32), (b, tr))
+    causal = jnp.tril(jnp.ones((tr, tr), bool))
+    _, (k_real, v_real) = model.forward(cfg, base_params, tokens, positions, causal)
+    k_real, v_real = jax.lax.stop_gradient(k_real), jax.lax.stop_gradient(v_real)
+    # Pass 2: the mask groups over the real keys/values, each group up to its anchor.
+    group_anchor = jnp.repeat(anchors, m, axis=1)  # [B, G*M]
+    mask_tokens = jnp.broadcast_to(jnp.asarray(mask_ids(spec, cfg.vocab_size)), group_anchor.shape)
+    mask_pos = group_anchor + jnp.asarray(mask_offsets(spec))
+    visible = jnp.arange(tr, dtype=jnp.int32)[None, None, :] < group_anchor[:, :, None]
+    cache = KVCache(k_real, v_real, jnp.zeros((b,), jnp.int32))
+    hidden, _ = model.forward(cfg, base_params, mask_tokens, mask_pos, jnp.asarray(group_mask(spec)),
+                              cache=cache, bita_params=bita_params, cache_visible=visible)
+    return model.lm_logits(cfg, base_params, hidden)
+
+
+def mask_metrics(logits, labels, num_masks: int, topk: int = 1) -> dict[str, jax.Array]:
+    """Summed NLL and per-mask-index counts of logits [B, G*M, V] against labels [B, G*M]."""
+    valid = labels >= 0
+    safe = jnp.where(valid, labels, 0)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    gold = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    nll = jnp.sum(jnp.where(valid, logz - gold, 0.0))
+    b, gm = labels.shape
+    by_k = lambda x: jnp.sum(x.reshape(b, gm // num_masks, num_masks), axis=(0, 1))  # -> [M]
+    out = {"nll": nll, "count": by_k(valid.astype(jnp.int32)),
+           "correct": by_k((valid & (jnp.argmax(logits, -1) == labels)).astype(jnp.int32))}
+    if topk > 1:
+        _, top = jax.lax.top_k(logits, topk)
+        hit = jnp.any(top == labels[..., None], axis=-1)
+        out[f"correct{topk}"] = by_k((valid & hit).astype(jnp.int32))
+    return out
+
+
+def loss_fn(bita_params, base_params, batch: Batch, rng, *, cfg: ModelConfig, bcfg: BitaConfig,
+            spec: SampleSpec, train: bool = True, denom=None):
+    """Mean cross-entropy over the batch's mask tokens (sum / `denom` when given).
+
+    Args:
+      bita_params: the trainable pytree (differentiate w.r.t. this argument only).
+      base_params: the frozen base weights.
+      batch: {"tokens" [B, Tr], "anchors" [B, G], "labels" [B, G*M]}.
+      rng: prefix-dropout key (used when `train`).
+      denom: number of mask tokens the loss is averaged over (micro-batching passes the whole
+        batch's count so that micro-batch gradients add up exactly).
+
+    Returns:
+      (loss, metrics) with the summed metrics of `mask_metrics`.
+    """
+    if train:
+        bita_params = bita_lib.prefix_dropout(bita_params, rng, bcfg.prefix_dropout)
+    logits = mask_logits(cfg, spec, bita_params, base_params, batch)
+    metrics = mask_metrics(logits, batch["labels"], spec.num_masks)
+    if denom is None:
+        denom = jnp.maximum(jnp.sum(batch["labels"] >= 0), 1)
+    return metrics["nll"] / denom, metrics
+
+
+def _split_micro(batch: Batch, accum: int) -> Batch:
+    """[B, ...] -> [accum, B/accum, ...]; micro-batch a takes rows a, a+accum, ... so that every
+    data shard keeps an equal share of each micro-batch."""
+    def split(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def train_step(bita_params, opt_state, base_params, batch: Batch, rng, *, cfg: ModelConfig,
+               bcfg: BitaConfig, spec: SampleSpec, tx: optax.GradientTransformation,
+               grad_accum: int = 1):
+    """One optimizer step on a [B, ...] batch (see `make_train_step`; this is the unjitted body)."""
+    denom = jnp.maximum(jnp.sum(batch["labels"] >= 0), 1)
+    grad_fn = jax.value_and_grad(
+        functools.partial(loss_fn, cfg=cfg, bcfg=bcfg, spec=spec, train=True, denom=denom),
+        argnums=0, has_aux=True)
+    if grad_accum == 1:
+        (loss, metrics), grads = grad_fn(bita_params, base_params, batch, rng)
+    else:
+        def body(carry, mb):
+            grads, loss, metrics = carry
+            # the same key for every micro-batch: one dropout mask per optimizer step, as without
+            # micro-batching (the prefix is shared by all rows)
+            (l, mt), g = grad_fn(bita_params, base_params, mb, rng)
+            carry = (jax.tree.map(jnp.add, grads, g), loss + l, jax.tree.map(jnp.add, metrics, mt))
+            return carry, None
+
+        m = spec.num_masks
+        zeros = (jax.tree.map(jnp.zeros_like, bita_params), jnp.zeros((), jnp.float32),
+                 {"nll": jnp.zeros((), jnp.float32), "count": jnp.zeros((m,), jnp.int32),
+                  "correct": jnp.zeros((m,), jnp.int32)})
+        (grads, loss, metrics), _ = jax.lax.scan(body, zeros, _split_micro(batch, grad_accum))
+    updates, opt_state = tx.update(grads, opt_state, bita_params)
+    bita_params = optax.apply_updates(bita_params, updates)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return bita_params, opt_state, metrics
+
+
+def eval_step(bita_params, base_params, batch: Batch, *, cfg: ModelConfig, spec: SampleSpec,
+              topk: int = 5):
+    """Summed eval metrics (no dropout): nll, count, correct (top-1), correct{topk}."""
+    logits = mask_logits(cfg, spec, bita_params, base_params, batch)
+    return mask_metrics(logits, batch["labels"], spec.num_masks, topk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jitted, sharded steps.
+
+
+def make_train_step(cfg: ModelConfig, bcfg: BitaConfig, spec: SampleSpec,
+                    tx: optax.GradientTransformation, mesh: Mesh,
+                    rules: sharding.Rules = sharding.DEFAULT_RULES, grad_accum: int = 1,
+                    compiler_options: dict[str, Any] | None = None):
+    """`step(bita_params, opt_state, base_params, batch, rng) -> (bita_params, opt_state, metrics)`.
+
+    Base params are sharded by the logical-axis `rules`, the batch over 'data', the BiTA params,
+    optimizer state, rng and metrics replicated. The BiTA params and optimizer state are donated.
+    The batch size must divide by `grad_accum * mesh.shape['data']`. `compiler_options` go to
+    XLA for this function only (e.g. `FAST_CPU_COMPILE`).
+    """
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    rep = sharding.replicated(mesh)
+    body = functools.partial(train_step, cfg=cfg, bcfg=bcfg, spec=spec, tx=tx,
+                             grad_accum=grad_accum)
+    return jax.jit(
+        body,
+        in_shardings=(rep, rep, sharding.param_shardings(cfg, mesh, rules),
+                      sharding.batch_sharding(mesh, 2, rules), rep),
+        out_shardings=(rep, rep, rep),
+        donate_argnums=(0, 1),
+        compiler_options=compiler_options)
+
+
+def make_eval_step(cfg: ModelConfig, spec: SampleSpec, mesh: Mesh,
+                   rules: sharding.Rules = sharding.DEFAULT_RULES, topk: int = 5,
+                   compiler_options: dict[str, Any] | None = None):
+    """`evaluate(bita_params, base_params, batch) -> summed metrics` (no dropout)."""
+    rep = sharding.replicated(mesh)
+    return jax.jit(
+        functools.partial(eval_step, cfg=cfg, spec=spec, topk=topk),
+        in_shardings=(rep, sharding.param_shardings(cfg, mesh, rules),
+                      sharding.batch_sharding(mesh, 2, rules)),
+        out_shardings=rep,
+        compiler_options=compiler_options)
+
+
+def init_state(cfg: ModelConfig, bcfg: BitaConfig, tx: optax.GradientTransformation, rng,
+               mesh: Mesh | None = None) -> tuple[Any, Any]:
+    """Fresh BiTA params and their optimizer state (replicated on `mesh` when given)."""
+    params = bita_lib.init_bita_params(cfg, bcfg, rng)
+    opt_state = tx.init(params)
+    if mesh is not None:
+        rep = sharding.replicated(mesh)
+        params, opt_state = jax.device_put((params, opt_state), rep)
+    return params, opt_state
+
+
+def summarize(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Summed metrics (host numpy) -> loss and per-mask accuracies as plain floats/lists."""
+    import numpy as np
+
+    count = [float(n) for n in np.asarray(metrics["count"])]
+
+    def rate(key):
+        return [float(c) / max(n, 1.0) for c, n in zip(np.asarray(metrics[key]), count)]
+
+    out = {"mask_tokens": int(sum(count)), "acc": rate("correct")}
+    out["loss"] = (float(metrics["loss"]) if "loss" in metrics
+                   else float(metrics["nll"]) / max(sum(count), 1.0))
+    for key in metrics:
+        if key.startswith("correct") and key != "correct":
+            out["acc" + key[len("correct"):]] = rate(key)
+    if "grad_norm" in metrics:
+        out["grad_norm"] = float(metrics["grad_norm"])
+    return out

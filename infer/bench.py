@@ -1,0 +1,130 @@
+"""BiTA vs plain greedy decoding: per-prompt speed, tokens per step, identical ids (batch 1).
+
+    python infer/bench.py --prompts sharegpt --limit 8 --max-new-tokens 128 --out runs/bench
+    python infer/bench.py --prompts humaneval --tree chain,upper-triangle --out runs/bench-he
+    python infer/bench.py --prompts my.jsonl --adapter random:0 --tree chain@2 --out /tmp/b
+    python infer/bench.py --prompts sharegpt --select --out runs/select     # pick the tree
+
+Both engines are the same jitted code (`Generator`, `BitaGenerator`), compiled and run once per
+shape bucket before any timing; each prompt then runs plain greedy and every tree in turn.
+Writes OUT/results.json (per-tree summary and per-prompt rows) and prints a Markdown table.
+ShareGPT prompts come from the held-out split by default (never trained on); HumanEval prompts
+are raw code, other sources get the chat template.
+
+--tree: comma-separated `upper-triangle[:K] | chain | full[:K]` (+ `-pruned`) | FILE.json, each
+optionally `@D` to build it for D of the adapter's masks (e.g. `chain@2`).
+--select: measure acceptance statistics (teacher forcing on the prompts' greedy continuations)
+and the step time of each candidate on this machine, predict tokens/step and speedup, choose the
+fastest, then bench the candidates (--select-bench; `none` writes OUT/selection.json only)
+and print predicted vs measured.
+Candidates: --tree if given, else a default list from a 1-mask chain to the paper's tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from bita_jax.cli_util import fail, status  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--prompts", default="sharegpt", help="sharegpt | humaneval | FILE.jsonl")
+    p.add_argument("--split", default=None,
+                   help="train | heldout | all (default: heldout for sharegpt, else all)")
+    p.add_argument("--limit", type=int, default=8, help="number of prompts")
+    p.add_argument("--max-prompt-chars", type=int, default=2000, help="skip longer prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--out", required=True, help="directory for results.json")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="built-in name (smollm2-135m), HF model directory, or .gguf file")
+    p.add_argument("--adapter", default="default", help="default | DIR | random:SEED[:M]")
+    p.add_argument("--tree", default=None,
+                   help="comma-separated trees (default: upper-triangle; with --select: a list)")
+    p.add_argument("--select", action="store_true",
+                   help="predict the best tree for this machine, then bench the candidates")
+    p.add_argument("--method", default="replay", choices=["replay", "independent"],
+                   help="--select: tokens/step predictor (see bita_jax/tree_select.py)")
+    p.add_argument("--select-bench", default="all", choices=["all", "chosen", "none"],
+                   help="--select: which candidates to bench afterwards (default all)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per prompt and engine, engines taking turns; the fastest is kept")
+    p.add_argument("--max-cache", type=int, default=None, help="cache slots per sequence")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from bita_jax import bench, tree_select
+    from bita_jax.loading import load_bita, load_model
+    from bita_jax.prompts import load_prompts
+
+    try:
+        split = args.split or bench.default_split(args.prompts)
+        texts = load_prompts(args.prompts, split, args.limit, args.max_prompt_chars)
+        if not texts:
+            raise ValueError(f"no prompts from {args.prompts!r} (split {split})")
+        status(f"loading {args.model} and adapter {args.adapter} ...")
+        loaded = load_model(args.model, dtype=args.dtype)
+        bita_params, bcfg, _ = load_bita(args.adapter, loaded)
+        names = args.tree.split(",") if args.tree else (
+            bench.default_candidates(bcfg.num_masks) if args.select else ["upper-triangle"])
+        trees = [bench.make_tree(n.strip(), bcfg.num_masks) for n in names if n.strip()]
+        prompts = bench.encode_prompts(loaded.tokenizer, texts, raw=args.prompts == "humaneval")
+        for ids in prompts:  # fail fast, before compiling
+            bench.Generator(loaded.cfg, loaded.params, max_cache=args.max_cache).shapes(
+                [len(ids)], args.max_new_tokens)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        return fail(e)
+    cfg, params = loaded.cfg, loaded.params
+    status(f"{len(prompts)} prompts ({args.prompts}, {split}), {args.max_new_tokens} new tokens, "
+           f"M={bcfg.num_masks}, trees: {', '.join(t.name for t in trees)}")
+    selection = None
+    if args.select:
+        selection = bench.select_tree(cfg, params, bita_params, trees, prompts,
+                                      args.max_new_tokens, max_cache=args.max_cache,
+                                      method=args.method, log=status)
+        print(f"## Predicted (chosen: {selection.chosen.tree})\n")
+        print(tree_select.table(selection.predictions, chosen=selection.chosen.tree) + "\n",
+              flush=True)
+    config = {"model": loaded.name, "adapter": args.adapter, "num_masks": bcfg.num_masks,
+              "source": args.prompts, "split": split, "limit": args.limit,
+              "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
+              "repeats": args.repeats, **bench.environment()}
+    if selection is not None and args.select_bench == "none":
+        path = pathlib.Path(args.out) / "selection.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"config": config, "selection": selection.to_dict()}, indent=1))
+        status(f"wrote {path}")
+        return 0
+    if selection is not None and args.select_bench == "chosen":
+        trees = [t for t in trees if t.name == selection.chosen.tree]
+    results = bench.run_bench(cfg, params, bita_params, trees, prompts, args.max_new_tokens,
+                              texts=texts, max_cache=args.max_cache, repeats=args.repeats,
+                              log=status)
+    results["config"] = config
+    if selection is not None:
+        results["selection"] = selection.to_dict()
+    path = bench.write_results(args.out, results)
+    print(bench.markdown_table(results))
+    if selection is not None:
+        measured = {n: t["summary"] for n, t in results["trees"].items()}
+        print(f"\n## Predicted vs measured (chosen: {selection.chosen.tree})\n")
+        print(tree_select.table(selection.predictions, measured, selection.chosen.tree))
+    status(f"wrote {path}")
+    g = results["greedy"]["summary"]
+    mismatched = [n for n, t in results["trees"].items() if t["summary"]["identical"] != g["prompts"]]
+    if mismatched:
+        status(f"error: BiTA output differs from plain greedy for {', '.join(mismatched)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

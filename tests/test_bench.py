@@ -1,0 +1,148 @@
+"""Benchmark and tree selection on a tiny model: results.json, losslessness, the acceptance
+formulas by hand, the replay predictor == real decoding, the choice by predicted tokens/s."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from bita_jax import bench, bita, model, tree_select
+from bita_jax.config import ModelConfig
+from bita_jax.tree import Tree, TreeError
+
+CFG = ModelConfig(arch="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256,
+                  eos_token_ids=(96,))
+PROMPTS = [[5, 17, 33, 2, 80], [44], [9, 10, 11]]
+TREES = ["upper-triangle:3-pruned"]  # one tree: each BiTA engine costs a ~10 s compile
+MAX_NEW = 40
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A nearly-bigram model (residual branches scaled down, so greedy text falls into short
+    cycles) and masks embedded as tokens of such a cycle: drafts are often right, so acceptance
+    is far from 0 and the predictors are tested on something real. `random:` masks on top."""
+    params = model.init_params(CFG, jax.random.key(3))
+    layers = params["layers"]
+    layers["attn"]["o_proj"]["kernel"] = 0.05 * layers["attn"]["o_proj"]["kernel"]
+    layers["mlp"]["down_proj"]["kernel"] = 0.05 * layers["mlp"]["down_proj"]["kernel"]
+    bp = bita.init_bita_params(CFG, bita.BitaConfig(num_masks=3), jax.random.key(0))
+    emb = params["embed"]["embedding"]
+    bp["mask_embed"] = emb[np.array([10, 83, 41])]  # mask k drafts what follows token c_k
+    trees = [bench.make_tree(n, 3) for n in TREES]
+    results = bench.run_bench(CFG, params, bp, trees, PROMPTS, MAX_NEW)
+    return params, bp, trees, results
+
+
+def test_results_json_and_lossless(setup, tmp_path):
+    *_, results = setup
+    path = bench.write_results(tmp_path / "run", results)
+    data = json.loads(path.read_text())
+    assert set(data["trees"]) == set(TREES)
+    for name, t in data["trees"].items():
+        s = t["summary"]
+        for key in ("tokens_per_step", "speedup", "identical", "prompts", "tokens_per_second",
+                    "greedy_tokens_per_second", "seconds", "steps", "new_tokens"):
+            assert key in s, (name, key)
+        assert s["identical"] == s["prompts"] == len(PROMPTS)  # lossless
+        assert s["tokens_per_step"] >= 1.0 and s["speedup"] > 0
+    assert data["greedy"]["summary"]["tokens_per_step"] == 1.0
+    assert len(data["rows"]) == len(PROMPTS)
+    row = data["rows"][0]
+    assert row["greedy"]["tokens"] and "tokens" not in row["trees"][TREES[0]]
+    assert all(r["trees"][n]["identical"] for r in data["rows"] for n in TREES)
+    assert data["trees"]["upper-triangle:3-pruned"]["step_tokens"] == 1 + 6 + 3 * 3
+    table = bench.markdown_table(results)
+    assert table.count("\n") == 2 + len(TREES) and "| plain greedy |" in table
+    # The construction makes drafting work: the check below is not about 1 token per step.
+    assert results["trees"][TREES[0]]["summary"]["tokens_per_step"] > 1.2
+
+
+def test_replay_predicts_real_decoding(setup):
+    params, bp, trees, results = setup
+    greedy = [r["greedy"]["tokens"] for r in results["rows"]]
+    stats = tree_select.rank_stats(CFG, params, bp, list(zip(PROMPTS, greedy)))
+    assert stats.num_masks == 3 and sum(len(r) for r in stats.ranks) == sum(
+        len(g) - 1 for g in greedy)
+    for t in trees:
+        tokens, steps = tree_select.replay(t, stats)
+        rows = [r["trees"][t.name] for r in results["rows"]]
+        assert steps == sum(r["steps"] for r in rows), t.name
+        assert tokens == sum(r["new_tokens"] - 1 for r in rows), t.name
+
+
+def test_expected_accepted_by_hand():
+    probs = np.array([[0.5, 0.3, 0.2], [0.4, 0.1, 0.5]])
+    chain = Tree.make("chain", 2)
+    assert tree_select.expected_accepted(chain.paths, probs) == pytest.approx(0.5 + 0.5 * 0.4)
+    # upper-triangle:2 for M = 2: nodes (0,), (1,), (0, 0).
+    ut = Tree.make("upper-triangle:2", 2)
+    assert tree_select.expected_accepted(ut.paths, probs) == pytest.approx(0.5 + 0.3 + 0.5 * 0.4)
+    # Levels or ranks beyond the table are never accepted.
+    assert tree_select.expected_accepted(((0,), (0, 0), (0, 0, 0)), probs) == pytest.approx(0.7)
+    assert tree_select.expected_accepted(((5,),), probs) == 0.0
+    stats = tree_select.RankStats([np.array([[0, 0], [0, 2], [1, 0], [2, 1]], np.int32)], 2)
+    np.testing.assert_allclose(stats.probs(), [[0.5, 0.25, 0.25], [0.5, 0.25, 0.25]])
+    assert tree_select.predicted_tokens_per_step(chain, stats, "independent") == pytest.approx(
+        1 + 0.5 + 0.25)
+
+
+def test_replay_by_hand():
+    # tgt has 6 tokens -> anchors 0..4; rows: ranks of tgt[a+1], tgt[a+2] under masks 0, 1.
+    ranks = np.array([[0, 0], [5, 5], [5, 5], [0, 1], [1, -1]], np.int32)
+    stats = tree_select.RankStats([ranks], 8)
+    chain = Tree.make("chain", 2)
+    # anchor 0: accept 2 + bonus (3 tokens) -> anchor 3: accept 1 + bonus -> emitted 6: done.
+    assert tree_select.replay(chain, stats) == (5, 2)
+    # A pruned chain: the childless node (0, 0) takes its parent's group shifted by one mask:
+    # after step 1 the drafts come from anchor 2 with mask 1 only (rank 5): a miss.
+    pruned = Tree.make("chain-pruned", 2)
+    assert tree_select.replay(pruned, stats) == (5, 3)
+
+
+def test_selection_picks_best_tokens_per_second():
+    stats = tree_select.RankStats([np.array([[0, 0, 1]] * 6 + [[1, 0, 0]] * 4, np.int32)], 8)
+    trees = [bench.make_tree(n, 3) for n in ("chain", "chain@1", "upper-triangle:2@2")]
+    # Independent probs: p0 = (.6, .4), p1 = (1.0), p2 = (.4, .6).
+    times = {"chain": 0.030, "chain@1": 0.011, "upper-triangle:2@2": 0.020}
+    preds = tree_select.predict(trees, stats, times, 0.010, method="independent")
+    by = {p.tree: p for p in preds}
+    assert by["chain"].tokens_per_step == pytest.approx(1 + 0.6 + 0.6 + 0.24)
+    assert by["chain@1"].tokens_per_step == pytest.approx(1.6)
+    assert by["upper-triangle:2@2"].tokens_per_step == pytest.approx(1 + 0.6 + 0.4 + 0.6)
+    # tokens/s: chain 2.44/30ms = 81, chain@1 1.6/11ms = 145, ut 2.6/20ms = 130.
+    assert tree_select.select(preds).tree == "chain@1"
+    assert by["chain@1"].speedup == pytest.approx(1.6 * 10 / 11)
+    times["chain@1"] = 0.013  # 123 tok/s: now the small tree wins
+    preds = tree_select.predict(trees, stats, times, 0.010, method="independent")
+    assert tree_select.select(preds).tree == "upper-triangle:2@2"
+    assert "**upper-triangle:2@2**" in tree_select.table(preds, chosen="upper-triangle:2@2")
+
+
+def test_tree_names():
+    assert bench.make_tree("chain@2", 3).num_masks == 2
+    assert bench.make_tree("chain@2", 3).paths == ((0,), (0, 0))
+    assert bench.make_tree("upper-triangle:3-pruned", 3).pruned
+    with pytest.raises(TreeError):
+        bench.make_tree("chain@4", 3)
+    names = bench.default_candidates(3)
+    assert names[:3] == ["chain@1", "chain@2", "chain"] and "upper-triangle" in names
+    assert len(set(names)) == len(names) == 10
+    assert bench.default_candidates(1)[0] == "chain"  # no chain@D below one mask
+    assert bench.make_tree("chain", 3).layout.num_tokens == 1 + 3 + 4 * 3
+    assert bench.make_tree("chain@2", 3).layout.num_tokens == 1 + 2 + 3 * 2
+    assert bench.default_split("sharegpt") == "heldout" and bench.default_split("x.jsonl") == "all"
+
+
+def test_step_seconds_and_select_tree(setup):
+    params, bp, trees, results = setup
+    greedy = [r["greedy"]["tokens"] for r in results["rows"]]
+    sel = bench.select_tree(CFG, params, bp, trees, PROMPTS, MAX_NEW, greedy_tokens=greedy,
+                            timing_steps=4, repeats=1)
+    assert sel.chosen.tree in TREES
+    assert all(0 < p.step_ms < 1e4 and p.ar_step_ms > 0 for p in sel.predictions)
+    d = sel.to_dict()
+    assert d["chosen"] == sel.chosen.tree and len(d["stats"]["top1"]) == 3
+    json.dumps(d)

@@ -1,0 +1,327 @@
+"""Training: the loss falls, only BiTA params train, resume is exact, 8 devices == 1, adapter export.
+
+The CLI runs (`train/train.py`) are subprocesses sharing a persistent compilation cache, so the
+second and third runs of the same step skip XLA compilation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bita_jax import bita, distributed, loading, model, run_config, train_step
+from bita_jax.config import ModelConfig
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny-test.yaml"
+
+
+def _env(cache_dir=None, devices=None, fast=False):
+    """Subprocess environment: CPU, this repo importable, optionally 8 simulated devices, fast
+    XLA CPU compiles for every jit of the process (all compared runs use the same flags), and a
+    persistent compilation cache shared by the CLI runs."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    flags = env.get("XLA_FLAGS", "")
+    if devices:
+        flags += f" --xla_force_host_platform_device_count={devices}"
+    if fast:
+        flags += " --xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
+    env["XLA_FLAGS"] = flags.strip()
+    if cache_dir is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
+
+
+def _records(n=24, seed=0, vocab=128):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        start = int(rng.integers(0, vocab))
+        out.append({"prompt_ids": rng.integers(0, vocab, int(rng.integers(2, 9))).tolist(),
+                    "response_ids": [(start + 3 * k) % vocab for k in range(int(rng.integers(2, 30)))]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    with open(d / "data.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in _records())
+    return d
+
+
+def _train(workdir, *args, check=True):
+    cmd = [sys.executable, "train/train.py", "--config", str(TINY), "--data",
+           str(workdir / "data.jsonl"), "--quiet", *args]
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=_env(workdir / "jax_cache", fast=True),
+                          capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    return proc
+
+
+def _metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _adapter(run_dir):
+    from safetensors.numpy import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def full_run(workdir):
+    """An uninterrupted tiny-test run: 6 steps, checkpoints every 2, evaluation at the end."""
+    proc = _train(workdir, "--out", str(workdir / "full"), "--eval-data",
+                  str(workdir / "data.jsonl"), "run.eval_batches=2")
+    summary = json.loads(proc.stdout)  # one JSON line: the adapter and final metrics
+    assert summary["steps"] == 6 and summary["train"]["step"] == 6
+    ev = summary["eval"]
+    assert ev["eval_mask_tokens"] > 0 and len(ev["eval_acc"]) == len(ev["eval_acc5"]) == 2
+    assert all(a <= b for a, b in zip(ev["eval_acc"], ev["eval_acc5"]))
+    assert sorted(os.listdir(workdir / "full" / "checkpoints")) == ["4", "6"]
+    return workdir / "full"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_optimizer_state_is_for_bita_params_only():
+    cfg = ModelConfig(arch="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    bcfg = bita.BitaConfig(num_prefix=4, num_masks=2)
+    tx = train_step.make_optimizer(3e-2, total_steps=30)
+    params, opt_state = jax.eval_shape(  # shapes and structure only: nothing to compile
+        lambda: train_step.init_state(cfg, bcfg, tx, jax.random.key(0)))
+    adam = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(
+        x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
+    assert len(adam) == 1  # Adam's moments mirror the BiTA tree exactly
+    assert jax.tree.structure(adam[0].mu) == jax.tree.structure(params)
+    assert jax.tree.structure(adam[0].nu) == jax.tree.structure(params)
+    assert sum(x.size for x in jax.tree.leaves(opt_state)) <= 2 * bita.count_trainable(cfg, bcfg) + 8
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    sched = train_step.make_schedule(3e-2, 10)
+    assert float(sched(0)) == pytest.approx(3e-2) and float(sched(10)) == pytest.approx(0.0)
+    warm = train_step.make_schedule(3e-2, 10, warmup_steps=2)
+    assert float(warm(0)) == 0.0 and float(warm(2)) == pytest.approx(3e-2)
+
+
+def test_ctrl_c_then_resume_is_exact(workdir, full_run, capsys):
+    out = workdir / "part"
+    cmd = [sys.executable, "train/train.py", "--config", str(TINY), "--data",
+           str(workdir / "data.jsonl"), "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(workdir / "jax_cache", fast=True),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The banner comes once the handler is installed and before the first step runs (whose trace
+    # and compile-cache load take far longer than this loop takes to send the signal).
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "training " in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    _, rest = proc.communicate(timeout=240)
+    stderr = "".join(lines) + rest
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted: checkpoint saved at step" in stderr, stderr[-3000:]
+    k = int(stderr.split("checkpoint saved at step ")[1].split()[0])
+    assert 1 <= k < 5 and str(k) in os.listdir(out / "checkpoints"), stderr[-3000:]
+    assert not (out / "adapter").exists()
+
+    # A fresh run over existing checkpoints is refused; a changed config cannot resume.
+    cli = _load_cli()
+    args = ["--config", str(TINY), "--data", str(workdir / "data.jsonl"), "--quiet",
+            "--out", str(out)]
+    assert cli.main(args) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert cli.main(args + ["--resume", "run.seed=1"]) == 2
+    assert "seed was 0, now 1" in capsys.readouterr().err
+
+    # Resume, stop again at step 5 (not a checkpoint_every multiple), resume to the end.
+    stopped = _train(workdir, "--out", str(out), "--resume", "--stop-at", "5")
+    assert f"resumed from step {k}" in stopped.stderr and "stopped at step 5" in stopped.stderr
+    assert sorted(os.listdir(out / "checkpoints")) == ["4", "5"]  # every 2 + the stop, keep 2
+    assert not (out / "adapter").exists()
+    resumed = _train(workdir, "--out", str(out), "--resume")
+    assert "resumed from step 5" in resumed.stderr
+    assert sorted(os.listdir(out / "checkpoints")) == ["5", "6"]
+    # Same parameters as the uninterrupted run, bit for bit, and the same per-step losses.
+    want, got = _adapter(full_run), _adapter(out)
+    for key in want:
+        assert np.array_equal(want[key], got[key]), key
+    assert [m["step"] for m in _metrics(out)] == list(range(1, 7))
+    train_lines = [m for m in _metrics(full_run) if "loss" in m]
+    assert [m["loss"] for m in _metrics(out)] == [m["loss"] for m in train_lines]
+
+
+def test_exported_adapter_loads_and_rejects_another_model(full_run):
+    tc = run_config.load_config(TINY)
+    cfg = ModelConfig.from_hf_config(tc.model.hf_config)
+
+    params0 = model.init_params(cfg, jax.random.key(0))  # the run's random base (init_seed 0)
+    same = loading.LoadedModel("random-init:0", cfg, params0, None, pathlib.Path("-")).identity()
+    params, bcfg, meta = bita.load_adapter(full_run / "adapter", cfg, same)
+    assert bcfg == tc.bita and meta["steps"] == 6
+    assert params["prefix"].shape == (4, 2, 2, 4, 8) and params["mask_embed"].shape == (2, 32)
+    assert json.loads((full_run / "adapter" / "adapter.json").read_text())["base_model"] == same
+    other = {**same, "fingerprint": loading.weights_fingerprint(
+        jax.tree.map(lambda x: x + 1.0, params0))}  # same shapes, other weights
+    with pytest.raises(bita.AdapterError, match="fingerprint"):
+        bita.load_adapter(full_run / "adapter", cfg, other)
+    wider = cfg.replace(hidden_size=64, head_dim=16)
+    with pytest.raises(bita.AdapterError, match="hidden_size"):
+        bita.load_adapter(full_run / "adapter", wider, {**same, "hidden_size": 64, "head_dim": 16})
+    with pytest.raises(bita.AdapterError, match="shape"):  # no identity given: shapes still checked
+        bita.load_adapter(full_run / "adapter", wider)
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("train_cli", REPO / "train" / "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    cli = _load_cli()
+    assert cli.main(["--config", str(TINY), "--data", str(tmp_path / "nope.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: training data not found"), err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.read_text().replace("  batch_size: 4", "  batch_size: 4\n  batch_szie: 8"))
+    assert cli.main(["--config", str(bad), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown key run.batch_szie" in err[0], err
+    assert cli.main(["--config", str(TINY), "--dry-run", "run.cutoff=forty"]) == 2
+    assert "run.cutoff must be int" in capsys.readouterr().err
+    assert cli.main(["--config", str(tmp_path / "missing.yaml"), "--dry-run"]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_run_config_sections_and_overrides(tmp_path):
+    tc = run_config.load_config(REPO / "configs" / "smollm2-135m.yaml",
+                                ["run.batch_size=16", "bita.num_masks=4", "run.mesh=[-1, 1]"])
+    assert tc.run.batch_size == 16 and tc.bita.num_masks == 4 and tc.run.mesh == (-1, 1)
+    assert tc.model.name == "smollm2-135m" and tc.bita.num_prefix == 16
+    with pytest.raises(run_config.ConfigFileError, match="unknown section 'optim'"):
+        run_config.from_dict({"model": {"name": "x"}, "optim": {}})
+    with pytest.raises(run_config.ConfigFileError, match="unknown key bita.masks"):
+        run_config.from_dict({"model": {"name": "x"}, "bita": {"masks": 3}})
+    with pytest.raises(run_config.ConfigFileError, match="batch_size=6 must divide"):
+        run_config.from_dict({"model": {"name": "x"}, "run": {"batch_size": 6, "grad_accum": 4}})
+    with pytest.raises(run_config.ConfigFileError, match="expected section.key=value"):
+        run_config.load_config(TINY, ["batch_size=3"])
+    assert run_config.RunConfig(batch_size=128, epochs=4.0).total_steps(1000) == 32
+
+
+def test_distributed_is_a_no_op_on_one_host(monkeypatch):
+    for var in ("BITA_JAX_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_NTASKS",
+                "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
+                "MEGASCALE_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    assert not distributed.multi_process_env()
+    assert distributed.initialize() is False and distributed.is_main_process()
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert not distributed.multi_process_env()  # a one-task SLURM job is one host
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert distributed.multi_process_env()
+    monkeypatch.setenv("BITA_JAX_DISTRIBUTED", "0")
+    assert not distributed.multi_process_env()
+
+
+_MULTI_DEVICE = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from bita_jax import bita, model, sar, sharding, train_step
+    from bita_jax.config import ModelConfig
+
+    assert jax.device_count() == 8, jax.devices()
+    cfg = ModelConfig(arch="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=8, num_kv_heads=4, head_dim=8)
+    bcfg = bita.BitaConfig(num_prefix=4, num_masks=2, prefix_dropout=0.1)
+    spec = sar.SampleSpec(num_masks=2, max_groups=4, cutoff=24)
+    rng = np.random.default_rng(0)
+    records = [{"prompt_ids": rng.integers(0, 128, 4), "response_ids": rng.integers(0, 128, 14)}
+               for _ in range(16)]
+    batch = sar.BatchStream(records, spec, batch_size=8, seed=0).batch(0)
+    base = jax.device_get(model.init_params(cfg, jax.random.key(0)))
+    # weights of std 0.2 instead of 0.02 (norm scales stay 1): O(1) logits, a non-trivial step
+    base = jax.tree_util.tree_map_with_path(
+        lambda path, x: x if path[-1].key == "scale" else 10.0 * x, base)
+    tx = train_step.make_optimizer(3e-2, total_steps=40)
+    params0, opt0 = jax.device_get(train_step.init_state(cfg, bcfg, tx, jax.random.key(1)))
+    key = jax.random.key(5)
+
+    def one_step(mesh, rules=sharding.DEFAULT_RULES, accum=1):
+        step = train_step.make_train_step(cfg, bcfg, spec, tx, mesh, rules, accum)
+        base_s = sharding.shard_params(base, sharding.param_shardings(cfg, mesh, rules))
+        b = jax.device_put(batch, sharding.batch_sharding(mesh, 2))
+        p, o = jax.device_put((params0, opt0), sharding.replicated(mesh))
+        p, o, m = step(p, o, base_s, b, key)
+        assert p["prefix"].sharding.is_fully_replicated
+        q = base_s["layers"]["attn"]["q_proj"]["kernel"]
+        return jax.device_get((p, o, m)), q.sharding.shard_shape(q.shape), step
+
+    mesh1 = sharding.make_mesh(1, 1, jax.devices()[:1])
+    (p1, o1, m1), _, step = one_step(mesh1)
+
+    # Training on one batch for a while: the loss falls (same compiled step as above).
+    p, o = jax.device_put((params0, opt0), sharding.replicated(mesh1))
+    losses = []
+    for i in range(10):
+        p, o, m = step(p, o, base, batch, jax.random.key(i))
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0] - 0.5 and np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    print("OK loss", [round(x, 3) for x in losses])
+    # data 2 x model 4, FSDP rules (embed also split over 'data') and 2 micro-batches: the
+    # sharded, accumulated step == the plain one-device step.
+    for name, mesh, rules, accum in [
+            ("data2_model4_fsdp_accum2", sharding.make_mesh(2, 4), sharding.FSDP_RULES, 2)]:
+        (p8, o8, m8), q_shard, _ = one_step(mesh, rules, accum)
+        assert q_shard[1:3] == (cfg.hidden_size // 2, cfg.num_heads // 4), q_shard  # really split
+        diff = max(float(np.max(np.abs(p8[k] - p1[k]))) for k in p1)
+        moved = min(float(np.max(np.abs(p1[k] - params0[k]))) for k in p1)
+        assert diff <= 1e-5 and moved > 1e-3, (name, diff, moved)
+        assert abs(float(m8["loss"]) - float(m1["loss"])) <= 1e-5, (name, m8["loss"], m1["loss"])
+        assert np.array_equal(m8["count"], m1["count"]) and np.array_equal(m8["correct"], m1["correct"])
+        for a, b in zip(jax.tree.leaves(o8), jax.tree.leaves(o1)):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+        print(f"OK {name} max_abs_diff={diff:.2e}")
+
+    # Eval (no dropout) on 8 devices: top-1 <= top-5, and the trained masks beat the start.
+    mesh8 = sharding.make_mesh(2, 4)
+    ev8 = train_step.make_eval_step(cfg, spec, mesh8)(
+        jax.device_put(p, sharding.replicated(mesh8)),
+        sharding.shard_params(base, sharding.param_shardings(cfg, mesh8)),
+        jax.device_put(batch, sharding.batch_sharding(mesh8, 2)))
+    s8 = train_step.summarize(jax.device_get(ev8))
+    assert all(a <= b for a, b in zip(s8["acc"], s8["acc5"])) and s8["loss"] < losses[0], s8
+    assert s8["mask_tokens"] == int((batch["labels"] >= 0).sum())
+    print("OK eval", s8)
+""")
+
+
+def test_train_step_on_8_devices_matches_1():
+    proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE], check=False, cwd=REPO,
+                          env=_env(devices=8, fast=True),
+                          capture_output=True, text=True, timeout=300)
+    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, report
+    for line in ("OK loss", "OK data2_model4_fsdp_accum2", "OK eval"):
+        assert line in proc.stdout, report
