@@ -32,12 +32,19 @@ def setup():
     return params, bp
 
 
+@jax.jit
+def _padded_probs(params, seq, length, temperature):
+    """Next-token probabilities after seq[:length] (seq padded to a fixed [1, 8]): one compile."""
+    n = seq.shape[1]
+    hidden, _ = model.forward(CFG, params, seq, jnp.arange(n)[None], np.tril(np.ones((n, n), bool)))
+    logits = model.lm_logits(CFG, params, hidden[0, length - 1])
+    return jax.nn.softmax(logits / temperature)
+
+
 def _next_probs(params, seq, temperature):
-    n = len(seq)
-    hidden, _ = model.forward(CFG, params, jnp.array([seq]), jnp.arange(n)[None],
-                              np.tril(np.ones((n, n), bool)))
-    return np.asarray(jax.nn.softmax(model.lm_logits(CFG, params, hidden[0, -1]) / temperature),
-                      np.float64)
+    padded = np.zeros((1, 8), np.int32)
+    padded[0, : len(seq)] = seq
+    return np.asarray(_padded_probs(params, padded, len(seq), temperature), np.float64)
 
 
 def _exact_pairs(params, temperature):

@@ -61,7 +61,7 @@ def _cli(*args, timeout=600):
 
 
 def test_cli_json_contract(smollm2, hf_greedy):
-    run = _cli("--prompt", CHATS[0], "--max-new-tokens", "64", "--json")
+    run = _cli("--prompt", CHATS[0], "--max-new-tokens", "64", "--json", "--adapter", "none")
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     for key in ("text", "token_ids", "new_tokens", "steps", "seconds", "tokens_per_second"):
@@ -83,3 +83,25 @@ def test_cli_errors_are_one_line(args, message):
     assert message in run.stderr
     assert "Traceback" not in run.stderr
     assert len(run.stderr.strip().splitlines()[-1]) < 300
+
+
+def test_cli_bita_compare_is_lossless(smollm2, hf_greedy):
+    """The default path (shipped adapter if present, else a random one) equals HF's greedy."""
+    from bita_jax.loading import shipped_adapter
+
+    adapter = "default" if shipped_adapter(smollm2) is not None else "random:0"
+    run = _cli("--prompt", CHATS[3], "--max-new-tokens", "64", "--json", "--compare",
+               "--adapter", adapter, "--tree", "chain")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["mode"] == "bita" and report["identical"] is True
+    assert report["token_ids"] == hf_greedy[3]
+    assert report["tokens_per_step"] >= 1.0 and report["speedup"] > 0
+
+
+def test_cli_rejects_a_corrupt_adapter(tmp_path):
+    (tmp_path / "adapter.json").write_text("{not json")
+    (tmp_path / "adapter.safetensors").write_bytes(b"garbage")
+    run = _cli("--prompt", "hi", "--adapter", str(tmp_path))
+    assert run.returncode == 2 and "corrupt adapter" in run.stderr
+    assert "Traceback" not in run.stderr
