@@ -41,8 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
     p.add_argument("--adapter", default="default",
                    help="default | DIR | random:SEED[:M] | none (plain decoding)")
-    p.add_argument("--tree", default="upper-triangle",
-                   help="upper-triangle[:K] | chain | full[:K] (+ -pruned) | FILE.json")
+    p.add_argument("--tree", default="auto",
+                   help="upper-triangle[:K] | chain | full[:K] (+ -pruned, @D) | FILE.json | auto "
+                        "(auto: chain@1 on CPU, where a step's cost grows with its tokens; "
+                        "upper-triangle on GPU/TPU; see docs/benchmarks.md)")
     p.add_argument("--compare", action="store_true",
                    help="also run plain greedy on the same prompt: times, speedup, identical ids")
     return p.parse_args(argv)
@@ -70,7 +72,12 @@ def main(argv=None) -> int:
         gen, tree = plain, None
         if adapter != "none":
             bita_params, bcfg, _ = load_bita(adapter, loaded)
-            tree = Tree.make(args.tree, bcfg.num_masks)
+            tree_name = args.tree
+            if tree_name == "auto":
+                import jax
+
+                tree_name = "chain@1" if jax.default_backend() == "cpu" else "upper-triangle"
+            tree = Tree.make(tree_name, bcfg.num_masks)
             gen = BitaGenerator(loaded.cfg, loaded.params, bita_params, tree,
                                 max_cache=args.max_cache)
     except (ValueError, FileNotFoundError, OSError) as e:
