@@ -22,18 +22,8 @@ from bita_jax.config import ModelConfig
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    """A fresh cache directory for this module (never the user's ~/.cache)."""
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("bita_jax_cache")
-        mp.setenv(gguf_loader.CACHE_ENV, str(path))
-        mp.delenv(gguf_loader.NO_CACHE_ENV, raising=False)
-        yield path
-
-
-@pytest.fixture(scope="module")
-def gguf_path():
-    return gguf_loader.find_smollm2_gguf()
+def cache_dir(fresh_gguf_cache):
+    return fresh_gguf_cache
 
 
 @pytest.fixture(scope="module")
