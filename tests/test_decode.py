@@ -89,7 +89,7 @@ def test_every_node_sees_exactly_its_ancestors(name):
 
 def test_bad_trees_are_clear_errors(tmp_path):
     with pytest.raises(TreeError, match="only 2 masks"):
-        Tree.make("upper-triangle", 2).__class__(upper_triangle(3), 2)
+        Tree(upper_triangle(3), 2)
     with pytest.raises(TreeError, match="no parent"):
         Tree(((0,), (1, 0)), 2)
     with pytest.raises(TreeError, match="unknown tree"):
