@@ -31,6 +31,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import time
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
@@ -186,9 +187,17 @@ def done_indices(raw_dir: pathlib.Path) -> set[int]:
     return done
 
 
+def _grows(stored_limit: int | None, limit: int | None) -> bool:
+    return stored_limit is not None and (limit is None or limit > stored_limit)
+
+
 def open_run(out_dir: str | os.PathLike, settings: dict,
-             make_plan: Callable[[], list[dict]]) -> list[dict]:
+             make_plan: Callable[[], list[dict]], extend: bool = False) -> list[dict]:
     """Starts a run in `out_dir`, or resumes the one there if its settings are equal.
+
+    With `extend`, a run whose settings differ only by a larger `limit` grows instead: the prompts
+    the larger limit adds (by prompt text and system variant) are appended to the plan with new
+    indices, so every record already answered keeps its index and is not redone.
 
     Returns the plan (stored on first start, so a rerun never depends on the sources again).
     Raises DistillError if `out_dir` holds a run with other settings.
@@ -198,12 +207,23 @@ def open_run(out_dir: str | os.PathLike, settings: dict,
     settings_path = raw / SETTINGS_FILE
     if settings_path.is_file():
         stored = json.loads(settings_path.read_text(encoding="utf-8"))
-        diff = [f"{k}: {stored.get(k)!r} there, {settings.get(k)!r} now"
-                for k in sorted(set(stored) | set(settings)) if stored.get(k) != settings.get(k)]
+        diff = [k for k in sorted(set(stored) | set(settings)) if stored.get(k) != settings.get(k)]
+        plan = list(_read_jsonl(raw / PLAN_FILE))
+        if extend and diff == ["limit"] and _grows(stored["limit"], settings["limit"]):
+            have = {(r["prompt_text"], r["with_system"]) for r in plan}
+            added = [r for r in make_plan() if (r["prompt_text"], r["with_system"]) not in have]
+            plan += [{**r, "index": len(plan) + i} for i, r in enumerate(added)]
+            _write_atomic(raw / PLAN_FILE, _jsonl(plan))  # a kill here: --extend again adds none
+            _write_atomic(settings_path, json.dumps(settings, indent=1) + "\n")
+            return plan
         if diff:
-            raise DistillError(f"{out_dir} holds a run with other settings ({'; '.join(diff)}); "
-                               "rerun with the same settings to resume, or use a new --out")
-        return list(_read_jsonl(raw / PLAN_FILE))
+            hint = (" (--extend grows a run to a larger --limit)" if diff == ["limit"] and
+                    _grows(stored["limit"], settings["limit"]) else "")
+            changes = "; ".join(f"{k}: {stored.get(k)!r} there, {settings.get(k)!r} now"
+                                for k in diff)
+            raise DistillError(f"{out_dir} holds a run with other settings ({changes}); rerun "
+                               f"with the same settings to resume, or use a new --out{hint}")
+        return plan
     if chunk_files(raw):
         raise DistillError(f"{raw} has chunk files but no {SETTINGS_FILE}; use a new --out")
     raw.mkdir(parents=True, exist_ok=True)
@@ -306,8 +326,9 @@ class BitaDistill(tfds.core.GeneratorBasedBuilder):
         if missing or done - set(plan):
             raise DistillError(f"{raw} is not complete ({len(missing)} of {len(plan)} prompts "
                                "not answered yet): rerun train/distill.py to finish it")
-        # tfds refuses an empty split (a small --limit may hold nothing out): leave it out.
-        present = set(plan.values())
+        # tfds refuses an empty split (a small --limit, or a partial run, may hold nothing out):
+        # leave it out.
+        present = {plan[i] for i in done}
         return {s: self._generate_examples(raw, s) for s in SPLITS if s in present}
 
     def _generate_examples(self, raw: pathlib.Path, split: str):
@@ -335,8 +356,8 @@ def build_dataset(data_dir: str | os.PathLike, partial: bool = False) -> pathlib
     Args:
       data_dir: the distillation run directory.
       partial: build from the prompts answered so far (a stopped run); recorded as a marker file
-        `raw/PARTIAL` so the dataset says it is a subset. Rerunning distill.py later still finishes
-        the raw data, but the built dataset is not rebuilt automatically (delete it first).
+        `raw/PARTIAL` so the dataset says it is a subset. Rerunning distill.py later finishes the
+        raw data and rebuilds the dataset whole.
 
     Returns the dataset directory (`data_dir/bita_distill/1.0.0`).
     """
@@ -405,7 +426,7 @@ def load_split(data_dir: str | os.PathLike, split: str) -> Sequence[dict]:
 
 def distill(out_dir: str | os.PathLike, config: DistillConfig, cfg, params,
             tokenizer: ChatTokenizer, *, model_name: str, model_fingerprint: str = "",
-            batch_size: int = 8, progress: bool = True,
+            batch_size: int = 8, progress: bool = True, extend: bool = False,
             on_chunk: Callable[[pathlib.Path], None] | None = None) -> pathlib.Path:
     """Plans (or resumes), generates every response greedily, then builds the tfds dataset.
 
@@ -416,6 +437,7 @@ def distill(out_dir: str | os.PathLike, config: DistillConfig, cfg, params,
       tokenizer: anything with `chat_ids(text, system=...)`.
       model_name, model_fingerprint: recorded in the settings; a rerun with another model fails.
       batch_size: prompts per generation call (may change between reruns).
+      extend: grow a stopped or finished run to a larger `config.limit` (see `open_run`).
       progress: tqdm progress bar.
       on_chunk: see `generate_responses`.
 
@@ -435,8 +457,12 @@ def distill(out_dir: str | os.PathLike, config: DistillConfig, cfg, params,
     settings = {"model": model_name, "fingerprint": model_fingerprint,
                 "eos_token_ids": list(gen.eos_ids), **dataclasses.asdict(config)}
     settings["sources"] = list(config.sources)
-    plan = open_run(out_dir, settings, lambda: plan_prompts(tokenizer, config))
-    generate_responses(out_dir, plan,
-                       lambda ids: gen.generate(ids, config.max_new_tokens).tokens,
-                       batch_size, progress=progress, on_chunk=on_chunk)
+    plan = open_run(out_dir, settings, lambda: plan_prompts(tokenizer, config), extend=extend)
+    answered = generate_responses(out_dir, plan,
+                                  lambda ids: gen.generate(ids, config.max_new_tokens).tokens,
+                                  batch_size, progress=progress, on_chunk=on_chunk)
+    partial = pathlib.Path(out_dir) / RAW_DIR / PARTIAL_MARKER
+    if answered or partial.is_file():  # a dataset built before these records is stale
+        partial.unlink(missing_ok=True)
+        shutil.rmtree(pathlib.Path(out_dir) / BitaDistill.name, ignore_errors=True)
     return build_dataset(out_dir)

@@ -86,9 +86,10 @@ def _config(sources, **kw):
     return data.DistillConfig(sources=sources, max_new_tokens=MAX_NEW, **kw)
 
 
-def _run(out, sources, cfg, params, on_chunk=None, **kw):
+def _run(out, sources, cfg, params, on_chunk=None, extend=False, **kw):
     return data.distill(out, _config(sources, **kw), cfg, params, FakeTokenizer(),
-                        model_name="tiny", batch_size=BATCH, progress=False, on_chunk=on_chunk)
+                        model_name="tiny", batch_size=BATCH, progress=False, on_chunk=on_chunk,
+                        extend=extend)
 
 
 def _raw_records(out) -> list[dict]:
@@ -195,6 +196,36 @@ def test_limit_system_mode_and_empty_heldout(tmp_path, sources, cfg, params):
     # limit=1 per source: the first prompt of a.jsonl and of b.json, without a system prompt.
     assert [(r["prompt_text"], r["with_system"]) for r in splits["train"]] == [
         (TRAIN_TEXTS[0], False), (TRAIN_TEXTS[2], False)]
+
+
+def test_extend_grows_a_partial_run_and_rebuilds_its_dataset(tmp_path, full_run, sources, cfg,
+                                                              params):
+    class Killed(Exception):
+        pass
+
+    def kill(path):
+        raise Killed(path)
+
+    with pytest.raises(Killed):  # limit 2, stopped after one batch, then built as a subset
+        _run(tmp_path, sources, cfg, params, limit=2, on_chunk=kill)
+    data.build_dataset(tmp_path, partial=True)
+    assert sum(len(v) for v in _loaded(tmp_path).values()) == BATCH
+    first = _raw_records(tmp_path)
+
+    with pytest.raises(data.DistillError, match="--extend grows a run"):
+        _run(tmp_path, sources, cfg, params)  # a larger limit without --extend
+    with pytest.raises(data.DistillError, match="other settings"):
+        _run(tmp_path, sources, cfg, params, extend=True, limit=1)  # extending cannot shrink
+    _run(tmp_path, sources, cfg, params, extend=True)  # grows to no limit, finishes, rebuilds
+    grown = _raw_records(tmp_path)
+    by_index = {r["index"]: r for r in grown}
+    assert all(by_index[r["index"]] == r for r in first)  # answered ones kept, not redone
+    assert [r["index"] for r in grown] == list(range(2 * 7))
+    assert not (tmp_path / "raw" / data.PARTIAL_MARKER).exists()
+    key = lambda r: (r["prompt_text"], r["with_system"], r["response_ids"].tolist())  # noqa: E731
+    got, want = _loaded(tmp_path), _loaded(full_run)
+    for s in data.SPLITS:  # the same records as a run planned with no limit from the start
+        assert sorted(map(key, got[s])) == sorted(map(key, want[s]))
 
 
 def test_max_prompt_tokens_skips_long_prompts(sources):

@@ -9,7 +9,8 @@
 Each prompt is rendered with the chat template with and without a system prompt (--system), split
 into train / heldout by a stable hash of the prompt text, and answered by the model itself
 (greedy, up to --max-new-tokens, EOS included when hit). Killed, the same command resumes where
-it stopped. At the end DIR holds an array_record tfds dataset: `bita_jax.data.load_split(DIR,
+it stopped; `--extend` with a larger --limit grows a stopped or finished run (answered prompts are
+kept, new ones appended). At the end DIR holds an array_record tfds dataset: `bita_jax.data.load_split(DIR,
 "train")`. See bita_jax/data.py for the directory layout.
 """
 
@@ -39,6 +40,9 @@ def parse_args(argv=None):
                    help="at most this many distinct prompts per source (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--extend", action="store_true",
+                   help="grow the run in --out to a larger --limit: new prompts are appended to "
+                        "its plan, answered ones are kept")
     p.add_argument("--system", default="both", choices=["both", "with", "without"],
                    help="render each prompt with the template's system prompt, with an empty "
                         "one, or both (default)")
@@ -78,7 +82,8 @@ def main(argv=None) -> int:
         path = data.distill(args.out, config, loaded.cfg, loaded.params, loaded.tokenizer,
                             model_name=f"{loaded.name}:{args.dtype}",
                             model_fingerprint=weights_fingerprint(loaded.params),
-                            batch_size=args.batch_size, progress=not args.quiet)
+                            batch_size=args.batch_size, progress=not args.quiet,
+                            extend=args.extend)
     except (ValueError, FileNotFoundError, OSError, GenerationError) as e:
         return fail(e)
     except KeyboardInterrupt:
