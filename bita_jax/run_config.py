@@ -92,6 +92,9 @@ class RunConfig:
       seed: seeds BiTA init, data order, windows and dropout.
       fast_compile: compile the steps with `train_step.FAST_CPU_COMPILE` (XLA CPU: 2-3x faster
         compiles, slower kernels; tests and smoke runs).
+      init_adapter: warm start: an exported adapter directory whose BiTA params replace the
+        random init of a fresh run (same base model, P and M); the optimizer starts fresh.
+        Ignored when resuming from a checkpoint.
     """
 
     learning_rate: float = 3e-2
@@ -124,6 +127,7 @@ class RunConfig:
     log_every: int = 1
     seed: int = 0
     fast_compile: bool = False
+    init_adapter: str | None = None
 
     def __post_init__(self):
         def need(cond, msg):
@@ -195,6 +199,11 @@ def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return ok, float(value) if ok else value
     if hint is str:

@@ -191,6 +191,21 @@ def test_exported_adapter_loads_and_rejects_another_model(full_run):
         bita.load_adapter(full_run / "adapter", wider)
 
 
+def test_warm_start_from_an_adapter(workdir, full_run):
+    start = _adapter(full_run)
+    out = workdir / "warm"
+    _train(workdir, "--out", str(out), "--steps", "1", f"run.init_adapter={full_run / 'adapter'}",
+           "run.learning_rate=1e-9")
+    after = _adapter(out)  # one step at lr 1e-9 from the loaded adapter: still the adapter
+    for k in start:
+        np.testing.assert_allclose(after[k], start[k], atol=1e-6)
+    bad = _train(workdir, "--out", str(workdir / "warm-m3"), "--steps", "1",
+                 f"run.init_adapter={full_run / 'adapter'}", "bita.num_masks=3", check=False)
+    err = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(err) >= 1, bad.stderr[-2000:]
+    assert "has P=4, M=2 but this run trains P=4, M=3" in err[-1], err[-1]
+
+
 def _load_cli():
     spec = importlib.util.spec_from_file_location("train_cli", REPO / "train" / "train.py")
     mod = importlib.util.module_from_spec(spec)
@@ -219,6 +234,10 @@ def test_run_config_sections_and_overrides(tmp_path):
                                 ["run.batch_size=16", "bita.num_masks=4", "run.mesh=[-1, 1]"])
     assert tc.run.batch_size == 16 and tc.bita.num_masks == 4 and tc.run.mesh == (-1, 1)
     assert tc.model.name == "smollm2-135m" and tc.bita.num_prefix == 16
+    tc = run_config.load_config(TINY, ["run.learning_rate=1e-3", "run.init_adapter=a/b"])
+    assert tc.run.learning_rate == 1e-3 and tc.run.init_adapter == "a/b"  # YAML's "1e-3" is a str
+    with pytest.raises(run_config.ConfigFileError, match="learning_rate must be float"):
+        run_config.load_config(TINY, ["run.learning_rate=fast"])
     with pytest.raises(run_config.ConfigFileError, match="unknown section 'optim'"):
         run_config.from_dict({"model": {"name": "x"}, "optim": {}})
     with pytest.raises(run_config.ConfigFileError, match="unknown key bita.masks"):

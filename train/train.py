@@ -271,6 +271,24 @@ def load_base(tc, mesh, rules):
     return loaded.cfg, loaded.params, loaded.identity()
 
 
+def warm_start(directory, cfg, bcfg, identity, params):
+    """The BiTA params of an exported adapter, placed like `params` (the fresh init).
+
+    Raises AdapterError if the adapter is for another base model or another P / M."""
+    import jax
+
+    from bita_jax import bita
+
+    loaded, loaded_cfg, _ = bita.load_adapter(directory, cfg, identity)
+    if (loaded_cfg.num_prefix, loaded_cfg.num_masks) != (bcfg.num_prefix, bcfg.num_masks):
+        raise bita.AdapterError(
+            f"run.init_adapter {directory} has P={loaded_cfg.num_prefix}, M={loaded_cfg.num_masks}"
+            f" but this run trains P={bcfg.num_prefix}, M={bcfg.num_masks}: set bita.num_prefix /"
+            " bita.num_masks to match, or drop run.init_adapter")
+    return jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
+                        loaded, params)
+
+
 def _global_batch(batch, batch_sharding):
     """Host numpy [B, ...] (same on every process) -> global arrays laid out by the sharding."""
     import jax
@@ -395,6 +413,9 @@ def train(tc, args) -> int:
         status(f"resumed from step {start} (epoch {meta['position']['epoch']})")
     elif args.resume:
         status(f"--resume: no checkpoint in {out / 'checkpoints'}, starting fresh")
+    if latest is None and run.init_adapter:
+        params = warm_start(run.init_adapter, cfg, bcfg, identity, params)
+        status(f"warm start from the adapter {run.init_adapter}")
 
     def meta(step):
         return {"step": step, "position": stream.position(step), "run": run_meta,
