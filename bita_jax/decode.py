@@ -24,7 +24,8 @@ import numpy as np
 
 from bita_jax import kv_cache, model
 from bita_jax.config import ModelConfig
-from bita_jax.generate import TRACES, DecodeState, GenerationError, Generator, emit, run_steps
+from bita_jax.generate import (TRACES, DecodeState, GenerationError, Generator, count_step,
+                               emit, run_steps)
 from bita_jax.sampling import SamplingParams, filtered_logits, sample
 from bita_jax.tree import Layout, Tree
 
@@ -77,7 +78,7 @@ def bita_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: Samp
     state = DecodeState(
         cache=cache, out=jnp.zeros((b, out_slots), jnp.int32), num_new=jnp.zeros((b,), jnp.int32),
         done=max_new <= 0, last=first, steps=jnp.int32(0), row_steps=jnp.zeros((b,), jnp.int32),
-        rng=rng, drafts=drafts)
+        rng=rng, drafts=drafts, step_hist=jnp.zeros((b, m + 2), jnp.int32))
     state, _ = emit(state, first[:, None], jnp.ones((b,), jnp.int32), max_new, eos_ids)
     return state
 
@@ -189,8 +190,8 @@ def bita_step(cfg: ModelConfig, tree: Tree, params, state: DecodeState, max_new,
         lay.endpoint_group, endpoint), axis=0), jnp.take(lay.endpoint_shift, endpoint))
     state = state.replace(cache=cache, steps=state.steps + 1, row_steps=state.row_steps + live, rng=rng,
                           drafts=jnp.where(live[:, None], drafts, state.drafts))
-    state, _ = emit(state, emitted, depth + 1, max_new, eos_ids)
-    return state
+    state, count = emit(state, emitted, depth + 1, max_new, eos_ids)
+    return count_step(state, count, live)
 
 
 class BitaGenerator(Generator):

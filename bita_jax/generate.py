@@ -43,6 +43,8 @@ class DecodeState:
     done: [B] row finished (EOS or max-new-tokens); last: [B] newest emitted token, the next
     step's input; steps: scalar model calls after prefill; rng: PRNG key.
     drafts: [B, X] draft tokens for the next step (BiTA; width 0 for plain decoding).
+    step_hist: [B, A + 1] decode steps of each row that emitted k = 0..A tokens (A: the most a
+    step can emit, 1 for plain decoding); the prefill's token is not counted.
     """
 
     cache: kv_cache.KVCache
@@ -54,6 +56,7 @@ class DecodeState:
     row_steps: jnp.ndarray
     rng: jax.Array
     drafts: jnp.ndarray
+    step_hist: jnp.ndarray
 
 
 def emit(state: DecodeState, tokens: jnp.ndarray, count: jnp.ndarray, max_new: jnp.ndarray,
@@ -79,6 +82,12 @@ def emit(state: DecodeState, tokens: jnp.ndarray, count: jnp.ndarray, max_new: j
     return state.replace(out=out, num_new=num_new, done=done, last=last), emitted
 
 
+def count_step(state: DecodeState, emitted: jnp.ndarray, live: jnp.ndarray) -> DecodeState:
+    """Adds one step to `step_hist` for every live row [B], at its emitted count [B]."""
+    rows = jnp.arange(emitted.shape[0])
+    return state.replace(step_hist=state.step_hist.at[rows, emitted].add(live.astype(jnp.int32)))
+
+
 def causal_mask(t: int) -> np.ndarray:
     return np.tril(np.ones((t, t), bool))
 
@@ -97,7 +106,7 @@ def prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: SamplingP
     state = DecodeState(
         cache=cache, out=jnp.zeros((b, out_slots), jnp.int32), num_new=jnp.zeros((b,), jnp.int32),
         done=max_new <= 0, last=first, steps=jnp.int32(0), row_steps=jnp.zeros((b,), jnp.int32),
-        rng=rng, drafts=jnp.zeros((b, 0), jnp.int32))
+        rng=rng, drafts=jnp.zeros((b, 0), jnp.int32), step_hist=jnp.zeros((b, 2), jnp.int32))
     state, _ = emit(state, first[:, None], jnp.ones((b,), jnp.int32), max_new, eos_ids)
     return state
 
@@ -114,8 +123,8 @@ def ar_step(cfg: ModelConfig, params, state: DecodeState, max_new, sp: SamplingP
     token = sample(model.lm_logits(cfg, params, hidden[:, 0]), key, sp)
     state = state.replace(cache=cache, rng=rng, steps=state.steps + 1,
                           row_steps=state.row_steps + live)
-    state, _ = emit(state, token[:, None], live, max_new, eos_ids)
-    return state
+    state, emitted = emit(state, token[:, None], live, max_new, eos_ids)
+    return count_step(state, emitted, live)
 
 
 def run_steps(step: Callable[[DecodeState], DecodeState], state: DecodeState, max_steps):
@@ -132,13 +141,15 @@ def bucket(n: int, minimum: int = 16) -> int:
 @dataclasses.dataclass
 class GenerationResult:
     """tokens: new token ids per prompt (EOS included when hit); steps: model calls after the
-    prefill (the batch's loop count); row_steps: calls while each row was still live."""
+    prefill (the batch's loop count); row_steps: calls while each row was still live;
+    step_hist: per row, how many of its steps emitted k = 0, 1, ... tokens."""
 
     tokens: list[list[int]]
     steps: int
     row_steps: list[int]
     seconds: float
     compile_seconds: float
+    step_hist: list[list[int]] = dataclasses.field(default_factory=list)
 
     @property
     def new_tokens(self) -> int:
@@ -274,8 +285,9 @@ class Generator:
                 state = decode(state, 1)
         tokens = _tokens(state)
         seconds = time.perf_counter() - t0
-        return GenerationResult(tokens, int(state.steps), jax.device_get(state.row_steps).tolist(),
-                                seconds, self._compile_seconds)
+        row_steps, step_hist = jax.device_get((state.row_steps, state.step_hist))
+        return GenerationResult(tokens, int(state.steps), row_steps.tolist(), seconds,
+                                self._compile_seconds, step_hist.tolist())
 
 
 def _tokens(state: DecodeState) -> list[list[int]]:

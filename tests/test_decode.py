@@ -112,6 +112,9 @@ def test_random_adapter_is_lossless(setup, tree_name, masks):
         want = Generator(cfg, params).generate(prompts, n).tokens
         got = BitaGenerator(cfg, params, bp, tree).generate(prompts, n)
         assert got.tokens == want, (tree_name, n)
+        for hist, steps, toks in zip(got.step_hist, got.row_steps, got.tokens):
+            assert len(hist) == tree.num_masks + 2 and sum(hist) == steps  # one count per step
+            assert sum(k * c for k, c in enumerate(hist)) == len(toks) - 1 and hist[0] == 0
 
 
 def _oracle_decode(cfg, params, bp, tree, prompts, max_new, corrupt, seed=0):
@@ -142,8 +145,9 @@ def _oracle_decode(cfg, params, bp, tree, prompts, max_new, corrupt, seed=0):
         return run_steps(step, state, max_new + 1)
 
     state = run((params, bp), start())
-    out, num, row_steps = jax.device_get((state.out, state.num_new, state.row_steps))
-    return [o[:n].tolist() for o, n in zip(out, num)], row_steps, reference
+    out, num, row_steps, hist = jax.device_get(
+        (state.out, state.num_new, state.row_steps, state.step_hist))
+    return [o[:n].tolist() for o, n in zip(out, num)], row_steps, reference, hist
 
 
 @pytest.mark.parametrize("tree_name", ["upper-triangle", "chain", "full", "upper-triangle-pruned"])
@@ -153,10 +157,13 @@ def test_oracle_drafts_deep_acceptance_is_lossless(setup, tree_name, corrupt):
     bp = bita.init_bita_params(cfg, bita.BitaConfig(num_masks=3), jax.random.key(7))
     tree = Tree.make(tree_name, 3)
     for max_new in (6, 30):
-        got, row_steps, reference = _oracle_decode(cfg, params, bp, tree, PROMPTS, max_new, corrupt)
+        got, row_steps, reference, hist = _oracle_decode(cfg, params, bp, tree, PROMPTS, max_new,
+                                                         corrupt)
         assert got == [r[:max_new] for r in reference]
         if corrupt == 0.0 and max_new == 30:  # perfect drafts: M + 1 tokens every step
             assert max(row_steps) == -(-(max_new - 1) // 4)
+            # 29 tokens after the prefill's: 7 steps of 4, then 1 step cut to 1 by max_new
+            assert hist.tolist() == [[0, 1, 0, 0, 7]] * len(PROMPTS)
 
 
 def test_eos_inside_an_accepted_run_stops_exactly(setup):
