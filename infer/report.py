@@ -1,0 +1,147 @@
+"""Speed report: HF greedy, HF prompt lookup, our plain greedy and BiTA trees, side by side.
+
+    python infer/report.py --out runs/report                       # held-out ShareGPT + HumanEval
+    python infer/report.py --sets sharegpt --limit 4 --max-new-tokens 64 --no-hf --out /tmp/r
+
+On the same prompts and lengths, in one run, after warm-up, batch 1, each prompt runs every
+engine in turn (see bita_jax/report.py). Before that, the tree-selection helper picks a tree for
+this machine from the candidates (--trees) using calibration prompts that the report does not
+time (held-out prompts after the report's own, --calibration); the picked tree is marked.
+
+Writes OUT/results.json, OUT/report.md (one Markdown table per prompt set) and three PNGs:
+tokens_per_step_hist.png, speedup_per_prompt.png, step_time_vs_tokens_per_step.png.
+Exits 1 if any BiTA output differs from plain greedy (it never should: BiTA is lossless).
+The HF engines need torch (requirements-test.txt); --no-hf leaves them out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from bita_jax.cli_util import fail, status  # noqa: E402
+
+DEFAULT_TREES = "chain@1,chain,upper-triangle-pruned,upper-triangle"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sets", default="sharegpt,humaneval",
+                   help="comma-separated prompt sets: sharegpt (held-out split), humaneval (raw "
+                        "code), or JSON/JSONL files (chat template)")
+    p.add_argument("--limit", type=int, default=6, help="prompts per set")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-prompt-chars", type=int, default=2000, help="skip longer prompts")
+    p.add_argument("--trees", default=DEFAULT_TREES, help=f"BiTA trees (default {DEFAULT_TREES})")
+    p.add_argument("--no-select", action="store_true", help="do not run the tree selection")
+    p.add_argument("--calibration", type=int, default=3,
+                   help="prompts for the tree selection, taken after the first set's own")
+    p.add_argument("--no-hf", action="store_true", help="leave out the HF transformers engines")
+    p.add_argument("--prompt-lookup", type=int, default=10,
+                   help="HF prompt_lookup_num_tokens (default 10)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per prompt and engine, engines taking turns; the fastest is kept")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="built-in name (smollm2-135m), HF model directory, or .gguf file")
+    p.add_argument("--adapter", default="default", help="default | DIR | random:SEED[:M]")
+    p.add_argument("--max-cache", type=int, default=None, help="cache slots per sequence")
+    p.add_argument("--out", required=True, help="output directory")
+    return p.parse_args(argv)
+
+
+def _set_prompts(source: str, limit: int, offset: int, max_chars: int, tokenizer):
+    from bita_jax import bench
+    from bita_jax.prompts import load_prompts
+
+    texts = load_prompts(source, bench.default_split(source), offset + limit, max_chars)[offset:]
+    if not texts:
+        raise ValueError(f"no prompts from {source!r} (split {bench.default_split(source)})")
+    return texts, bench.encode_prompts(tokenizer, texts, raw=source == "humaneval")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from bita_jax import bench, plots
+    from bita_jax import report as report_lib
+    from bita_jax.generate import GenerationError, Generator
+    from bita_jax.loading import load_bita, load_model
+
+    try:
+        sources = [s.strip() for s in args.sets.split(",") if s.strip()]
+        if not sources:
+            raise ValueError("--sets is empty")
+        status(f"loading {args.model} and adapter {args.adapter} ...")
+        loaded = load_model(args.model)
+        bita_params, bcfg, _ = load_bita(args.adapter, loaded)
+        trees = [bench.make_tree(n.strip(), bcfg.num_masks) for n in args.trees.split(",")
+                 if n.strip()]
+        sets = {s: _set_prompts(s, args.limit, 0, args.max_prompt_chars, loaded.tokenizer)
+                for s in sources}
+        calibration = None
+        if not args.no_select:
+            calibration = _set_prompts(sources[0], args.calibration, args.limit,
+                                       args.max_prompt_chars, loaded.tokenizer)[1]
+        check = Generator(loaded.cfg, loaded.params, max_cache=args.max_cache)
+        for _, ids in list(sets.values()) + [([], calibration or [])]:
+            for p in ids:  # fail fast, before compiling
+                check.shapes([len(p)], args.max_new_tokens)
+        hf = None
+        if not args.no_hf:
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                raise ValueError("the HF engines need torch: pip install -r requirements-test.txt"
+                                 " (torch first), or pass --no-hf") from None
+            status("loading the same weights in HF transformers ...")
+            hf = report_lib.hf_engines(loaded.source, loaded.cfg.eos_token_ids[0],
+                                       args.prompt_lookup)
+    except (ValueError, FileNotFoundError, OSError, GenerationError) as e:
+        return fail(e)
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"model": loaded.name, "adapter": args.adapter, "num_masks": bcfg.num_masks,
+              "sets": sources, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
+              "trees": [t.name for t in trees], "prompt_lookup": None if args.no_hf else
+              args.prompt_lookup, "repeats": args.repeats, **bench.environment()}
+    if hf is not None:
+        import torch
+
+        config.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    try:
+        selection = None
+        if calibration:
+            status(f"tree selection on {len(calibration)} calibration prompts ...")
+            selection = bench.select_tree(loaded.cfg, loaded.params, bita_params, trees,
+                                          calibration, args.max_new_tokens,
+                                          max_cache=args.max_cache, log=status)
+            status(f"selected: {selection.chosen.tree}")
+        report = report_lib.run_report(loaded, bita_params, trees, sets, args.max_new_tokens,
+                                       selection=selection, hf=hf, max_cache=args.max_cache,
+                                       repeats=args.repeats, log=status)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    report["config"] = config
+    if selection is not None:
+        report["selection"] = selection.to_dict()
+    (out / "results.json").write_text(json.dumps(report_lib.slim(report), indent=1))
+    table = report_lib.markdown(report)
+    (out / "report.md").write_text(table)
+    paths = plots.report_plots(report, out)
+    print(table)
+    status(f"wrote {out / 'results.json'}, {out / 'report.md'}, " +
+           ", ".join(p.name for p in paths))
+    failures = report_lib.lossless_failures(report)
+    if failures:
+        status(f"error: BiTA output differs from plain greedy: {', '.join(failures)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

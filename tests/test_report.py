@@ -1,0 +1,76 @@
+"""The speed report on a tiny random LLaMA: HF greedy and prompt lookup (transformers), our
+greedy and BiTA trees side by side; identical outputs, step histograms, tables, JSON and plots."""
+
+import json
+import pathlib
+
+import jax
+import pytest
+
+from bita_jax import bench, bita, plots, report
+from bita_jax.checkpoint import load_hf_checkpoint
+from bita_jax.loading import LoadedModel
+from tests.test_parity import _make_hf, _save
+
+PROMPTS = {"chat": [[5, 17, 33, 2, 80, 5, 17], [44, 3]], "code": [[9, 10, 11, 9, 10]]}
+MAX_NEW = 12
+TREES = ["chain@1", "chain"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    path = _save(_make_hf("llama", {"num_key_value_heads": 2}, seed=4),
+                 tmp_path_factory.mktemp("hf"))
+    cfg, params = load_hf_checkpoint(path)
+    loaded = LoadedModel("tiny", cfg, params, None, pathlib.Path(path))
+    bp = bita.init_bita_params(cfg, bita.BitaConfig(num_masks=3), jax.random.key(1))
+    trees = [bench.make_tree(n, 3) for n in TREES]
+    selection = bench.select_tree(cfg, params, bp, trees, [[7, 8, 9]], MAX_NEW, timing_steps=4,
+                                  repeats=1)
+    hf = report.hf_engines(path, eos_id=cfg.vocab_size - 1, prompt_lookup=3)
+    sets = {k: ([f"{k} {i}" for i in range(len(v))], v) for k, v in PROMPTS.items()}
+    return report.run_report(loaded, bp, trees, sets, MAX_NEW, selection=selection, hf=hf), \
+        selection
+
+
+def test_every_engine_is_measured_and_identical(run):
+    rep, selection = run
+    names = [report.HF_GREEDY, report.HF_LOOKUP, report.OURS] + [f"BiTA {t}" for t in TREES]
+    assert list(rep["engines"]) == names
+    assert rep["selected"] == f"BiTA {selection.chosen.tree}"
+    assert [n for n, e in rep["engines"].items() if e.get("selected")] == [rep["selected"]]
+    assert report.lossless_failures(rep) == []
+    for set_name, res in rep["sets"].items():
+        n = len(PROMPTS[set_name])
+        assert len(res["rows"]) == n
+        for name, s in res["summary"].items():
+            # our greedy equals HF greedy on these weights, and every engine equals both
+            assert s["identical_ours"] == s["identical_hf"] == n, (set_name, name)
+            assert s["new_tokens"] == n * MAX_NEW and s["seconds"] > 0
+            assert s["tokens_per_step"] >= 1.0 and s["speedup_vs_hf"] > 0
+        assert res["summary"][report.HF_GREEDY]["tokens_per_step"] == 1.0
+        assert res["summary"][report.HF_GREEDY]["steps"] == n * (MAX_NEW - 1)  # hook-counted
+        assert res["summary"][report.OURS]["speedup_vs_ours"] == 1.0
+        for t in TREES:
+            s = res["summary"][f"BiTA {t}"]
+            hist = s["step_hist"]
+            assert sum(hist) == s["steps"]
+            assert sum(k * c for k, c in enumerate(hist)) == s["new_tokens"] - n
+            assert len(hist) == bench.make_tree(t, 3).num_masks + 2  # 0 .. M + 1 tokens
+
+
+def test_markdown_json_and_plots(run, tmp_path):
+    rep, _ = run
+    table = report.markdown(rep)
+    for name in rep["engines"]:
+        assert f"| {name}" in table
+    assert "(selected)" in table and table.count("**chat**") == 1
+    data = report.slim(rep)
+    json.dumps(data)  # JSON-ready
+    row = data["sets"]["chat"]["rows"][0]["engines"]
+    assert "tokens" in row[report.OURS] and "tokens" not in row["BiTA chain"]
+    paths = plots.report_plots(rep, tmp_path)
+    assert [p.name for p in paths] == ["tokens_per_step_hist.png", "speedup_per_prompt.png",
+                                       "step_time_vs_tokens_per_step.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
