@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Callable, NoReturn
 
 
 def quiet_jax_logs() -> None:
@@ -15,6 +16,22 @@ def status(message: str, quiet: bool = False) -> None:
     """A progress line on stderr (stdout stays clean for text or JSON)."""
     if not quiet:
         print(message, file=sys.stderr, flush=True)
+
+
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """Runs a CLI's `main` and exits with its code; Ctrl-C anywhere (loading, compiling) exits
+    with 130 and one line instead of a traceback. Work in progress is the caller's to keep:
+    training checkpoints on Ctrl-C, distillation writes whole chunk files only."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Skip atexit hooks: a library interrupted halfway through its import (Ctrl-C while
+        # jax loads) would print its own traceback from them.
+        os._exit(130)
+    sys.exit(code)
 
 
 def fail(error: BaseException, code: int = 2) -> int:

@@ -143,7 +143,9 @@ class Tree:
         spec, (base, at, depth) = name, name.rpartition("@")
         if at and depth.isdigit():
             if not 1 <= int(depth) <= num_masks:
-                raise TreeError(f"tree {spec!r}: @{depth} must be between 1 and {num_masks}")
+                raise TreeError(f"tree {spec!r} needs {depth} masks but the adapter has "
+                                f"{num_masks}: use @1 to @{num_masks}, or an adapter trained "
+                                f"with bita.num_masks={depth}")
             name, num_masks = base, int(depth)
         if name.endswith("-pruned"):
             name, pruned = name[: -len("-pruned")], True

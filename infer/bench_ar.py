@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bita_jax.cli_util import status  # noqa: E402
+from bita_jax.cli_util import run_main, status  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -94,4 +94,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

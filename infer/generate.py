@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bita_jax.cli_util import fail, status  # noqa: E402
+from bita_jax.cli_util import fail, run_main, status  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -149,4 +149,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

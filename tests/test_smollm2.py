@@ -99,6 +99,46 @@ def test_cli_bita_compare_is_lossless(smollm2, hf_greedy):
     assert report["tokens_per_step"] >= 1.0 and report["speedup"] > 0
 
 
+def test_cli_rejects_an_adapter_of_another_model_and_a_too_deep_tree(tmp_path):
+    import jax
+
+    from bita_jax import bita
+    from bita_jax.config import ModelConfig
+
+    tiny = ModelConfig(arch="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
+                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                       max_position_embeddings=256)
+    bita.save_adapter(tmp_path, bita.init_bita_params(tiny, bita.BitaConfig(), jax.random.key(0)),
+                      bita.BitaConfig(), {"name": "tiny-llama", "arch": "llama",
+                                          "hidden_size": 32, "num_layers": 2})
+    for args, message in [
+            (["--adapter", str(tmp_path)], "trained for base model 'tiny-llama'"),
+            (["--adapter", "random:0:2", "--tree", "chain@3"],
+             "tree 'chain@3' needs 3 masks but the adapter has 2: use @1 to @2")]:
+        run = _cli("--prompt", "hi", *args)
+        assert run.returncode == 2 and message in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 2
+
+
+@pytest.mark.parametrize("wait_for", ["loading", "compiling"])
+def test_cli_ctrl_c_exits_cleanly(wait_for):
+    """Ctrl-C while loading or compiling/generating: exit 130, one line, no traceback."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "infer", "generate.py"),
+                             "--prompt", "Write a long story.", "--max-new-tokens", "400"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    seen = ""
+    while wait_for not in seen:
+        line = proc.stderr.readline()
+        assert line, f"exited before {wait_for!r}: {seen}"
+        seen += line
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, seen + err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
+
+
 def test_cli_rejects_a_corrupt_adapter(tmp_path):
     (tmp_path / "adapter.json").write_text("{not json")
     (tmp_path / "adapter.safetensors").write_bytes(b"garbage")

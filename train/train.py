@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bita_jax.cli_util import fail, status  # noqa: E402  (also quiets XLA start-up logs)
+from bita_jax.cli_util import fail, run_main, status  # noqa: E402  (also quiets XLA logs)
 
 
 class ResumeError(ValueError):
@@ -526,4 +526,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
