@@ -28,6 +28,14 @@ def _panels(plt, n: int, width: float = 5.5, height: float = 4.0):
     return fig, axes[0]
 
 
+def _save(plt, fig, title: str, path: pathlib.Path) -> pathlib.Path:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _bita_names(report: dict) -> list[str]:
     return [n for n, e in report["engines"].items() if e["kind"] == "bita"]
 
@@ -56,11 +64,7 @@ def tokens_per_step_histogram(report: dict, path: pathlib.Path) -> pathlib.Path:
         ax.set_ylabel("share of steps")
         ax.set_title(set_name)
         ax.legend(fontsize=7)
-    fig.suptitle("BiTA: tokens per decode step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, "BiTA: tokens per decode step", path)
 
 
 def speedup_per_prompt(report: dict, path: pathlib.Path) -> pathlib.Path:
@@ -86,11 +90,7 @@ def speedup_per_prompt(report: dict, path: pathlib.Path) -> pathlib.Path:
         ax.set_ylabel(f"speedup over {base}")
         ax.set_title(set_name)
         ax.legend(fontsize=7)
-    fig.suptitle("Speedup per prompt (same prompt, same length, one run)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, "Speedup per prompt (same prompt, same length, one run)", path)
 
 
 def step_time_vs_tokens_per_step(report: dict, path: pathlib.Path) -> pathlib.Path:
@@ -119,11 +119,7 @@ def step_time_vs_tokens_per_step(report: dict, path: pathlib.Path) -> pathlib.Pa
         ax.set_ylabel("ms per step")
         ax.set_title(set_name)
         ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle("Step time against tokens per step (below the line: faster than plain greedy)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, "Step time against tokens per step (below the line: faster than plain greedy)", path)
 
 
 def report_plots(report: dict, out_dir: str | pathlib.Path) -> list[pathlib.Path]:

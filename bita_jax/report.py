@@ -96,16 +96,11 @@ def _ours_run(gen: Generator) -> Callable[[Sequence[int], int], dict]:
 def summarize(rows: Sequence[dict], hf_rows: Sequence[dict] | None,
               ours_rows: Sequence[dict]) -> dict:
     """Totals of one engine over a prompt set, with speedups and identical counts."""
-    new = sum(r["new_tokens"] for r in rows)
-    seconds = sum(r["seconds"] for r in rows)
-    steps = sum(r["steps"] for r in rows)
+    out = bench.summarize(rows)
+    seconds = out["seconds"]
     ours_s = sum(r["seconds"] for r in ours_rows)
-    out = {"prompts": len(rows), "new_tokens": new, "seconds": seconds, "steps": steps,
-           "tokens_per_step": (new - len(rows)) / steps if steps else 1.0,
-           "tokens_per_second": new / seconds if seconds else 0.0,
-           "ms_per_step": 1e3 * seconds / steps if steps else 0.0,
-           "speedup_vs_ours": ours_s / seconds if seconds else 0.0,
-           "identical_ours": sum(r["tokens"] == o["tokens"] for r, o in zip(rows, ours_rows))}
+    out.update(speedup_vs_ours=ours_s / seconds if seconds else 0.0,
+               identical_ours=sum(r["tokens"] == o["tokens"] for r, o in zip(rows, ours_rows)))
     if hf_rows is not None:
         hf_s = sum(r["seconds"] for r in hf_rows)
         out["speedup_vs_hf"] = hf_s / seconds if seconds else 0.0
