@@ -24,8 +24,15 @@ import numpy as np
 
 from bita_jax import kv_cache, model
 from bita_jax.config import ModelConfig
-from bita_jax.generate import (TRACES, DecodeState, GenerationError, Generator, count_step,
-                               emit, run_steps)
+from bita_jax.generate import (
+    TRACES,
+    DecodeState,
+    GenerationError,
+    Generator,
+    count_step,
+    emit,
+    run_steps,
+)
 from bita_jax.sampling import SamplingParams, filtered_logits, sample
 from bita_jax.tree import Layout, Tree
 

@@ -200,10 +200,10 @@ def markdown(report: dict) -> str:
     for set_name, res in report["sets"].items():
         summary = res["summary"]
         hf = HF_GREEDY in summary
-        out += [f"**{set_name}** ({summary[OURS]['prompts']} prompts, "
-                f"{summary[OURS]['new_tokens']} new tokens per engine)", "",
-                "| engine | step tokens | tokens/step | ms/step | tokens/s | vs HF greedy | "
-                "vs our greedy | = HF greedy | = our greedy |",
+        out += [(f"**{set_name}** ({summary[OURS]['prompts']} prompts, "
+                 f"{summary[OURS]['new_tokens']} new tokens per engine)"), "",
+                ("| engine | step tokens | tokens/step | ms/step | tokens/s | vs HF greedy | "
+                 "vs our greedy | = HF greedy | = our greedy |"),
                 "|---|---|---|---|---|---|---|---|---|"]
         for name, s in summary.items():
             e = report["engines"][name]

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         hf = None
         if not args.no_hf:
             try:
-                import torch  # noqa: F401
+                import torch
             except ImportError:
                 raise ValueError("the HF engines need torch: pip install -r requirements-test.txt"
                                  " (torch first), or pass --no-hf") from None
