@@ -119,7 +119,8 @@ def step_time_vs_tokens_per_step(report: dict, path: pathlib.Path) -> pathlib.Pa
         ax.set_ylabel("ms per step")
         ax.set_title(set_name)
         ax.legend(fontsize=7, loc="upper left")
-    return _save(plt, fig, "Step time against tokens per step (below the line: faster than plain greedy)", path)
+    return _save(plt, fig, "Step time against tokens per step (below the line: faster than "
+                 "plain greedy)", path)
 
 
 def report_plots(report: dict, out_dir: str | pathlib.Path) -> list[pathlib.Path]:

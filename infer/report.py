@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     from bita_jax.loading import load_bita, load_model
 
     try:
+        if args.limit < 1 or (args.calibration < 1 and not args.no_select):
+            raise ValueError("--limit and --calibration must be >= 1")
         sources = [s.strip() for s in args.sets.split(",") if s.strip()]
         if not sources:
             raise ValueError("--sets is empty")

@@ -204,6 +204,10 @@ def test_warm_start_from_an_adapter(workdir, full_run):
     err = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(err) >= 1, bad.stderr[-2000:]
     assert "has P=4, M=2 but this run trains P=4, M=3" in err[-1], err[-1]
+    missing = _train(workdir, "--out", str(workdir / "warm-missing"), "--steps", "1",
+                     f"run.init_adapter={workdir / 'no-such-adapter'}", check=False)
+    assert missing.returncode == 2 and "is not an exported adapter" in missing.stderr.strip(
+    ).splitlines()[-1], missing.stderr[-2000:]
 
 
 def _load_cli():

@@ -9,9 +9,9 @@
 Each prompt is rendered with the chat template with and without a system prompt (--system), split
 into train / heldout by a stable hash of the prompt text, and answered by the model itself
 (greedy, up to --max-new-tokens, EOS included when hit). Killed, the same command resumes where
-it stopped; `--extend` with a larger --limit grows a stopped or finished run (answered prompts are
-kept, new ones appended). At the end DIR holds an array_record tfds dataset: `bita_jax.data.load_split(DIR,
-"train")`. See bita_jax/data.py for the directory layout.
+it stopped; `--extend` with a larger --limit grows a stopped or finished run (answered prompts
+are kept, new ones appended). At the end DIR holds an array_record tfds dataset:
+`bita_jax.data.load_split(DIR, "train")`. See bita_jax/data.py for the directory layout.
 """
 
 from __future__ import annotations

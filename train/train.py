@@ -389,6 +389,10 @@ def train(tc, args) -> int:
     if latest is not None:
         _check_resume(out, latest, ckpt.read_meta(latest)["run"], run_meta)
 
+    if latest is None and run.init_adapter and not (
+            pathlib.Path(run.init_adapter) / bita.ADAPTER_META).is_file():
+        raise bita.AdapterError(f"run.init_adapter {run.init_adapter} is not an exported adapter "
+                                f"(no {bita.ADAPTER_META}): pass the adapter/ directory of a run")
     rules = sharding.FSDP_RULES if run.fsdp else sharding.DEFAULT_RULES
     cfg, base_params, identity = load_base(tc, mesh, rules)
     run_meta["base_fingerprint"] = identity.get("fingerprint")
