@@ -87,13 +87,24 @@ def init_bita_params(cfg: ModelConfig, bcfg: BitaConfig, rng) -> dict[str, jnp.n
     }
 
 
-def prefix_dropout(bita_params, rng, rate: float):
-    """Inverted dropout on the prefix (training only); mask embeddings untouched."""
+def prefix_dropout(bita_params, sample_keys, rate: float):
+    """Inverted dropout on the prefix, one mask per sample (training only).
+
+    As in the official code, whose prefix is expanded to the batch before its dropout, every
+    sample draws its own mask: the prefix becomes [B, P, L, 2, N, D], which the model takes in
+    place of the shared [P, L, 2, N, D]. Sample b's mask depends on `sample_keys[b]` alone, so
+    it does not change with micro-batching or sharding. Mask embeddings are untouched.
+
+    Args:
+      bita_params: {"prefix": [P, L, 2, N, D], "mask_embed": [M, E]}.
+      sample_keys: [B] PRNG keys, one per sample.
+      rate: the drop probability.
+    """
     if rate <= 0.0:
         return bita_params
-    keep = jax.random.bernoulli(rng, 1.0 - rate, bita_params["prefix"].shape)
-    prefix = jnp.where(keep, bita_params["prefix"] / (1.0 - rate), 0.0)
-    return {**bita_params, "prefix": prefix}
+    prefix = bita_params["prefix"]
+    keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, prefix.shape))(sample_keys)
+    return {**bita_params, "prefix": jnp.where(keep, prefix / (1.0 - rate), 0.0)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -172,7 +172,8 @@ def block_attention(q, k_blk, v_blk, ctx: AttnContext, k_cache=None, v_cache=Non
       k_blk, v_blk: [B, T, K, D] keys (rotated) and values of the new tokens.
       ctx: the `AttnContext`.
       k_cache, v_cache: [B, S, K, D] or None.
-      prefix: [P, 2, N, D] post-RoPE prefix keys/values of this layer, or None.
+      prefix: [P, 2, N, D] post-RoPE prefix keys/values of this layer (or per sample,
+        [B, P, 2, N, D]), or None.
 
     Returns:
       [B, T, N, D] attention output in q's dtype.
@@ -191,9 +192,11 @@ def block_attention(q, k_blk, v_blk, ctx: AttnContext, k_cache=None, v_cache=Non
         part = _merge(_part(qg, k_cache, v_cache, visible), part)
     out = part.o / part.l[..., None]
     if prefix is not None:
-        p = prefix.shape[0]
-        pk = jnp.broadcast_to(prefix[None, :, 0].reshape(1, p, kv, g, d), (b, p, kv, g, d))
-        pv = jnp.broadcast_to(prefix[None, :, 1].reshape(1, p, kv, g, d), (b, p, kv, g, d))
+        if prefix.ndim == 4:
+            prefix = prefix[None]
+        pb, p = prefix.shape[:2]
+        pk = jnp.broadcast_to(prefix[:, :, 0].reshape(pb, p, kv, g, d), (b, p, kv, g, d))
+        pv = jnp.broadcast_to(prefix[:, :, 1].reshape(pb, p, kv, g, d), (b, p, kv, g, d))
         s = jnp.einsum("btkgd,bpkgd->bkgtp", qg, pk.astype(jnp.float32))
         rows = ctx.prefix_rows[:, None, None, :, None]
         s = jnp.where(rows, s, _NEG)

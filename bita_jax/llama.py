@@ -34,7 +34,8 @@ class LlamaBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, layer: dict, ctx: AttnContext):
-        """x [B, T, E]; layer holds this layer's 'cache' (k, v) and 'prefix' [P, 2, N, D] if any."""
+        """x [B, T, E]; layer holds this layer's 'cache' (k, v) and 'prefix' [P, 2, N, D] or
+        [B, P, 2, N, D] if any."""
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         attn_out, kv = Attention(cfg, name="attn")(
             RMSNorm(cfg.norm_eps, dt, name="attn_norm")(x), ctx, layer.get("cache"),

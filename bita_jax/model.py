@@ -59,7 +59,9 @@ class CausalLM(nn.Module):
             mask_ids = jnp.clip(tokens - cfg.vocab_size, 0, bita["mask_embed"].shape[0] - 1)
             mask_x = bita["mask_embed"].astype(x.dtype)[mask_ids]
             x = jnp.where(is_mask[..., None], mask_x, x)
-            layer_inputs["prefix"] = jnp.swapaxes(bita["prefix"], 0, 1)  # [L, P, 2, N, D]
+            # [P, L, 2, N, D] -> [L, P, 2, N, D]; per-sample [B, P, L, ...] -> [L, B, P, ...]
+            prefix = bita["prefix"]
+            layer_inputs["prefix"] = jnp.moveaxis(prefix, prefix.ndim - 4, 0)
         if cache_kv is not None:
             layer_inputs["cache"] = cache_kv
         cos, sin = rope_tables(cfg, positions)
@@ -89,7 +91,8 @@ def forward(cfg: ModelConfig, base_params: Params, tokens, positions, block_mask
       positions: [B, T] int32 rotary positions.
       block_mask: [T, T] or [B, T, T] bool: query t sees new token u. Any pattern (causal, tree).
       cache: committed keys/values; every new token sees slots [0, cache.length) of its row.
-      bita_params: {"prefix": [P, L, 2, N, D], "mask_embed": [M, E]} or None.
+      bita_params: {"prefix": [P, L, 2, N, D], "mask_embed": [M, E]} or None; the prefix may
+        also be per sample, [B, P, L, 2, N, D] (training with per-sample prefix dropout).
       cache_visible: optional [B, T, S] bool, which cache slots each new token sees (replaces
         `slot < cache.length`; `cache.length` is then unused). Lets training attend mask groups
         to the real-token keys/values of a no-gradient first pass.

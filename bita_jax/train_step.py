@@ -120,7 +120,7 @@ def loss_fn(bita_params, base_params, batch: Batch, rng, *, cfg: ModelConfig, bc
       bita_params: the trainable pytree (differentiate w.r.t. this argument only).
       base_params: the frozen base weights.
       batch: {"tokens" [B, Tr], "anchors" [B, G], "labels" [B, G*M]}.
-      rng: prefix-dropout key (used when `train`).
+      rng: [B] prefix-dropout keys, one per sample (used when `train`).
       denom: number of mask tokens the loss is averaged over (micro-batching passes the whole
         batch's count so that micro-batch gradients add up exactly).
 
@@ -136,12 +136,12 @@ def loss_fn(bita_params, base_params, batch: Batch, rng, *, cfg: ModelConfig, bc
     return metrics["nll"] / denom, metrics
 
 
-def _split_micro(batch: Batch, accum: int) -> Batch:
-    """[B, ...] -> [accum, B/accum, ...]; micro-batch a takes rows a, a+accum, ... so that every
-    data shard keeps an equal share of each micro-batch."""
+def _split_micro(tree, accum: int):
+    """[B, ...] leaves -> [accum, B/accum, ...]; micro-batch a takes rows a, a+accum, ... so that
+    every data shard keeps an equal share of each micro-batch."""
     def split(x):
         return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
-    return jax.tree.map(split, batch)
+    return jax.tree.map(split, tree)
 
 
 def train_step(bita_params, opt_state, base_params, batch: Batch, rng, *, cfg: ModelConfig,
@@ -149,17 +149,19 @@ def train_step(bita_params, opt_state, base_params, batch: Batch, rng, *, cfg: M
                grad_accum: int = 1):
     """One optimizer step on a [B, ...] batch (see `make_train_step`; this is the unjitted body)."""
     denom = jnp.maximum(jnp.sum(batch["labels"] >= 0), 1)
+    # one dropout key per sample, split with the batch: a sample's mask is the same whatever the
+    # micro-batching or the mesh
+    sample_keys = jax.random.split(rng, batch["tokens"].shape[0])
     grad_fn = jax.value_and_grad(
         functools.partial(loss_fn, cfg=cfg, bcfg=bcfg, spec=spec, train=True, denom=denom),
         argnums=0, has_aux=True)
     if grad_accum == 1:
-        (loss, metrics), grads = grad_fn(bita_params, base_params, batch, rng)
+        (loss, metrics), grads = grad_fn(bita_params, base_params, batch, sample_keys)
     else:
-        def body(carry, mb):
+        def body(carry, micro):
             grads, loss, metrics = carry
-            # the same key for every micro-batch: one dropout mask per optimizer step, as without
-            # micro-batching (the prefix is shared by all rows)
-            (l, mt), g = grad_fn(bita_params, base_params, mb, rng)
+            mb, keys = micro
+            (l, mt), g = grad_fn(bita_params, base_params, mb, keys)
             carry = (jax.tree.map(jnp.add, grads, g), loss + l, jax.tree.map(jnp.add, metrics, mt))
             return carry, None
 
@@ -167,7 +169,8 @@ def train_step(bita_params, opt_state, base_params, batch: Batch, rng, *, cfg: M
         zeros = (jax.tree.map(jnp.zeros_like, bita_params), jnp.zeros((), jnp.float32),
                  {"nll": jnp.zeros((), jnp.float32), "count": jnp.zeros((m,), jnp.int32),
                   "correct": jnp.zeros((m,), jnp.int32)})
-        (grads, loss, metrics), _ = jax.lax.scan(body, zeros, _split_micro(batch, grad_accum))
+        (grads, loss, metrics), _ = jax.lax.scan(body, zeros,
+                                                 _split_micro((batch, sample_keys), grad_accum))
     updates, opt_state = tx.update(grads, opt_state, bita_params)
     bita_params = optax.apply_updates(bita_params, updates)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}

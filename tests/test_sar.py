@@ -223,3 +223,48 @@ def test_two_pass_loss_equals_single_sequence():
     for k in g_two:
         np.testing.assert_allclose(g_two[k], g_one[k], atol=1e-5, rtol=1e-4)
         assert float(jnp.abs(g_two[k]).max()) > 0.0
+
+
+def test_per_sample_prefix_dropout():
+    """Each sample draws its own prefix mask (as the official code), from its own key only, and
+    the two-pass loss under it == the single-sequence loss of each sample with its own prefix."""
+    cfg = CFG
+    rate = 0.5
+    bcfg = bita.BitaConfig(num_prefix=4, num_masks=3, prefix_dropout=rate, init_std=0.5)
+    spec = sar.SampleSpec(num_masks=3, max_groups=5, cutoff=24)
+    params = _random_params(cfg)
+    bita_params = bita.init_bita_params(cfg, bcfg, jax.random.key(3))
+    keys = jax.random.split(jax.random.key(7), 2)
+
+    dropped = bita.prefix_dropout(bita_params, keys, rate)["prefix"]
+    prefix = np.asarray(bita_params["prefix"])
+    assert dropped.shape == (2, *prefix.shape)
+    for b in range(2):
+        row = np.asarray(dropped[b])
+        kept = row != 0.0
+        np.testing.assert_allclose(row[kept], prefix[kept] / (1.0 - rate), rtol=1e-6)
+        assert 0.4 < kept.mean() < 0.6, kept.mean()
+        # a sample's mask depends on its key alone (micro-batching and sharding keep it)
+        alone = bita.prefix_dropout(bita_params, keys[b:b + 1], rate)["prefix"][0]
+        np.testing.assert_array_equal(np.asarray(alone), row)
+    assert not np.array_equal(np.asarray(dropped[0]) != 0, np.asarray(dropped[1]) != 0)
+    assert bita.prefix_dropout(bita_params, keys, 0.0) is bita_params
+
+    rng = np.random.default_rng(1)
+    samples = [sar.build_sample(rng.integers(0, V, 4), rng.integers(0, V, 15), spec,
+                                np.random.default_rng(i)) for i in range(2)]
+    batch = {k: jnp.asarray(v) for k, v in sar.stack(samples).items()}
+    jit = functools.partial(jax.jit, compiler_options=train_step.FAST_CPU_COMPILE)
+    loss, _ = jit(functools.partial(train_step.loss_fn, cfg=cfg, bcfg=bcfg, spec=spec,
+                                    train=True))(bita_params, params, batch, keys)
+    nll, count = 0.0, 0
+    for b, sample in enumerate(samples):
+        own = {**bita_params, "prefix": dropped[b]}
+        mean_b, _ = jit(lambda bp, base, s=sample: _reference(cfg, spec, base, bp, [s]))(
+            own, params)
+        n_b = int((sample["labels"] >= 0).sum())
+        nll, count = nll + float(mean_b) * n_b, count + n_b
+    assert abs(float(loss) - nll / count) <= 1e-5, (float(loss), nll / count)
+    shared, _ = jit(functools.partial(train_step.loss_fn, cfg=cfg, bcfg=bcfg, spec=spec,
+                                      train=False))(bita_params, params, batch, None)
+    assert abs(float(loss) - float(shared)) > 1e-3  # the dropout did change the loss
