@@ -1,13 +1,18 @@
 """Import HF checkpoints (LLaMA family, Falcon) into the bita_jax base-param pytree.
 
-    cfg, params = load_hf_checkpoint("/path/to/hf_dir", dtype="bfloat16")
-    params = params_from_hf_tensors(cfg, named_tensors)  # any (HF name, [out, in] array) stream
+    cfg, params = load_hf_checkpoint("/path/to/hf_dir", dtype="bfloat16", shardings=shardings)
+    params = params_from_hf_tensors(cfg, named_tensors)  # {HF name: [out, in] array}
 
 A per-architecture name map sends every HF tensor to one leaf of `model.abstract_params(cfg)`
 (layered tensors to one row of an [L, ...] leaf). Every source key must be consumed and every
 target leaf filled with exactly its shape, else `CheckpointError` names the key or leaf. Layout
 differences are fixed here, never in the model: HF `Linear` weights are [out, in] and become
 `DenseGeneral` kernels [in..., out...]; Falcon's fused query_key_value is split into q/k/v.
+
+Loading streams: safetensors files are memory-mapped, every name and shape is checked before any
+data is read, and each leaf is then built on its own. Given per-leaf shardings, each device's
+shard is read straight from the mapped files (`jax.make_array_from_callback`, this host's
+devices only), so a 70B checkpoint never sits whole in one host's memory.
 
 Falcon fused QKV, rows of the [(N + 2K) * D, E] weight (and of the bias), as in transformers'
 `FalconAttention._split_heads`:
@@ -27,12 +32,12 @@ import math
 import os
 import re
 import struct
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 
 from bita_jax import model
 from bita_jax.config import ModelConfig
@@ -131,18 +136,18 @@ def _split_qkv(cfg: ModelConfig, x: np.ndarray) -> tuple[np.ndarray, np.ndarray,
             grouped[:, -1].reshape(kv * d, *rest))
 
 
-def _convert(name: str, t: _Target, leaf: Leaf, x: np.ndarray, shape: tuple[int, ...]):
-    """One HF tensor -> the leaf's (per-layer) shape, or a CheckpointError naming both shapes."""
+def _hf_shape(t: _Target, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF tensor shape that fills a leaf of per-layer `shape` through target `t`."""
     if t.kind == "linear":
-        want = (math.prod(shape[t.n_in:]), math.prod(shape[:t.n_in]))
-    elif t.kind == "vector":
-        want = (math.prod(shape),)
-    else:
-        want = shape
-    if x.shape != want:
-        raise CheckpointError(
-            f"{name}: HF tensor of shape {x.shape} does not fit leaf {_fmt(leaf)} of per-layer "
-            f"shape {shape} (expected an HF tensor of shape {want})")
+        return (math.prod(shape[t.n_in:]), math.prod(shape[:t.n_in]))
+    if t.kind == "vector":
+        return (math.prod(shape),)
+    return shape
+
+
+def _as_leaf(t: _Target, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """An HF tensor (of `_hf_shape(t, shape)`) in the leaf's per-layer layout; a view when it
+    can be, so that indexing it afterwards reads only the part it needs."""
     return x.T.reshape(shape) if t.kind == "linear" else x.reshape(shape)
 
 
@@ -174,15 +179,92 @@ def _hf_name(cfg: ModelConfig, leaf: Leaf) -> str:
     return "?"
 
 
-def params_from_hf_tensors(cfg: ModelConfig, named_tensors: Iterable[tuple[str, np.ndarray]],
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """Where one leaf (or one layer of it) comes from: an HF tensor, or a third of a fused QKV."""
+
+    name: str
+    target: _Target
+    array: Any  # np.ndarray, possibly a lazy memory-mapped view
+    qkv_part: int | None = None
+
+
+def _plan(cfg: ModelConfig, tensors: Mapping[str, Any], leaves: Mapping[Leaf, Any]
+          ) -> tuple[dict[Leaf, dict[int, _Source]], Any]:
+    """Routes every HF tensor to its leaf (and layer) and checks every shape, reading no data.
+
+    Returns ({leaf: {layer (0 for global leaves): source}}, the tied head tensor or None).
+    """
+    plan: dict[Leaf, dict[int, _Source]] = {leaf: {} for leaf in leaves}
+    tied_head = None
+
+    def add(name: str, leaf: Leaf, layer: int | None, src: _Source, hf_shape: tuple[int, ...]):
+        if leaf not in leaves:
+            raise CheckpointError(
+                f"{name} maps to leaf {_fmt(leaf)}, which this {cfg.arch} config does not have "
+                f"(check bias / attention_bias / mlp_bias / parallel_attn / "
+                f"new_decoder_architecture / tie_word_embeddings in config.json)")
+        shape = leaves[leaf].shape[1:] if layer is not None else leaves[leaf].shape
+        want = _hf_shape(src.target, shape)
+        if tuple(hf_shape) != want:
+            raise CheckpointError(
+                f"{name}: HF tensor of shape {tuple(hf_shape)} does not fit leaf {_fmt(leaf)} of "
+                f"per-layer shape {shape} (expected an HF tensor of shape {want})")
+        slot = 0 if layer is None else layer
+        if slot in plan[leaf]:
+            raise CheckpointError(f"{name}: leaf {_fmt(leaf)} (layer {layer}) written twice")
+        plan[leaf][slot] = src
+
+    e, n, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    for name, x in tensors.items():
+        if _IGNORED.search(name):
+            continue
+        if name == _TIED_HEAD and cfg.tie_word_embeddings:
+            tied_head = x  # checked against the embedding by the caller
+            continue
+        t, layer = _route(cfg, name)
+        if t.kind != "qkv":
+            add(name, t.leaf, layer, _Source(name, t, x), x.shape)
+            continue
+        want = ((n + 2 * kv) * d, e) if t.n_in else ((n + 2 * kv) * d,)
+        if tuple(x.shape) != want:
+            raise CheckpointError(
+                f"{name}: fused QKV of shape {tuple(x.shape)}, expected {want} for N={n}, K={kv}, "
+                f"D={d}, E={e} (leaves layers/attn/{{q,k,v}}_proj)")
+        part = "kernel" if t.n_in else "bias"
+        sub = _Target((), "linear" if t.n_in else "vector")
+        for i, leaf in enumerate(_QKV_LEAVES):
+            rows = (n if i == 0 else kv) * d
+            add(name, leaf + (part,), layer, _Source(name, sub, x, i), (rows, *x.shape[1:]))
+
+    missing = []
+    for leaf, s in leaves.items():
+        want = set(range(cfg.num_layers)) if leaf[0] == "layers" else {0}
+        if set(plan[leaf]) != want:
+            gaps = sorted(want - set(plan[leaf]))
+            where = f" layers {gaps}" if leaf[0] == "layers" else ""
+            missing.append(f"{_fmt(leaf)} {s.shape}{where} (from {_hf_name(cfg, leaf)})")
+    if missing:
+        raise CheckpointError("checkpoint is missing tensors for: " + "; ".join(missing))
+    return plan, tied_head
+
+
+def params_from_hf_tensors(cfg: ModelConfig,
+                           named_tensors: Mapping[str, Any] | Iterable[tuple[str, np.ndarray]],
                            shardings: Any = None) -> dict:
-    """Builds the base params from a stream of HF-named tensors in HF orientation.
+    """Builds the base params from HF-named tensors in HF orientation.
+
+    Every name, shape and leaf is checked before any data is read. Then each leaf is built on
+    its own and placed: with `shardings`, every device's shard is read straight from the
+    sources (`jax.make_array_from_callback`, only this host's devices), so a memory-mapped
+    checkpoint (`safetensors_tensors`) never exists whole in host memory; without, one leaf at
+    a time is assembled on the host.
 
     Args:
       cfg: the model config (decides every target shape and the dtype).
-      named_tensors: (HF name, array) pairs; Linear weights as [out, in]. Consumed once, in order.
-      shardings: optional pytree like the params with a `jax.sharding.Sharding` per leaf; each
-        leaf is then built with `jax.make_array_from_callback`, so it lands straight on the mesh.
+      named_tensors: {HF name: array} (arrays may be lazy memory-mapped views) or (name, array)
+        pairs; Linear weights as [out, in].
+      shardings: optional pytree like the params with a `jax.sharding.Sharding` per leaf.
 
     Returns:
       The params pytree (structure of `model.abstract_params(cfg)`) as jax arrays of cfg.dtype.
@@ -193,68 +275,35 @@ def params_from_hf_tensors(cfg: ModelConfig, named_tensors: Iterable[tuple[str, 
     """
     abstract = model.abstract_params(cfg)
     flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    leaves: dict[Leaf, jax.ShapeDtypeStruct] = {
-        tuple(k.key for k in path): s for path, s in flat}
+    leaves: dict[Leaf, jax.ShapeDtypeStruct] = {tuple(k.key for k in path): s for path, s in flat}
     dtype = np.dtype(cfg.jnp_dtype)
-    buffers: dict[Leaf, np.ndarray] = {}  # allocated on first write
-    filled: dict[Leaf, set] = {leaf: set() for leaf in leaves}
-    tied_head = None
+    tensors = dict(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
+    plan, tied_head = _plan(cfg, tensors, leaves)
 
-    def write(name: str, t: _Target, leaf: Leaf, layer: int | None, x: np.ndarray):
-        if leaf not in leaves:
-            raise CheckpointError(
-                f"{name} maps to leaf {_fmt(leaf)}, which this {cfg.arch} config does not have "
-                f"(check bias / attention_bias / mlp_bias / parallel_attn / "
-                f"new_decoder_architecture / tie_word_embeddings in config.json)")
-        shape = leaves[leaf].shape[1:] if layer is not None else leaves[leaf].shape
-        value = _convert(name, t, leaf, x, shape)
-        slot = 0 if layer is None else layer
-        if slot in filled[leaf]:
-            raise CheckpointError(f"{name}: leaf {_fmt(leaf)} (layer {layer}) written twice")
-        buf = buffers.get(leaf)
-        if buf is None:
-            buf = buffers[leaf] = np.empty(leaves[leaf].shape, dtype)
-        if layer is None:
-            buf[...] = value
-        else:
-            buf[layer] = value
-        filled[leaf].add(slot)
+    def layer_value(leaf: Leaf, slot: int) -> np.ndarray:
+        src = plan[leaf][slot]
+        x = src.array
+        if src.qkv_part is not None:
+            x = _split_qkv(cfg, np.asarray(x))[src.qkv_part]
+        shape = leaves[leaf].shape[1:] if leaf[0] == "layers" else leaves[leaf].shape
+        return _as_leaf(src.target, x, shape)
 
-    for name, x in named_tensors:
-        if _IGNORED.search(name):
-            continue
-        if name == _TIED_HEAD and cfg.tie_word_embeddings:
-            tied_head = np.asarray(x)  # checked against the embedding below
-            continue
-        t, layer = _route(cfg, name)
-        x = np.asarray(x)
-        if t.kind != "qkv":
-            write(name, t, t.leaf, layer, x)
-            continue
-        e = cfg.hidden_size
-        n, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        want = ((n + 2 * kv) * d, e) if t.n_in else ((n + 2 * kv) * d,)
-        if x.shape != want:
-            raise CheckpointError(
-                f"{name}: fused QKV of shape {x.shape}, expected {want} for N={n}, K={kv}, D={d}, "
-                f"E={e} (leaves layers/attn/{{q,k,v}}_proj)")
-        part = "kernel" if t.n_in else "bias"
-        for sub, leaf in zip(_split_qkv(cfg, x), _QKV_LEAVES):
-            write(name, _Target(leaf + (part,), "linear" if t.n_in else "vector"), leaf + (part,),
-                  layer, sub)
+    def build(leaf: Leaf, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        """The leaf, or its part `index` (a tuple of slices), as a host array of cfg.dtype."""
+        full = leaves[leaf].shape
+        index = tuple(index) if index is not None else tuple(slice(None) for _ in full)
+        if leaf[0] != "layers":
+            return np.asarray(layer_value(leaf, 0)[index], dtype)
+        out = np.empty((len(range(*index[0].indices(full[0]))), *(
+            len(range(*i.indices(n))) for i, n in zip(index[1:], full[1:]))), dtype)
+        for row, layer in enumerate(range(*index[0].indices(full[0]))):
+            out[row] = layer_value(leaf, layer)[index[1:]]
+        return out
 
-    missing = []
-    for leaf, s in leaves.items():
-        want = set(range(cfg.num_layers)) if leaf[0] == "layers" else {0}
-        if filled[leaf] != want:
-            gaps = sorted(want - filled[leaf])
-            where = f" layers {gaps}" if leaf[0] == "layers" else ""
-            missing.append(f"{_fmt(leaf)} {s.shape}{where} (from {_hf_name(cfg, leaf)})")
-    if missing:
-        raise CheckpointError("checkpoint is missing tensors for: " + "; ".join(missing))
     if tied_head is not None:
-        embed = buffers[("embed", "embedding")]
-        if tied_head.shape != embed.shape or not np.array_equal(tied_head.astype(dtype), embed):
+        embed = build(("embed", "embedding"))
+        if tied_head.shape != embed.shape or not np.array_equal(
+                np.asarray(tied_head).astype(dtype), embed):
             raise CheckpointError(
                 f"{_TIED_HEAD} differs from the embedding but tie_word_embeddings is true; set "
                 f"tie_word_embeddings=false in config.json to load an untied head")
@@ -268,39 +317,54 @@ def params_from_hf_tensors(cfg: ModelConfig, named_tensors: Iterable[tuple[str, 
                                   f"{sorted(map(_fmt, set(shard_of) ^ set(leaves)))}")
 
     out = []
-    for path, _ in flat:
+    for path, s in flat:
         leaf = tuple(k.key for k in path)
-        buf = buffers.pop(leaf)  # drop the host copy as each leaf is placed
-        if leaf in shard_of:
-            out.append(jax.make_array_from_callback(buf.shape, shard_of[leaf],
-                                                    lambda idx, b=buf: b[idx]))
-        else:
-            out.append(jax.device_put(buf))
+        if leaf not in shard_of:
+            out.append(jax.device_put(build(leaf)))
+            continue
+        built: dict[tuple, np.ndarray] = {}  # devices holding the same part share one read
+
+        def shard(index, leaf=leaf, built=built, shape=s.shape):
+            key = tuple(i.indices(n) for i, n in zip(index, shape))
+            if key not in built:
+                built[key] = build(leaf, index)
+            return built[key]
+
+        out.append(jax.make_array_from_callback(s.shape, shard_of[leaf], shard))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
 # ---------------------------------------------------------------------------------------------
 # Files.
 
-_RAW_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64,
-               "BF16": np.dtype(jnp.bfloat16)}
+_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64,
+           "BF16": np.dtype(jnp.bfloat16)}
 
 
-def _read_raw(file: str, name: str) -> np.ndarray:
-    """Reads one tensor straight from the safetensors layout (8-byte header size, JSON, data).
-
-    Fallback for dtypes that `safe_open(framework="numpy")` cannot return (bf16 on older
-    safetensors releases).
-    """
-    with open(file, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        entry = json.loads(f.read(size))[name]
-        if entry["dtype"] not in _RAW_DTYPES:
-            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {entry['dtype']}")
+def _file_tensors(file: str) -> dict[str, np.ndarray]:
+    """{name: read-only view} of one safetensors file, memory-mapped: no data is read until a
+    view (or part of one) is used. Layout: 8-byte header size, JSON header, data."""
+    try:
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        data = np.memmap(file, np.uint8, mode="r", offset=8 + size)
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {file}: not a safetensors file or truncated ({e})") \
+            from None
+    views = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry.get("dtype") not in _DTYPES:
+            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {entry.get('dtype')}")
+        dt = np.dtype(_DTYPES[entry["dtype"]])
         start, end = entry["data_offsets"]
-        f.seek(8 + size + start)
-        data = f.read(end - start)
-    return np.frombuffer(data, _RAW_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        shape = tuple(entry["shape"])
+        if end > data.size or end - start != math.prod(shape) * dt.itemsize:
+            raise CheckpointError(f"{file}: tensor {name} lies outside the file (truncated?)")
+        views[name] = data[start:end].view(dt).reshape(shape)
+    return views
 
 
 def _safetensors_files(path: str) -> list[tuple[str, set | None]]:
@@ -330,26 +394,22 @@ def _safetensors_files(path: str) -> list[tuple[str, set | None]]:
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
 
 
-def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Streams (HF name, numpy array) from a HF directory, one tensor at a time."""
+def safetensors_tensors(path: str) -> dict[str, np.ndarray]:
+    """{HF name: memory-mapped read-only view} of a HF directory's safetensors (sharded or not).
+
+    Only headers are read here; `params_from_hf_tensors` then reads each device's part.
+    """
+    tensors: dict[str, np.ndarray] = {}
     for file, expected in _safetensors_files(path):
-        try:
-            handle = safe_open(file, framework="numpy")
-        except Exception as e:  # SafetensorError: truncated or not a safetensors file
-            raise CheckpointError(f"cannot read {file}: {e}") from None
-        with handle as f:
-            keys = list(f.keys())
-            if expected is not None and not expected <= set(keys):
-                raise CheckpointError(f"{file} lacks keys its index assigns to it: "
-                                      f"{sorted(expected - set(keys))[:8]}")
-            for key in keys:
-                try:
-                    x = f.get_tensor(key)
-                except Exception:
-                    if f.get_slice(key).get_dtype() != "BF16":
-                        raise
-                    x = _read_raw(file, key)
-                yield key, x
+        views = _file_tensors(file)
+        if expected is not None and not expected <= set(views):
+            raise CheckpointError(f"{file} lacks keys its index assigns to it: "
+                                  f"{sorted(expected - set(views))[:8]}")
+        twice = set(views) & set(tensors)
+        if twice:
+            raise CheckpointError(f"{file} repeats tensors of another shard: {sorted(twice)[:8]}")
+        tensors.update(views)
+    return tensors
 
 
 def read_hf_config(path: str) -> dict:
@@ -380,4 +440,4 @@ def load_hf_checkpoint(path: str, dtype: str = "float32",
       ConfigError: an architecture bita_jax does not run (e.g. ALiBi Falcon).
     """
     cfg = ModelConfig.from_hf_config(read_hf_config(path), dtype=dtype)
-    return cfg, params_from_hf_tensors(cfg, iter_safetensors(path), shardings)
+    return cfg, params_from_hf_tensors(cfg, safetensors_tensors(path), shardings)
