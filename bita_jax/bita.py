@@ -1,4 +1,4 @@
-"""The BiTA parameters: a deep prefix ("prompt tokens") and mask-token embeddings, a separate pytree.
+"""The BiTA parameters, a separate pytree: a deep prefix ("prompt tokens") and mask embeddings.
 
     bita_params = {"prefix": [P, L, 2, N, D], "mask_embed": [M, E]}   (fp32 always)
 
@@ -167,7 +167,8 @@ def load_adapter(directory: str | pathlib.Path, cfg: ModelConfig,
     try:
         arrays = load_file(str(weights))
     except Exception as e:  # safetensors raises several types for damaged files
-        raise AdapterError(f"corrupt adapter weights {weights}: {e}; re-export the adapter") from None
+        raise AdapterError(
+            f"corrupt adapter weights {weights}: {e}; re-export the adapter") from None
     want = param_shapes(cfg, bcfg)
     if set(arrays) != set(want):
         raise AdapterError(f"adapter {weights} holds {sorted(arrays)}, expected {sorted(want)}")

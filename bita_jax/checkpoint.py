@@ -357,7 +357,8 @@ def _file_tensors(file: str) -> dict[str, np.ndarray]:
         if name == "__metadata__":
             continue
         if entry.get("dtype") not in _DTYPES:
-            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {entry.get('dtype')}")
+            raise CheckpointError(
+                f"{file}: tensor {name} has unsupported dtype {entry.get('dtype')}")
         dt = np.dtype(_DTYPES[entry["dtype"]])
         start, end = entry["data_offsets"]
         shape = tuple(entry["shape"])

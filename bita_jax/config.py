@@ -89,7 +89,8 @@ class ModelConfig:
         if self.rope_scaling is not None:
             kind = dict(self.rope_scaling).get("rope_type", dict(self.rope_scaling).get("type"))
             if kind not in ("linear", "llama3", "default"):
-                raise ConfigError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
+                raise ConfigError(
+                    f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
 
     @property
     def jnp_dtype(self):
@@ -172,8 +173,8 @@ def _llama_from_hf(hf: Mapping[str, Any], dtype: str) -> ModelConfig:
 
 def _falcon_from_hf(hf: Mapping[str, Any], dtype: str) -> ModelConfig:
     if hf.get("alibi", False):
-        raise ConfigError("Falcon with ALiBi positions is not supported: bita_jax runs rotary Falcon "
-                          "models (Falcon-7B/40B/180B); this config sets alibi=true")
+        raise ConfigError("Falcon with ALiBi positions is not supported: bita_jax runs rotary "
+                          "Falcon models (Falcon-7B/40B/180B); this config sets alibi=true")
     if not hf.get("rotary", True) and "rotary" in hf:
         raise ConfigError("Falcon without rotary embeddings is not supported")
     hidden = int(hf.get("hidden_size") or hf.get("n_embed"))

@@ -57,7 +57,8 @@ def _next_drafts(cfg: ModelConfig, params, hidden, lay: Layout, group_rows, shif
 
 
 def bita_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: SamplingParams, rng, *,
-                 capacity: int, out_slots: int, eos_ids: tuple[int, ...], tree: Tree) -> DecodeState:
+                 capacity: int, out_slots: int, eos_ids: tuple[int, ...],
+                 tree: Tree) -> DecodeState:
     """Prompts [B, Tp] plus one mask group after each prompt: first token and first drafts."""
     base_params, bita_params = params
     lay = tree.layout
@@ -195,8 +196,8 @@ def bita_step(cfg: ModelConfig, tree: Tree, params, state: DecodeState, max_new,
     cache = kv_cache.commit(state.cache, block_kv, path, jnp.where(live, depth + 1, 0))
     drafts = _next_drafts(cfg, params, hidden, lay, jnp.take(lay.group_rows, jnp.take(
         lay.endpoint_group, endpoint), axis=0), jnp.take(lay.endpoint_shift, endpoint))
-    state = state.replace(cache=cache, steps=state.steps + 1, row_steps=state.row_steps + live, rng=rng,
-                          drafts=jnp.where(live[:, None], drafts, state.drafts))
+    state = state.replace(cache=cache, steps=state.steps + 1, row_steps=state.row_steps + live,
+                          rng=rng, drafts=jnp.where(live[:, None], drafts, state.drafts))
     state, count = emit(state, emitted, depth + 1, max_new, eos_ids)
     return count_step(state, count, live)
 
@@ -209,10 +210,11 @@ class BitaGenerator(Generator):
         super().__init__(cfg, params, eos_ids, max_cache)
         masks = bita_params["mask_embed"].shape[0]
         if tree.num_masks > masks:
-            raise GenerationError(f"tree {tree.name!r} needs {tree.num_masks} masks but the adapter "
-                                  f"has {masks}: build the tree for M={masks}")
+            raise GenerationError(f"tree {tree.name!r} needs {tree.num_masks} masks but the "
+                                  f"adapter has {masks}: build the tree for M={masks}")
         if tree.num_masks + 1 > 8:
-            raise GenerationError(f"trees deeper than 7 need more cache headroom (M={tree.num_masks})")
+            raise GenerationError(
+                f"trees deeper than 7 need more cache headroom (M={tree.num_masks})")
         self.bita_params, self.tree = bita_params, tree
 
     def run_params(self):

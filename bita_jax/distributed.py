@@ -37,7 +37,8 @@ def multi_process_env() -> bool:
     if (_int_env("OMPI_COMM_WORLD_SIZE") or 1) > 1:
         return True
     hosts = env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES") or ""
-    return len([h for h in hosts.split(",") if h]) > 1 or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
+    return (len([h for h in hosts.split(",") if h]) > 1
+            or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS")))
 
 
 def initialize() -> bool:

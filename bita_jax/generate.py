@@ -168,7 +168,8 @@ class Generator:
     def __init__(self, cfg: ModelConfig, params, eos_ids: Sequence[int] | None = None,
                  max_cache: int | None = None):
         self.cfg, self.params = cfg, params
-        self.eos_ids = tuple(int(e) for e in (eos_ids if eos_ids is not None else cfg.eos_token_ids))
+        self.eos_ids = tuple(int(e) for e in (eos_ids if eos_ids is not None
+                                              else cfg.eos_token_ids))
         self.max_cache = max_cache or cfg.max_position_embeddings
         self._compile_seconds = 0.0
 

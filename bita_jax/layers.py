@@ -143,7 +143,7 @@ class AttnContext(NamedTuple):
 
 class _Part(NamedTuple):
     m: jnp.ndarray  # [B, K, G, T] running max of scores
-    l: jnp.ndarray  # [B, K, G, T] sum of exp(score - m)
+    denom: jnp.ndarray  # [B, K, G, T] sum of exp(score - m)
     o: jnp.ndarray  # [B, K, G, T, D] sum of exp(score - m) * v
 
 
@@ -153,15 +153,15 @@ def _part(q, k, v, visible) -> _Part:
     s = jnp.where(visible, s, _NEG)
     m = jnp.max(s, axis=-1)
     p = jnp.exp(s - m[..., None])
-    l = jnp.sum(p, axis=-1)
+    denom = jnp.sum(p, axis=-1)
     o = jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32))
-    return _Part(m, l, o)
+    return _Part(m, denom, o)
 
 
 def _merge(a: _Part, b: _Part) -> _Part:
     m = jnp.maximum(a.m, b.m)
     sa, sb = jnp.exp(a.m - m), jnp.exp(b.m - m)
-    return _Part(m, a.l * sa + b.l * sb, a.o * sa[..., None] + b.o * sb[..., None])
+    return _Part(m, a.denom * sa + b.denom * sb, a.o * sa[..., None] + b.o * sb[..., None])
 
 
 def block_attention(q, k_blk, v_blk, ctx: AttnContext, k_cache=None, v_cache=None, prefix=None):
@@ -190,7 +190,7 @@ def block_attention(q, k_blk, v_blk, ctx: AttnContext, k_cache=None, v_cache=Non
             s_slots = k_cache.shape[1]
             visible = (jnp.arange(s_slots)[None, :] < ctx.cache_len[:, None])[:, None, None, None]
         part = _merge(_part(qg, k_cache, v_cache, visible), part)
-    out = part.o / part.l[..., None]
+    out = part.o / part.denom[..., None]
     if prefix is not None:
         if prefix.ndim == 4:
             prefix = prefix[None]
@@ -202,9 +202,11 @@ def block_attention(q, k_blk, v_blk, ctx: AttnContext, k_cache=None, v_cache=Non
         s = jnp.where(rows, s, _NEG)
         m = jnp.max(s, axis=-1)
         e = jnp.exp(s - m[..., None])
-        pre = _Part(m, jnp.sum(e, axis=-1), jnp.einsum("bkgtp,bpkgd->bkgtd", e, pv.astype(jnp.float32)))
+        pre = _Part(m, jnp.sum(e, axis=-1),
+                    jnp.einsum("bkgtp,bpkgd->bkgtd", e, pv.astype(jnp.float32)))
         merged = _merge(part, pre)
-        out = jnp.where(ctx.prefix_rows[:, None, None, :, None], merged.o / merged.l[..., None], out)
+        out = jnp.where(ctx.prefix_rows[:, None, None, :, None],
+                        merged.o / merged.denom[..., None], out)
     # [B, K, G, T, D] -> [B, T, N, D]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d).astype(q.dtype)
 
@@ -221,7 +223,8 @@ class Attention(nn.Module):
         dt = cfg.jnp_dtype
         n, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias = cfg.attention_bias
-        q = dense((n, d), ("embed", "heads", "head_dim"), ("heads", "head_dim"), bias, dt, "q_proj")(x)
+        q = dense((n, d), ("embed", "heads", "head_dim"), ("heads", "head_dim"), bias, dt,
+                  "q_proj")(x)
         k = dense((kv, d), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), bias, dt,
                   "k_proj")(x)
         v = dense((kv, d), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), bias, dt,

@@ -99,7 +99,8 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32",
             params = checkpoint.params_from_hf_tensors(cfg, tensors, shardings)
             tokenizer = tokenizer_from_gguf(path, reader)
         else:
-            raise ModelLoadError(f"cannot load {path}: expected a HF model directory or a .gguf file")
+            raise ModelLoadError(
+                f"cannot load {path}: expected a HF model directory or a .gguf file")
     except (checkpoint.CheckpointError, FileNotFoundError) as e:
         raise ModelLoadError(f"cannot load model {spec!r}: {e}") from None
     if not cfg.eos_token_ids and tokenizer.eos_token_ids:
@@ -144,7 +145,8 @@ def load_bita(spec: str, loaded: LoadedModel):
     if spec == "default":
         path = shipped_adapter(loaded)
         if path is None:
-            raise bita.AdapterError(f"no adapter ships for model {loaded.name!r}: pass --adapter DIR "
-                                    "(train one with train/train.py) or --adapter none")
+            raise bita.AdapterError(f"no adapter ships for model {loaded.name!r}: pass "
+                                    "--adapter DIR (train one with train/train.py) or "
+                                    "--adapter none")
         spec = str(path)
     return bita.load_adapter(spec, loaded.cfg, loaded.identity())

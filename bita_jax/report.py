@@ -138,7 +138,8 @@ def run_set(engines: dict[str, Callable[[Sequence[int], int], dict]],
     return {"rows": rows, "summary": {n: summarize(per[n], hf, per[OURS]) for n in engines}}
 
 
-def run_report(loaded, bita_params, trees, prompt_sets: dict[str, tuple[list[str], list[list[int]]]],
+def run_report(loaded, bita_params, trees,
+               prompt_sets: dict[str, tuple[list[str], list[list[int]]]],
                max_new_tokens: int, *, selection=None, hf: dict | None = None,
                max_cache: int | None = None, repeats: int = 1, log: Log = bench._quiet) -> dict:
     """The whole report.
@@ -169,7 +170,8 @@ def run_report(loaded, bita_params, trees, prompt_sets: dict[str, tuple[list[str
     info = {n: {"kind": "hf"} for n in (hf or {})}
     info[OURS] = {"kind": "ours", "tree": None, "step_tokens": 1}
     for t in trees:
-        info[f"BiTA {t.name}"] = {"kind": "bita", "tree": t.name, "step_tokens": t.layout.num_tokens,
+        info[f"BiTA {t.name}"] = {"kind": "bita", "tree": t.name,
+                                  "step_tokens": t.layout.num_tokens,
                                   "nodes": t.layout.num_nodes, "selected": t.name == selected}
     engines = {**{n: e.run for n, e in (hf or {}).items()},
                **{n: _ours_run(g) for n, g in gens.items()}}

@@ -138,13 +138,15 @@ class RunConfig:
         need(self.schedule in ("cosine", "constant"),
              f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         need(self.warmup_steps >= 0, "warmup_steps must be >= 0")
-        need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
+        need(self.batch_size >= 1 and self.grad_accum >= 1,
+             "batch_size and grad_accum must be >= 1")
         need(self.batch_size % self.grad_accum == 0,
              f"batch_size={self.batch_size} must divide by grad_accum={self.grad_accum}")
         need(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         need(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         need(self.max_groups >= 1, "max_groups must be >= 1")
-        need(len(self.mesh) == 2 and self.mesh[1] >= 1 and (self.mesh[0] >= 1 or self.mesh[0] == -1),
+        need(len(self.mesh) == 2 and self.mesh[1] >= 1
+             and (self.mesh[0] >= 1 or self.mesh[0] == -1),
              f"mesh must be [data, model] with model >= 1 and data >= 1 or -1, got {self.mesh}")
         need(self.checkpoint_every >= 1 and self.checkpoint_keep >= 1,
              "checkpoint_every and checkpoint_keep must be >= 1")

@@ -1,4 +1,4 @@
-"""BiTA training samples in the "efficient" two-pass layout (DESIGN.md section 3), built on the host.
+"""BiTA training samples in the "efficient" two-pass layout (DESIGN.md section 3), host-built.
 
 One record is a prompt `src` and the base model's own response `tgt` (response ids + EOS). The paper
 feeds one sequence `src + tgt[:p_{G-1}] + G groups of M masks`; mask group j stands right after
@@ -6,7 +6,7 @@ feeds one sequence `src + tgt[:p_{G-1}] + G groups of M masks`; mask group j sta
 
 Real tokens never depend on the BiTA parameters, so the step splits that sequence in two passes:
 
-    pass 1 (no gradient): real tokens [B, Tr], causal            -> their keys/values [L, B, Tr, K, D]
+    pass 1 (no gradient): real tokens [B, Tr], causal  -> their keys/values [L, B, Tr, K, D]
     pass 2 (grad wrt BiTA): G*M mask tokens [B, G*M] that see
         - the pass-1 cache slots [0, anchor_j)   (`cache_visible`, anchor_j = len(src) + p_j)
         - their own group causally               (a block-diagonal causal [G*M, G*M] mask)

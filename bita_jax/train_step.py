@@ -40,7 +40,8 @@ FAST_CPU_COMPILE = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimizat
 
 def make_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0,
                   schedule: str = "cosine", final_lr_ratio: float = 0.0) -> optax.Schedule:
-    """Cosine decay to `final_lr_ratio * lr` over `total_steps` (official: no warmup), or constant."""
+    """Cosine decay to `final_lr_ratio * lr` over `total_steps` (official: no warmup), or
+    constant."""
     if schedule == "constant":
         if warmup_steps:
             return optax.join_schedules(
@@ -89,8 +90,9 @@ def mask_logits(cfg: ModelConfig, spec: SampleSpec, bita_params, base_params, ba
     mask_pos = group_anchor + jnp.asarray(mask_offsets(spec))
     visible = jnp.arange(tr, dtype=jnp.int32)[None, None, :] < group_anchor[:, :, None]
     cache = KVCache(k_real, v_real, jnp.zeros((b,), jnp.int32))
-    hidden, _ = model.forward(cfg, base_params, mask_tokens, mask_pos, jnp.asarray(group_mask(spec)),
-                              cache=cache, bita_params=bita_params, cache_visible=visible)
+    hidden, _ = model.forward(cfg, base_params, mask_tokens, mask_pos,
+                              jnp.asarray(group_mask(spec)), cache=cache,
+                              bita_params=bita_params, cache_visible=visible)
     return model.lm_logits(cfg, base_params, hidden)
 
 
@@ -102,7 +104,10 @@ def mask_metrics(logits, labels, num_masks: int, topk: int = 1) -> dict[str, jax
     gold = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     nll = jnp.sum(jnp.where(valid, logz - gold, 0.0))
     b, gm = labels.shape
-    by_k = lambda x: jnp.sum(x.reshape(b, gm // num_masks, num_masks), axis=(0, 1))  # -> [M]
+
+    def by_k(x):  # -> [M]
+        return jnp.sum(x.reshape(b, gm // num_masks, num_masks), axis=(0, 1))
+
     out = {"nll": nll, "count": by_k(valid.astype(jnp.int32)),
            "correct": by_k((valid & (jnp.argmax(logits, -1) == labels)).astype(jnp.int32))}
     if topk > 1:
@@ -161,8 +166,9 @@ def train_step(bita_params, opt_state, base_params, batch: Batch, rng, *, cfg: M
         def body(carry, micro):
             grads, loss, metrics = carry
             mb, keys = micro
-            (l, mt), g = grad_fn(bita_params, base_params, mb, keys)
-            carry = (jax.tree.map(jnp.add, grads, g), loss + l, jax.tree.map(jnp.add, metrics, mt))
+            (micro_loss, mt), g = grad_fn(bita_params, base_params, mb, keys)
+            carry = (jax.tree.map(jnp.add, grads, g), loss + micro_loss,
+                     jax.tree.map(jnp.add, metrics, mt))
             return carry, None
 
         m = spec.num_masks

@@ -119,7 +119,8 @@ def main(argv=None) -> int:
         print(tree_select.table(selection.predictions, measured, selection.chosen.tree))
     status(f"wrote {path}")
     g = results["greedy"]["summary"]
-    mismatched = [n for n, t in results["trees"].items() if t["summary"]["identical"] != g["prompts"]]
+    mismatched = [n for n, t in results["trees"].items()
+                  if t["summary"]["identical"] != g["prompts"]]
     if mismatched:
         status(f"error: BiTA output differs from plain greedy for {', '.join(mismatched)}")
         return 1

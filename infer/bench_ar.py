@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     new = sum(r["new_tokens"] for r in rows)
     summary = {"prompts": len(rows), "new_tokens": new, "hf_tokens_per_second": new / hf_total,
                "ours_tokens_per_second": new / ours_total, "speedup_vs_hf": hf_total / ours_total,
-               "identical": sum(r["identical"] for r in rows), "max_new_tokens": args.max_new_tokens,
+               "identical": sum(r["identical"] for r in rows),
+               "max_new_tokens": args.max_new_tokens,
                "source": args.prompts, "torch_threads": torch.get_num_threads()}
     print("| engine | tokens/s | speedup |\n|---|---|---|")
     print(f"| HF transformers greedy (torch {torch.__version__}) | "

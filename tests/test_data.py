@@ -222,7 +222,10 @@ def test_extend_grows_a_partial_run_and_rebuilds_its_dataset(tmp_path, full_run,
     assert all(by_index[r["index"]] == r for r in first)  # answered ones kept, not redone
     assert [r["index"] for r in grown] == list(range(2 * 7))
     assert not (tmp_path / "raw" / data.PARTIAL_MARKER).exists()
-    key = lambda r: (r["prompt_text"], r["with_system"], r["response_ids"].tolist())
+
+    def key(r):
+        return (r["prompt_text"], r["with_system"], r["response_ids"].tolist())
+
     got, want = _loaded(tmp_path), _loaded(full_run)
     for s in data.SPLITS:  # the same records as a run planned with no limit from the start
         assert sorted(map(key, got[s])) == sorted(map(key, want[s]))

@@ -1,4 +1,4 @@
-"""Jitted AR generation on a tiny random LLaMA: exact greedy, batching, EOS / max-new, compile once."""
+"""Jitted AR generation on a tiny LLaMA: exact greedy, batching, EOS / max-new, compile once."""
 
 import jax
 import jax.numpy as jnp

@@ -224,7 +224,8 @@ _SHARDED_LOAD = textwrap.dedent("""
             shardings = sharding.param_shardings(cfg, mesh, rules)
             _, params = checkpoint.load_hf_checkpoint(path, shardings=shardings)
             split = 0
-            for (kp, r), x in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(params)):
+            for (kp, r), x in zip(jax.tree_util.tree_leaves_with_path(ref),
+                                  jax.tree.leaves(params)):
                 r = np.asarray(r)
                 assert x.dtype == r.dtype and x.shape == r.shape, kp
                 for shard in x.addressable_shards:  # each device holds exactly its part

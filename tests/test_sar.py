@@ -1,4 +1,4 @@
-"""Training samples: a small case checked by hand, and two-pass loss == the paper's single sequence."""
+"""Training samples: a small case checked by hand; two-pass loss == the paper's single sequence."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training: the loss falls, only BiTA params train, resume is exact, 8 devices == 1, adapter export.
+"""Training: loss falls, only BiTA params train, resume is exact, 8 devices == 1, adapter export.
 
 The CLI runs (`train/train.py`) are subprocesses sharing a persistent compilation cache, so the
 second and third runs of the same step skip XLA compilation.
@@ -53,7 +53,8 @@ def _records(n=24, seed=0, vocab=128):
     for _ in range(n):
         start = int(rng.integers(0, vocab))
         out.append({"prompt_ids": rng.integers(0, vocab, int(rng.integers(2, 9))).tolist(),
-                    "response_ids": [(start + 3 * k) % vocab for k in range(int(rng.integers(2, 30)))]})
+                    "response_ids": [(start + 3 * k) % vocab
+                                     for k in range(int(rng.integers(2, 30)))]})
     return out
 
 
@@ -114,7 +115,8 @@ def test_optimizer_state_is_for_bita_params_only():
     assert len(adam) == 1  # Adam's moments mirror the BiTA tree exactly
     assert jax.tree.structure(adam[0].mu) == jax.tree.structure(params)
     assert jax.tree.structure(adam[0].nu) == jax.tree.structure(params)
-    assert sum(x.size for x in jax.tree.leaves(opt_state)) <= 2 * bita.count_trainable(cfg, bcfg) + 8
+    assert (sum(x.size for x in jax.tree.leaves(opt_state))
+            <= 2 * bita.count_trainable(cfg, bcfg) + 8)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     sched = train_step.make_schedule(3e-2, 10)
     assert float(sched(0)) == pytest.approx(3e-2) and float(sched(10)) == pytest.approx(0.0)
@@ -332,7 +334,8 @@ _MULTI_DEVICE = textwrap.dedent("""
         moved = min(float(np.max(np.abs(p1[k] - params0[k]))) for k in p1)
         assert diff <= 1e-5 and moved > 1e-3, (name, diff, moved)
         assert abs(float(m8["loss"]) - float(m1["loss"])) <= 1e-5, (name, m8["loss"], m1["loss"])
-        assert np.array_equal(m8["count"], m1["count"]) and np.array_equal(m8["correct"], m1["correct"])
+        assert (np.array_equal(m8["count"], m1["count"])
+                and np.array_equal(m8["correct"], m1["correct"]))
         for a, b in zip(jax.tree.leaves(o8), jax.tree.leaves(o1)):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
         print(f"OK {name} max_abs_diff={diff:.2e}")

@@ -1,7 +1,7 @@
-"""Train BiTA adapters (prefix + mask embeddings) on a self-distilled dataset; the base stays frozen.
+"""Train BiTA adapters (prefix + mask embeddings) on a self-distilled dataset; the base is frozen.
 
     python train/train.py --config configs/smollm2-135m.yaml --data DIR_OR_JSONL
-    python train/train.py --config configs/llama2-7b.yaml --dry-run     # counts + memory, no weights
+    python train/train.py --config configs/llama2-7b.yaml --dry-run  # counts + memory, no weights
     python train/train.py --config configs/tiny-test.yaml --data d.jsonl --out runs/t --resume
     python train/train.py --config ... run.batch_size=8 bita.num_masks=4  # overrides
 
@@ -139,7 +139,8 @@ def dry_run(tc, devices: int | None = None) -> dict:
     itemsize = np.dtype(cfg.jnp_dtype).itemsize
     heads = cfg.num_heads // msize if cfg.num_heads % msize == 0 else cfg.num_heads
     kv = cfg.num_kv_heads // msize if cfg.num_kv_heads % msize == 0 else cfg.num_kv_heads
-    ffn = cfg.intermediate_size // msize if cfg.intermediate_size % msize == 0 else cfg.intermediate_size
+    ffn = (cfg.intermediate_size // msize if cfg.intermediate_size % msize == 0
+           else cfg.intermediate_size)
     vocab = cfg.vocab_size // msize if cfg.vocab_size % msize == 0 else cfg.vocab_size
     real_kv = 2 * cfg.num_layers * b * tr * kv * cfg.head_dim * itemsize
     pass1_layer = b * heads * tr * tr * 4 * 2 + b * tr * (4 * cfg.hidden_size + 3 * ffn) * itemsize
@@ -384,8 +385,9 @@ def train(tc, args) -> int:
     ckpt = Checkpoints(out / "checkpoints", run.checkpoint_keep)
     latest = ckpt.latest()
     if latest is not None and not args.resume:
-        raise ResumeError(f"{out / 'checkpoints'} already holds checkpoints (latest step {latest}): "
-                          "pass --resume to continue, or choose another --out")
+        raise ResumeError(f"{out / 'checkpoints'} already holds checkpoints "
+                          f"(latest step {latest}): pass --resume to continue, "
+                          "or choose another --out")
     if latest is not None:
         _check_resume(out, latest, ckpt.read_meta(latest)["run"], run_meta)
 
