@@ -127,13 +127,22 @@ def _fmt(leaf: Leaf) -> str:
     return "/".join(leaf)
 
 
-def _split_qkv(cfg: ModelConfig, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Falcon fused [(N + 2K) * D, ...] -> q [N * D, ...], k, v [K * D, ...] (see module doc)."""
+def _qkv_part(cfg: ModelConfig, x: np.ndarray, part: int, index: tuple) -> np.ndarray:
+    """Part `index` of one layer's q (part 0), k (1) or v (2) leaf, from Falcon's fused QKV.
+
+    `x` is the fused [(N + 2K) * D, E] weight or [(N + 2K) * D] bias (see module doc); the leaf is
+    [E, N, D] / [E, K, D] (weight) or [N, D] / [K, D] (bias). Only the rows the part needs are
+    read: the grouped layout is a view, and query head n is (kv head n // G, slot n % G).
+    """
     n, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    rest = x.shape[1:]
-    grouped = x.reshape(kv, n // kv + 2, d, *rest)
-    return (grouped[:, :-2].reshape(n * d, *rest), grouped[:, -2].reshape(kv * d, *rest),
-            grouped[:, -1].reshape(kv * d, *rest))
+    g = n // kv
+    grouped = x.reshape(kv, g + 2, d, *x.shape[1:])  # [K, G + 2, D(, E)], a view
+    lead = np.moveaxis(grouped, -1, 0) if x.ndim == 2 else grouped  # [(E,) K, G + 2, D]
+    outer, heads, inner = index[:x.ndim - 1], index[x.ndim - 1], index[x.ndim]
+    if part == 0:
+        h = np.arange(n)[heads]
+        return lead[(*outer, h // g, h % g)][..., inner]
+    return lead[(*outer, heads, g + part - 1, inner)]
 
 
 def _hf_shape(t: _Target, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -280,24 +289,27 @@ def params_from_hf_tensors(cfg: ModelConfig,
     tensors = dict(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
     plan, tied_head = _plan(cfg, tensors, leaves)
 
-    def layer_value(leaf: Leaf, slot: int) -> np.ndarray:
+    def layer_part(leaf: Leaf, slot: int, index: tuple) -> np.ndarray:
+        """Part `index` of one layer (or of a global leaf), read from its source."""
         src = plan[leaf][slot]
-        x = src.array
         if src.qkv_part is not None:
-            x = _split_qkv(cfg, np.asarray(x))[src.qkv_part]
+            return _qkv_part(cfg, src.array, src.qkv_part, index)
         shape = leaves[leaf].shape[1:] if leaf[0] == "layers" else leaves[leaf].shape
-        return _as_leaf(src.target, x, shape)
+        return _as_leaf(src.target, src.array, shape)[index]
 
     def build(leaf: Leaf, index: tuple[slice, ...] | None = None) -> np.ndarray:
         """The leaf, or its part `index` (a tuple of slices), as a host array of cfg.dtype."""
         full = leaves[leaf].shape
-        index = tuple(index) if index is not None else tuple(slice(None) for _ in full)
+        index = tuple(index) if index is not None else (slice(None),) * len(full)
         if leaf[0] != "layers":
-            return np.asarray(layer_value(leaf, 0)[index], dtype)
-        out = np.empty((len(range(*index[0].indices(full[0]))), *(
-            len(range(*i.indices(n))) for i, n in zip(index[1:], full[1:]))), dtype)
-        for row, layer in enumerate(range(*index[0].indices(full[0]))):
-            out[row] = layer_value(leaf, layer)[index[1:]]
+            return np.asarray(layer_part(leaf, 0, index), dtype)
+        layers = range(full[0])[index[0]]
+        out = None
+        for row, layer in enumerate(layers):
+            part = layer_part(leaf, layer, index[1:])
+            if out is None:
+                out = np.empty((len(layers), *part.shape), dtype)
+            out[row] = part
         return out
 
     if tied_head is not None:
@@ -347,22 +359,28 @@ def _file_tensors(file: str) -> dict[str, np.ndarray]:
     try:
         with open(file, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
+            if size > os.path.getsize(file) - 8:
+                raise ValueError(f"header of {size} bytes is longer than the file")
             header = json.loads(f.read(size))
         data = np.memmap(file, np.uint8, mode="r", offset=8 + size)
     except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
         raise CheckpointError(f"cannot read {file}: not a safetensors file or truncated ({e})") \
             from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"cannot read {file}: its safetensors header is not a JSON object")
     views = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        if entry.get("dtype") not in _DTYPES:
-            raise CheckpointError(
-                f"{file}: tensor {name} has unsupported dtype {entry.get('dtype')}")
-        dt = np.dtype(_DTYPES[entry["dtype"]])
-        start, end = entry["data_offsets"]
-        shape = tuple(entry["shape"])
-        if end > data.size or end - start != math.prod(shape) * dt.itemsize:
+        try:
+            dtype, (start, end), shape = entry["dtype"], entry["data_offsets"], entry["shape"]
+            shape = tuple(int(n) for n in shape)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: malformed header entry for tensor {name}") from None
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {dtype}")
+        dt = np.dtype(_DTYPES[dtype])
+        if not 0 <= start <= end <= data.size or end - start != math.prod(shape) * dt.itemsize:
             raise CheckpointError(f"{file}: tensor {name} lies outside the file (truncated?)")
         views[name] = data[start:end].view(dt).reshape(shape)
     return views

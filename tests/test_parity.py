@@ -353,6 +353,20 @@ def test_missing_files(llama_dir, tmp_path):
         load_hf_checkpoint(str(tmp_path / "cfg_only"))
 
 
+def test_corrupt_safetensors_is_named(llama_dir, tmp_path):
+    """A truncated or garbage weights file gets a CheckpointError naming it, not a numpy error."""
+    data = open(os.path.join(llama_dir, "model.safetensors"), "rb").read()
+    for case, content, pattern in [("truncated", data[: len(data) // 2], "truncated"),
+                                   ("garbage", b"not a safetensors file at all", "cannot read"),
+                                   ("empty", b"", "cannot read")]:
+        path = tmp_path / case
+        path.mkdir()
+        (path / "config.json").write_text(open(os.path.join(llama_dir, "config.json")).read())
+        (path / "model.safetensors").write_bytes(content)
+        with pytest.raises(CheckpointError, match=pattern):
+            load_hf_checkpoint(str(path))
+
+
 def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ConfigError, match="unsupported architecture"):
