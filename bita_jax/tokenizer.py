@@ -13,7 +13,7 @@ differently ("a  1": HF-GGUF [a, Ġ, Ġ, 1], the model's tokenizer [a, ĠĠ, 1])
 the two agree.
 
 Building it from the metadata means parsing the whole GGUF and ~100k vocab/merge strings, so the
-built tokenizer is cached on disk next to the GGUF's tensor cache (see bita_jax/gguf_loader.py):
+built tokenizer is cached on disk next to the GGUF's tensor cache (see bita_jax/model_cache.py):
 `tokenizer.json` (`tokenizers.Tokenizer.to_str`) plus `tokenizer_meta.json` (special tokens, chat
 template and the sha256 of `tokenizer.json`).
 """
@@ -31,7 +31,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from bita_jax import gguf_loader
+from bita_jax import gguf_loader, model_cache
 
 # llama.cpp pre-tokenizer types whose regex list is ["\p{N}", GPT-2 regex].
 _DIGIT_SPLIT_PRES = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone")
@@ -141,7 +141,7 @@ def tokenizer_from_gguf(path: str | os.PathLike, reader: gguf_loader.ReaderArg =
       FileNotFoundError: `path` does not exist.
       ValueError: unreadable file, or a tokenizer model other than GPT-2 byte-level BPE.
     """
-    entry = gguf_loader.cache_entry(path) if use_cache else None
+    entry = model_cache.cache_entry(path) if use_cache else None
     built = _read_cached_tokenizer(entry) if entry is not None else None
     if built is None:
         built = _build_tokenizer(gguf_loader.resolve_reader(path, reader), path)
@@ -211,7 +211,7 @@ def _read_cached_tokenizer(entry: pathlib.Path
             raise ValueError("bad kwargs")
         return tokenizers.Tokenizer.from_str(data.decode("utf-8")), kwargs
     except Exception as e:  # any damage: rebuild, never crash
-        gguf_loader.warn_unreadable(file, e)
+        model_cache.warn_unreadable(file, e)
         if file != meta_file:
             with contextlib.suppress(OSError):
                 meta_file.unlink(missing_ok=True)
@@ -223,8 +223,8 @@ def _write_cached_tokenizer(entry: pathlib.Path, tk: tokenizers.Tokenizer,
     # The meta file (with the sha256 of tokenizer.json) is written last: it commits the pair.
     data = tk.to_str().encode("utf-8")
     meta = {"format": _META_FORMAT, "sha256": hashlib.sha256(data).hexdigest(), "kwargs": kwargs}
-    if gguf_loader.write_cache_file(entry / TOKENIZER_CACHE_FILE, data):
-        gguf_loader.write_cache_file(entry / TOKENIZER_META_CACHE_FILE,
+    if model_cache.write_cache_file(entry / TOKENIZER_CACHE_FILE, data):
+        model_cache.write_cache_file(entry / TOKENIZER_META_CACHE_FILE,
                                      json.dumps(meta).encode("utf-8"))
 
 

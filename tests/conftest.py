@@ -12,12 +12,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 @pytest.fixture(scope="module")
 def fresh_gguf_cache(tmp_path_factory):
     """A fresh GGUF cache directory for one test module (never the user's ~/.cache)."""
-    from bita_jax import gguf_loader
+    from bita_jax import model_cache
 
     with pytest.MonkeyPatch.context() as mp:
         path = tmp_path_factory.mktemp("bita_jax_cache")
-        mp.setenv(gguf_loader.CACHE_ENV, str(path))
-        mp.delenv(gguf_loader.NO_CACHE_ENV, raising=False)
+        mp.setenv(model_cache.CACHE_ENV, str(path))
+        mp.delenv(model_cache.NO_CACHE_ENV, raising=False)
         yield path
 
 

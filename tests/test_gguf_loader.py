@@ -17,7 +17,7 @@ import pytest
 import safetensors.numpy
 import transformers
 
-from bita_jax import gguf_loader
+from bita_jax import gguf_loader, model_cache
 from bita_jax.config import ModelConfig
 
 
@@ -230,7 +230,7 @@ def _assert_bit_identical(got, want):
 
 
 def _tensor_cache(path):
-    return gguf_loader.cache_entry(path) / gguf_loader.TENSOR_CACHE_FILE
+    return model_cache.cache_entry(path) / gguf_loader.TENSOR_CACHE_FILE
 
 
 def test_smollm2_cache_hit_is_bit_identical(gguf_path, ours, monkeypatch):
@@ -246,7 +246,7 @@ def test_smollm2_cache_hit_is_bit_identical(gguf_path, ours, monkeypatch):
 @pytest.fixture
 def tiny(tmp_path, monkeypatch):
     """A tiny GGUF, its expected (uncached) tensors, and an empty private cache dir."""
-    monkeypatch.setenv(gguf_loader.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(model_cache.CACHE_ENV, str(tmp_path / "cache"))
     hf = _tiny_hf()
     path = tmp_path / "tiny.gguf"
     _write_tiny_llama(path, hf)
@@ -294,7 +294,7 @@ def test_corrupt_cache_is_rebuilt(tiny, damage):
         file.write_bytes(b"")
     else:
         file.write_bytes(raw[:header_len])
-    with pytest.warns(gguf_loader.CacheWarning, match="unreadable cache file"):
+    with pytest.warns(model_cache.CacheWarning, match="unreadable cache file"):
         got_config, got = gguf_loader.load_gguf_state_dict(path)
     assert got_config == config
     _assert_bit_identical(got, want)
@@ -309,34 +309,34 @@ def test_partial_pass_writes_no_cache(tiny):
     _, stream = gguf_loader.read_gguf(path)
     next(stream)
     stream.close()  # consumer stopped early
-    entry = gguf_loader.cache_entry(path)
+    entry = model_cache.cache_entry(path)
     assert not (entry / gguf_loader.TENSOR_CACHE_FILE).exists()
     assert not list(entry.glob("*.tmp"))
 
 
 def test_cache_disabled(tiny, monkeypatch):
     path, (config, want) = tiny
-    monkeypatch.setenv(gguf_loader.NO_CACHE_ENV, "1")
-    assert gguf_loader.cache_root() is None and gguf_loader.cache_entry(path) is None
+    monkeypatch.setenv(model_cache.NO_CACHE_ENV, "1")
+    assert model_cache.cache_root() is None and model_cache.cache_entry(path) is None
     got_config, got = gguf_loader.load_gguf_state_dict(path)
     assert got_config == config
     _assert_bit_identical(got, want)
     assert not (path.parent / "cache").exists()
-    monkeypatch.setenv(gguf_loader.NO_CACHE_ENV, "0")
-    assert gguf_loader.cache_root() == path.parent / "cache"
+    monkeypatch.setenv(model_cache.NO_CACHE_ENV, "0")
+    assert model_cache.cache_root() == path.parent / "cache"
 
 
 def test_changed_file_misses_cache(tiny):
     path, (_, want) = tiny
     gguf_loader.load_gguf_state_dict(path)
-    old_entry = gguf_loader.cache_entry(path)
+    old_entry = model_cache.cache_entry(path)
     # Same size, same mtime, new weights: the content hash alone tells the files apart.
     stat = os.stat(path)
     changed = {k: v + 1.0 for k, v in _tiny_hf().items()}
     _write_tiny_llama(path, changed)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert os.stat(path).st_size == stat.st_size
-    new_entry = gguf_loader.cache_entry(path)
+    new_entry = model_cache.cache_entry(path)
     assert new_entry != old_entry
     _, got = gguf_loader.load_gguf_state_dict(path)
     for name, w in changed.items():
@@ -349,8 +349,8 @@ def test_unwritable_cache_warns_and_loads(tiny, monkeypatch):
     path, (_, want) = tiny
     blocker = path.parent / "not_a_dir"
     blocker.write_text("x")
-    monkeypatch.setenv(gguf_loader.CACHE_ENV, str(blocker))
-    with pytest.warns(gguf_loader.CacheWarning, match="cannot write cache file"):
+    monkeypatch.setenv(model_cache.CACHE_ENV, str(blocker))
+    with pytest.warns(model_cache.CacheWarning, match="cannot write cache file"):
         _, got = gguf_loader.load_gguf_state_dict(path)
     _assert_bit_identical(got, want)
 

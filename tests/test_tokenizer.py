@@ -18,7 +18,7 @@ import tokenizers
 import transformers
 from tokenizers import pre_tokenizers
 
-from bita_jax import gguf_loader
+from bita_jax import gguf_loader, model_cache
 from bita_jax import tokenizer as tokenizer_mod
 from bita_jax.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
 
@@ -100,7 +100,7 @@ def _random_texts(n, digits):
 
 
 def test_no_torch_at_runtime(gguf_path, tmp_path, monkeypatch):
-    monkeypatch.setenv(gguf_loader.CACHE_ENV, str(tmp_path))  # built, then read from the cache
+    monkeypatch.setenv(model_cache.CACHE_ENV, str(tmp_path))  # built, then read from the cache
     code = ("import sys; from bita_jax.tokenizer import load_tokenizer; "
             f"t = load_tokenizer({str(gguf_path)!r}); t.chat_ids('hi'); "
             f"t = load_tokenizer({str(gguf_path)!r}); t.chat_ids('hi'); "
@@ -220,7 +220,7 @@ def _assert_same_tokenizer(a, b, n_random=200):
 
 
 def test_cached_tokenizer_is_identical(tok, tok_cached, gguf_path):
-    entry = gguf_loader.cache_entry(gguf_path)
+    entry = model_cache.cache_entry(gguf_path)
     assert (entry / tokenizer_mod.TOKENIZER_CACHE_FILE).is_file()
     assert (entry / tokenizer_mod.TOKENIZER_META_CACHE_FILE).is_file()
     _assert_same_tokenizer(tok, tok_cached)
@@ -231,16 +231,16 @@ def test_cached_tokenizer_is_identical(tok, tok_cached, gguf_path):
 def test_corrupt_tokenizer_cache_is_rebuilt(tok, tok_cached, gguf_path, tmp_path, monkeypatch,
                                             name, damage):
     # Copy the module's (good) cache entry into a private cache, then damage one file.
-    source = gguf_loader.cache_entry(gguf_path)
-    monkeypatch.setenv(gguf_loader.CACHE_ENV, str(tmp_path))
-    entry = gguf_loader.cache_entry(gguf_path)
+    source = model_cache.cache_entry(gguf_path)
+    monkeypatch.setenv(model_cache.CACHE_ENV, str(tmp_path))
+    entry = model_cache.cache_entry(gguf_path)
     entry.mkdir(parents=True)
     for f in (tokenizer_mod.TOKENIZER_CACHE_FILE, tokenizer_mod.TOKENIZER_META_CACHE_FILE):
         (entry / f).write_bytes((source / f).read_bytes())
     good = (entry / name).read_bytes()
     (entry / name).write_bytes(b"\x00garbage{" * 10 if damage == "garbage"
                                else good[:len(good) // 2])
-    with pytest.warns(gguf_loader.CacheWarning, match="unreadable cache file"):
+    with pytest.warns(model_cache.CacheWarning, match="unreadable cache file"):
         rebuilt = tokenizer_from_gguf(gguf_path)
     assert (entry / name).read_bytes() == good
     _assert_same_tokenizer(tok, rebuilt, n_random=0)
@@ -251,12 +251,12 @@ def test_corrupt_tokenizer_cache_is_rebuilt(tok, tok_cached, gguf_path, tmp_path
 
 
 def test_tokenizer_cache_disabled(tok, gguf_path, tmp_path, monkeypatch):
-    monkeypatch.setenv(gguf_loader.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setenv(gguf_loader.NO_CACHE_ENV, "1")
+    monkeypatch.setenv(model_cache.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(model_cache.NO_CACHE_ENV, "1")
     reader = gguf_loader.lazy_reader(gguf_path)  # one parse for both builds
     built = tokenizer_from_gguf(gguf_path, reader)
     assert not (tmp_path / "cache").exists()
-    monkeypatch.delenv(gguf_loader.NO_CACHE_ENV)
+    monkeypatch.delenv(model_cache.NO_CACHE_ENV)
     tokenizer_from_gguf(gguf_path, reader, use_cache=False)
     assert not (tmp_path / "cache").exists()
     _assert_same_tokenizer(tok, built, n_random=0)
