@@ -150,3 +150,26 @@ def load_bita(spec: str, loaded: LoadedModel):
                                     "--adapter none")
         spec = str(path)
     return bita.load_adapter(spec, loaded.cfg, loaded.identity())
+
+
+def model_config(spec):
+    """The `ModelConfig` of a `run_config.ModelSpec` from its config alone (no tensors are read).
+
+    `spec.hf_config` when given, else the config of the model `spec.name` names (the same names
+    `load_model` takes)."""
+    if spec.hf_config is not None:
+        return ModelConfig.from_hf_config(spec.hf_config, dtype=spec.dtype)
+    if spec.name in EMBEDDED_MODELS:
+        try:
+            path = EMBEDDED_MODELS[spec.name]()
+        except FileNotFoundError as e:
+            raise ModelLoadError(str(e)) from None
+    else:
+        path = pathlib.Path(spec.name).expanduser()
+    if path.is_dir():
+        return ModelConfig.from_hf_config(checkpoint.read_hf_config(str(path)), dtype=spec.dtype)
+    if path.suffix == ".gguf" and path.is_file():
+        hf = gguf_loader.hf_config_from_gguf(gguf_loader.open_gguf(path))
+        return ModelConfig.from_hf_config(hf, dtype=spec.dtype)
+    raise ModelLoadError(f"unknown model {spec.name!r}: not a built-in name, HF directory "
+                                 "or .gguf file")

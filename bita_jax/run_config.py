@@ -159,6 +159,16 @@ class RunConfig:
             return self.steps
         return max(1, math.ceil(self.epochs * num_records / self.batch_size))
 
+    def mesh_shape(self, num_devices: int) -> tuple[int, int]:
+        """(data, model) sizes of the mesh on `num_devices`; data = -1 takes what model leaves."""
+        data, model = self.mesh
+        if data == -1:
+            if num_devices % model:
+                raise ValueError(f"run.mesh model={model} does not divide the {num_devices} "
+                                 "devices")
+            data = num_devices // model
+        return data, model
+
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `train_step.make_optimizer` (total_steps apart)."""
         return {"learning_rate": self.learning_rate, "schedule": self.schedule,
