@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,7 @@ class BitaConfig:
             raise ValueError(f"prefix_dropout must be in [0, 1), got {self.prefix_dropout}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "BitaConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> BitaConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -8,7 +8,8 @@ every shape. Build one with `ModelConfig.from_hf_config` from a HF `config.json`
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -101,11 +102,11 @@ class ModelConfig:
         """G = N // K query heads per key/value head."""
         return self.num_heads // self.num_kv_heads
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any] | Any, dtype: str = "float32") -> "ModelConfig":
+    def from_hf_config(cls, hf: Mapping[str, Any] | Any, dtype: str = "float32") -> ModelConfig:
         """Builds a config from a HF config dict or `PretrainedConfig`.
 
         Raises:

@@ -33,7 +33,8 @@ import os
 import pathlib
 import shutil
 import time
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import tensorflow_datasets as tfds

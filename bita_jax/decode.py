@@ -16,7 +16,7 @@ steps compiles once per (model, tree, batch, cache capacity).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

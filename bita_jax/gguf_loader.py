@@ -29,7 +29,8 @@ import pathlib
 import re
 import struct
 import zlib
-from typing import Any, Callable, Iterator, Union
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import gguf
 import numpy as np
@@ -71,7 +72,7 @@ _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 TENSOR_CACHE_FILE = "tensors.safetensors"
 
 # A reader, or a zero-argument function returning one (opened on first use; see `lazy_reader`).
-ReaderArg = Union[gguf.GGUFReader, Callable[[], gguf.GGUFReader], None]
+ReaderArg = gguf.GGUFReader | Callable[[], gguf.GGUFReader] | None
 
 
 class _FastGGUFReader(gguf.GGUFReader):

@@ -17,7 +17,7 @@ import importlib.util
 import json
 import os
 import pathlib
-from typing import Iterator
+from collections.abc import Iterator
 
 HELDOUT_PERCENT = 5  # of all prompts, by stable hash
 

@@ -23,7 +23,7 @@ class SamplingParams(NamedTuple):
     top_p: jnp.ndarray
 
     @classmethod
-    def make(cls, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> "SamplingParams":
+    def make(cls, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> SamplingParams:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not 0.0 < top_p <= 1.0:
@@ -33,7 +33,7 @@ class SamplingParams(NamedTuple):
         return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
 
     @classmethod
-    def greedy(cls) -> "SamplingParams":
+    def greedy(cls) -> SamplingParams:
         return cls.make()
 
 

@@ -136,7 +136,7 @@ class Tree:
         _validate(self.paths, self.num_masks)
 
     @classmethod
-    def make(cls, name: str, num_masks: int, pruned: bool = False) -> "Tree":
+    def make(cls, name: str, num_masks: int, pruned: bool = False) -> Tree:
         """`NAME[-pruned][@D]`; `@D` builds the tree for D <= num_masks of the adapter's masks
         (a mask only sees earlier masks of its group, so dropping the last ones changes nothing
         else and makes the step smaller)."""

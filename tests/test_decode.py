@@ -80,7 +80,7 @@ def test_every_node_sees_exactly_its_ancestors(name):
         ancestors = {row[p[:d]] for d in range(len(p) + 1)}
         assert set(np.nonzero(lay.mask[row[p]])[0]) == ancestors
         assert lay.offsets[row[p]] == len(p)
-    for g, rows in enumerate(lay.group_rows):  # a mask sees its anchor's chain + earlier masks
+    for rows in lay.group_rows:  # a mask sees its anchor's chain + earlier masks
         for k, r in enumerate(rows):
             seen = set(np.nonzero(lay.mask[r])[0])
             assert set(rows[: k + 1]) <= seen and not (set(rows[k + 1:]) & seen)
