@@ -59,6 +59,22 @@ def weights_fingerprint(params) -> str:
     return h.hexdigest()[:16]
 
 
+def _resolve(spec: str | os.PathLike) -> tuple[str, pathlib.Path]:
+    """(name, local path) of a model spec: a name from `EMBEDDED_MODELS` or an existing path."""
+    spec = str(spec)
+    if spec in EMBEDDED_MODELS:
+        try:
+            return spec, EMBEDDED_MODELS[spec]()
+        except FileNotFoundError as e:
+            raise ModelLoadError(str(e)) from None
+    path = pathlib.Path(spec).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"unknown model {spec!r}: not a built-in name ({', '.join(EMBEDDED_MODELS)}) and "
+            "no such file or directory (expected a HF model directory or a .gguf file)")
+    return path.name, path
+
+
 def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32",
                shardings: Any = None) -> LoadedModel:
     """Loads a base model by name, HF directory or GGUF file.
@@ -72,20 +88,7 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32",
       ModelLoadError: unknown name, missing path, or an unreadable/corrupt checkpoint.
       ConfigError: an architecture bita_jax does not run.
     """
-    spec = str(spec)
-    if spec in EMBEDDED_MODELS:
-        try:
-            path = EMBEDDED_MODELS[spec]()
-        except FileNotFoundError as e:
-            raise ModelLoadError(str(e)) from None
-        name = spec
-    else:
-        path = pathlib.Path(spec).expanduser()
-        name = path.name
-        if not path.exists():
-            raise ModelLoadError(
-                f"unknown model {spec!r}: not a built-in name ({', '.join(EMBEDDED_MODELS)}) and "
-                "no such file or directory (expected a HF model directory or a .gguf file)")
+    name, path = _resolve(spec)
     try:
         if path.is_dir():
             cfg, params = checkpoint.load_hf_checkpoint(str(path), dtype, shardings)
@@ -152,24 +155,29 @@ def load_bita(spec: str, loaded: LoadedModel):
     return bita.load_adapter(spec, loaded.cfg, loaded.identity())
 
 
-def model_config(spec):
+def model_config(spec) -> ModelConfig:
     """The `ModelConfig` of a `run_config.ModelSpec` from its config alone (no tensors are read).
 
     `spec.hf_config` when given, else the config of the model `spec.name` names (the same names
-    `load_model` takes)."""
+    `load_model` takes).
+
+    Raises:
+      ModelLoadError: unknown name, missing path, or an unreadable config / GGUF header.
+      ConfigError: an architecture bita_jax does not run.
+    """
     if spec.hf_config is not None:
         return ModelConfig.from_hf_config(spec.hf_config, dtype=spec.dtype)
-    if spec.name in EMBEDDED_MODELS:
-        try:
-            path = EMBEDDED_MODELS[spec.name]()
-        except FileNotFoundError as e:
-            raise ModelLoadError(str(e)) from None
-    else:
-        path = pathlib.Path(spec.name).expanduser()
-    if path.is_dir():
-        return ModelConfig.from_hf_config(checkpoint.read_hf_config(str(path)), dtype=spec.dtype)
-    if path.suffix == ".gguf" and path.is_file():
-        hf = gguf_loader.hf_config_from_gguf(gguf_loader.open_gguf(path))
-        return ModelConfig.from_hf_config(hf, dtype=spec.dtype)
-    raise ModelLoadError(f"unknown model {spec.name!r}: not a built-in name, HF directory "
-                                 "or .gguf file")
+    _, path = _resolve(spec.name)
+    try:
+        if path.is_dir():
+            hf = checkpoint.read_hf_config(str(path))
+        elif path.suffix == ".gguf":
+            hf = gguf_loader.hf_config_from_gguf(gguf_loader.open_gguf(path))
+        else:
+            raise ModelLoadError(
+                f"cannot load {path}: expected a HF model directory or a .gguf file")
+    except (checkpoint.CheckpointError, OSError, ValueError) as e:  # JSON and GGUF errors too
+        if isinstance(e, ModelLoadError):
+            raise
+        raise ModelLoadError(f"cannot read the config of model {spec.name!r}: {e}") from None
+    return ModelConfig.from_hf_config(hf, dtype=spec.dtype)

@@ -173,6 +173,11 @@ class _Interrupt:
 
 def train(tc, *, resume: bool = False, stop_at: int | None = None, quiet: bool = False
           ) -> int:
+    """Runs (or, with `resume`, continues) the training run `tc`; returns the process exit code.
+
+    0 when done (adapter exported) or stopped at `stop_at`; 130 when interrupted (a checkpoint is
+    saved either way). `quiet` turns the progress bar and status lines off.
+    """
     run, bcfg = tc.run, tc.bita
     main_proc = distributed.is_main_process()
     out = pathlib.Path(run.out_dir)

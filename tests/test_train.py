@@ -233,6 +233,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "run.cutoff must be int" in capsys.readouterr().err
     assert cli.main(["--config", str(tmp_path / "missing.yaml"), "--dry-run"]) == 2
     assert "config file not found" in capsys.readouterr().err
+    # --dry-run reads only the model's config: a bad model path is still one line, not a traceback
+    (tmp_path / "no_config").mkdir()
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file")
+    smol = REPO / "configs" / "smollm2-135m.yaml"
+    for name, want in [(tmp_path / "no_config", "no config.json"),
+                       (tmp_path / "bad.gguf", "not a readable GGUF file"),
+                       (tmp_path / "absent", "no such file or directory")]:
+        assert cli.main(["--config", str(smol), "--dry-run", f"model.name={name}",
+                         "model.hf_config=null"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and want in err[0], err
 
 
 def test_run_config_sections_and_overrides(tmp_path):
