@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -19,19 +20,32 @@ def status(message: str, quiet: bool = False) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def run_main(main: Callable[[], int]) -> NoReturn:
-    """Runs a CLI's `main` and exits with its code; Ctrl-C anywhere (loading, compiling) exits
-    with 130 and one line instead of a traceback. Work in progress is the caller's to keep:
-    training checkpoints on Ctrl-C, distillation writes whole chunk files only."""
+def run_main(main: Callable[[], int], interrupted: str = "interrupted") -> NoReturn:
+    """Runs a CLI's `main` and exits with its code. Ctrl-C anywhere (loading, compiling,
+    generating) exits at once with 130 and the one line `interrupted`, no traceback.
+
+    The exit happens in the SIGINT handler itself rather than through `KeyboardInterrupt`:
+    an exception raised while Python runs a `__del__` or a gc callback (jax has one) is
+    printed and dropped, and the run would go on as if Ctrl-C had never been pressed. Work in
+    progress is safe: distillation writes whole chunk files only, and training installs its own
+    handler that checkpoints after the current step (`trainer._Interrupt`)."""
+
+    def exit_now(signum, frame):
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException:  # noqa: BLE001 - a flush cut in half must not block the exit
+            pass
+        os.write(2, f"\n{interrupted}\n".encode())
+        # Skip atexit hooks: a library interrupted halfway through its work would print its
+        # own traceback from them.
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, exit_now)
     try:
         code = main()
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Skip atexit hooks: a library interrupted halfway through its import (Ctrl-C while
-        # jax loads) would print its own traceback from them.
-        os._exit(130)
+    except KeyboardInterrupt:  # raised by a handler main installed (training's second Ctrl-C)
+        exit_now(signal.SIGINT, None)
     sys.exit(code)
 
 

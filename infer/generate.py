@@ -105,9 +105,6 @@ def main(argv=None) -> int:
             result = gen.generate([prompt_ids], args.max_new_tokens, sp, args.seed)
     except GenerationError as e:
         return fail(e)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
     ids = result.tokens[0]
     text = tok.decode(ids, skip_special_tokens=True)
     report = {

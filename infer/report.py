@@ -114,20 +114,16 @@ def main(argv=None) -> int:
         import torch
 
         config.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
-    try:
-        selection = None
-        if calibration:
-            status(f"tree selection on {len(calibration)} calibration prompts ...")
-            selection = bench.select_tree(loaded.cfg, loaded.params, bita_params, trees,
-                                          calibration, args.max_new_tokens,
-                                          max_cache=args.max_cache, log=status)
-            status(f"selected: {selection.chosen.tree}")
-        report = report_lib.run_report(loaded, bita_params, trees, sets, args.max_new_tokens,
-                                       selection=selection, hf=hf, max_cache=args.max_cache,
-                                       repeats=args.repeats, log=status)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    selection = None
+    if calibration:
+        status(f"tree selection on {len(calibration)} calibration prompts ...")
+        selection = bench.select_tree(loaded.cfg, loaded.params, bita_params, trees,
+                                      calibration, args.max_new_tokens,
+                                      max_cache=args.max_cache, log=status)
+        status(f"selected: {selection.chosen.tree}")
+    report = report_lib.run_report(loaded, bita_params, trees, sets, args.max_new_tokens,
+                                   selection=selection, hf=hf, max_cache=args.max_cache,
+                                   repeats=args.repeats, log=status)
     report["config"] = config
     if selection is not None:
         report["selection"] = selection.to_dict()

@@ -86,9 +86,6 @@ def main(argv=None) -> int:
                             extend=args.extend)
     except (ValueError, FileNotFoundError, OSError, GenerationError) as e:
         return fail(e)
-    except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
     sizes = {s: len(data.load_split(args.out, s)) for s in data.SPLITS}
     status(f"dataset {path}: {sizes['train']} train, {sizes['heldout']} heldout records",
            quiet=False)
@@ -96,4 +93,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="interrupted: rerun the same command to resume")
