@@ -81,12 +81,31 @@ class RankStats:
             out[m] = np.bincount(valid, minlength=self.max_rank + 1) / max(len(valid), 1)
         return out
 
+    def by_position(self, width: int = 64) -> list[dict]:
+        """Top-1 / top-5 per mask for anchors in response positions [lo, lo + width), in order.
+
+        Says where in an answer the masks are weak (its start, or past the training length)."""
+        r = np.concatenate(self.ranks)
+        pos = np.concatenate([np.arange(len(x)) for x in self.ranks])
+        out = []
+        for lo in range(0, int(pos.max(initial=-1)) + 1, width):
+            rows = r[(pos >= lo) & (pos < lo + width)]
+            hit1, hit5 = [], []
+            for m in range(self.num_masks):
+                valid = rows[:, m][rows[:, m] >= 0]
+                hit1.append(round(float(np.mean(valid == 0)), 4) if len(valid) else None)
+                hit5.append(round(float(np.mean(valid < 5)), 4) if len(valid) else None)
+            out.append({"positions": [lo, lo + width], "anchors": len(rows), "top1": hit1,
+                        "top5": hit5})
+        return out
+
     def to_dict(self) -> dict:
         p = self.probs()
         return {"anchors": int(sum(len(r) for r in self.ranks)), "texts": len(self.ranks),
                 "max_rank": self.max_rank, "p_rank": np.round(p, 5).tolist(),
                 "top1": np.round(p[:, 0], 4).tolist(),
-                "top5": np.round(p[:, :5].sum(axis=1), 4).tolist()}
+                "top5": np.round(p[:, :5].sum(axis=1), 4).tolist(),
+                "by_position": self.by_position()}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_masks", "max_rank"))
@@ -302,4 +321,20 @@ def table(predictions: Sequence[Prediction], measured: Mapping[str, Mapping] | N
         lines.append(f"| {name} | {p.step_tokens} | {p.tokens_per_step_independent:.2f} | "
                      f"{p.tokens_per_step_replay:.2f} | {p.step_ms:.1f} | {p.speedup:.2f} | "
                      f"{meas_tps} | {meas_sp} |")
+    return "\n".join(lines)
+
+
+def position_table(stats: RankStats, width: int = 64) -> str:
+    """Markdown: per-mask top-1 / top-5 by response position (see `RankStats.by_position`)."""
+    m = stats.num_masks
+    lines = ["| positions | anchors | " + " | ".join(f"mask {k} top-1 / top-5" for k in range(m))
+             + " |", "|---|---|" + "---|" * m]
+
+    def cell(a, b):
+        return "-" if a is None else f"{a:.3f} / {b:.3f}"
+
+    for row in stats.by_position(width):
+        lo, hi = row["positions"]
+        cells = " | ".join(cell(a, b) for a, b in zip(row["top1"], row["top5"]))
+        lines.append(f"| {lo}-{hi - 1} | {row['anchors']} | {cells} |")
     return "\n".join(lines)

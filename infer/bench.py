@@ -93,6 +93,8 @@ def main(argv=None) -> int:
         print(f"## Predicted (chosen: {selection.chosen.tree})\n")
         print(tree_select.table(selection.predictions, chosen=selection.chosen.tree) + "\n",
               flush=True)
+        print("## Mask accuracy by response position\n")
+        print(tree_select.position_table(selection.stats) + "\n", flush=True)
     config = {"model": loaded.name, "adapter": args.adapter, "num_masks": bcfg.num_masks,
               "source": args.prompts, "split": split, "limit": args.limit,
               "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,

@@ -102,6 +102,20 @@ def test_replay_by_hand():
     assert tree_select.replay(pruned, stats) == (5, 3)
 
 
+def test_rank_stats_by_position_by_hand():
+    # Two texts: anchors 0..4 and 0..1; buckets of 2 positions: [0, 2), [2, 4), [4, 6).
+    stats = tree_select.RankStats([np.array([[0, 3], [7, 0], [0, 0], [1, 8], [0, -1]], np.int32),
+                                   np.array([[0, 0], [2, -1]], np.int32)], 8)
+    rows = stats.by_position(width=2)
+    assert [r["positions"] for r in rows] == [[0, 2], [2, 4], [4, 6]]
+    assert [r["anchors"] for r in rows] == [4, 2, 1]
+    assert rows[0]["top1"] == [0.5, 0.6667] and rows[0]["top5"] == [0.75, 1.0]
+    assert rows[1]["top1"] == [0.5, 0.5] and rows[1]["top5"] == [1.0, 0.5]
+    assert rows[2]["top1"] == [1.0, None]  # no label for mask 1 at the text's end
+    assert stats.to_dict()["by_position"] == stats.by_position()
+    assert "| 4-5 | 1 | 1.000 / 1.000 | - |" in tree_select.position_table(stats, width=2)
+
+
 def test_selection_picks_best_tokens_per_second():
     stats = tree_select.RankStats([np.array([[0, 0, 1]] * 6 + [[1, 0, 0]] * 4, np.int32)], 8)
     trees = [bench.make_tree(n, 3) for n in ("chain", "chain@1", "upper-triangle:2@2")]

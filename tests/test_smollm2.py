@@ -145,3 +145,43 @@ def test_cli_rejects_a_corrupt_adapter(tmp_path):
     run = _cli("--prompt", "hi", "--adapter", str(tmp_path))
     assert run.returncode == 2 and "corrupt adapter" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def _script(name, *args, timeout=900):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "infer", name), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_bench_cli_selects_measures_and_stays_lossless(tmp_path):
+    """`infer/bench.py --select` on held-out HumanEval: predictions, the position table, a
+    results.json whose BiTA rows equal plain greedy."""
+    run = _script("bench.py", "--prompts", "humaneval", "--limit", "2", "--max-new-tokens", "24",
+                  "--tree", "chain@1,upper-triangle-pruned", "--select", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert "## Predicted vs measured (chosen: " in run.stdout
+    assert "| positions | anchors | mask 0 top-1 / top-5 |" in run.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["trees"]) == {"chain@1", "upper-triangle-pruned"}
+    for tree in results["trees"].values():
+        assert tree["summary"]["identical"] == 2 and tree["summary"]["tokens_per_step"] >= 1.0
+    assert results["selection"]["stats"]["by_position"][0]["positions"] == [0, 64]
+
+
+def test_report_cli_writes_table_json_and_plots(tmp_path):
+    """`infer/report.py` end to end on one prompt per set: every engine identical, HF included."""
+    pytest.importorskip("torch")
+    run = _script("report.py", "--limit", "1", "--max-new-tokens", "24", "--calibration", "1",
+                  "--trees", "chain@1,chain", "--prompt-lookup", "3", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["sets"]) == {"sharegpt", "humaneval"}
+    assert results["selected"] in ("BiTA chain@1", "BiTA chain")
+    for name, s in results["sets"].items():
+        engines = s["summary"]
+        assert set(engines) == {"HF greedy", "HF prompt lookup", "plain greedy", "BiTA chain@1",
+                                "BiTA chain"}, name
+        for engine, summary in engines.items():
+            assert summary["identical_hf"] == 1 and summary["identical_ours"] == 1, engine
+    assert "| engine | step tokens | tokens/step |" in (tmp_path / "report.md").read_text()
+    assert {p.name for p in tmp_path.glob("*.png")} == {
+        "tokens_per_step_hist.png", "speedup_per_prompt.png", "step_time_vs_tokens_per_step.png"}
