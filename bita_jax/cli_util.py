@@ -44,7 +44,7 @@ def run_main(main: Callable[[], int], interrupted: str = "interrupted") -> NoRet
     signal.signal(signal.SIGINT, exit_now)
     try:
         code = main()
-    except KeyboardInterrupt:  # raised by a handler main installed (training's second Ctrl-C)
+    except KeyboardInterrupt:  # one that main raised itself, e.g. from a handler it installed
         exit_now(signal.SIGINT, None)
     sys.exit(code)
 
