@@ -44,7 +44,8 @@ def estimate(tc, devices: int | None = None) -> dict:
         shard_bytes, abstract, specs, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))))
     n_base = model.count_params(abstract)
     n_bita = bita.count_trainable(cfg, bcfg)
-    spec = sar.SampleSpec(bcfg.num_masks, run.max_groups, run.cutoff, run.real_len)
+    spec = sar.SampleSpec(bcfg.num_masks, run.max_groups, run.cutoff, run.real_len,
+                         run.anchors)
     # Activations, rough: one micro-batch per device; fp32 scores; K and vocab split by 'model'.
     b = max(run.batch_size // (data * run.grad_accum), 1)
     tr, gm = spec.tr, spec.num_mask_tokens

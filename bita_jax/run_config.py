@@ -75,6 +75,9 @@ class RunConfig:
       epochs: passes over the usable records when `steps` is None (official: 4 copies, 1 epoch).
       cutoff: len(prompt) + len(response) limit (official: 2048).
       max_groups: mask groups per sample (official: 64).
+      anchors: where a sample's mask groups sit: "window" (official: max_groups consecutive
+        response positions from a random start) or "spread" (max_groups positions drawn
+        uniformly from the whole response; see `sar.SampleSpec`).
       real_len: real-token slots per sample (default cutoff - M - 1).
       data: training data, a tfds data directory or a .jsonl file (`sar.load_records`).
       train_split: tfds split for training.
@@ -112,6 +115,7 @@ class RunConfig:
     epochs: float = 1.0
     cutoff: int = 2048
     max_groups: int = 64
+    anchors: str = "window"
     real_len: int | None = None
     data: str | None = None
     train_split: str = "train"
@@ -145,6 +149,8 @@ class RunConfig:
         need(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         need(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         need(self.max_groups >= 1, "max_groups must be >= 1")
+        need(self.anchors in ("window", "spread"),
+             f"anchors must be 'window' or 'spread', got {self.anchors!r}")
         need(len(self.mesh) == 2 and self.mesh[1] >= 1
              and (self.mesh[0] >= 1 or self.mesh[0] == -1),
              f"mesh must be [data, model] with model >= 1 and data >= 1 or -1, got {self.mesh}")

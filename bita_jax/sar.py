@@ -2,7 +2,10 @@
 
 One record is a prompt `src` and the base model's own response `tgt` (response ids + EOS). The paper
 feeds one sequence `src + tgt[:p_{G-1}] + G groups of M masks`; mask group j stands right after
-`src + tgt[:p_j]` (anchors p_j = s + j, a contiguous window of G <= max_groups anchors).
+`src + tgt[:p_j]`. The paper's anchors are a contiguous window p_j = s + j of G <= max_groups
+anchors at a random start s (`anchors="window"`); `anchors="spread"` draws the G anchors uniformly
+without replacement from the whole response instead, so every response position is trained
+equally often (a window rarely covers the first tokens of a response longer than G).
 
 Real tokens never depend on the BiTA parameters, so the step splits that sequence in two passes:
 
@@ -37,6 +40,7 @@ import numpy as np
 
 Record = Mapping[str, np.ndarray]  # {"prompt_ids": [S] int32, "response_ids": [R] int32}
 IGNORE = -1
+ANCHOR_MODES = ("window", "spread")
 
 
 class DataError(ValueError):
@@ -53,12 +57,15 @@ class SampleSpec:
       cutoff: len(src) + len(tgt) is truncated to at most this (official: 2048).
       real_len: Tr real-token slots; defaults to `cutoff - num_masks - 1`, the longest possible
         `src + tgt[:p_{G-1}]`.
+      anchors: "window" (the paper: G consecutive anchors from a random start) or "spread" (G
+        anchors drawn without replacement from all of them, sorted).
     """
 
     num_masks: int
     max_groups: int = 64
     cutoff: int = 2048
     real_len: int | None = None
+    anchors: str = "window"
 
     def __post_init__(self):
         if self.num_masks < 1 or self.max_groups < 1:
@@ -67,6 +74,8 @@ class SampleSpec:
             raise ValueError(f"cutoff={self.cutoff} leaves no room for {self.num_masks} masks")
         if self.real_len is not None and self.real_len < 1:
             raise ValueError(f"real_len must be >= 1, got {self.real_len}")
+        if self.anchors not in ANCHOR_MODES:
+            raise ValueError(f"anchors must be one of {ANCHOR_MODES}, got {self.anchors!r}")
 
     @property
     def tr(self) -> int:
@@ -93,7 +102,7 @@ def build_sample(src: Sequence[int], tgt: Sequence[int], spec: SampleSpec,
       src: prompt ids (already templated).
       tgt: response ids including the final EOS; truncated so len(src) + len(tgt) <= cutoff.
       spec: static shapes.
-      rng: draws the window start s.
+      rng: draws the window start s (or, with `spec.anchors == "spread"`, the anchors).
 
     Returns:
       {"tokens": [Tr], "anchors": [G], "labels": [G * M]} int32, or None if len(tgt) <= M.
@@ -105,8 +114,10 @@ def build_sample(src: Sequence[int], tgt: Sequence[int], spec: SampleSpec,
         return None
     a = len(tgt) - m  # anchors p = 0 .. A-1 all have M labels inside tgt
     g = min(a, g_max)
-    s = int(rng.integers(0, a - g + 1))
-    p = s + np.arange(g)  # anchors p_j
+    if spec.anchors == "spread" and g < a:
+        p = np.sort(rng.choice(a, size=g, replace=False))  # anchors p_j
+    else:
+        p = int(rng.integers(0, a - g + 1)) + np.arange(g)
     real = np.concatenate([src, tgt[:p[-1]]])
     if len(real) > spec.tr:
         raise ValueError(f"sample needs {len(real)} real slots but real_len={spec.tr}")

@@ -183,7 +183,8 @@ def train(tc, *, resume: bool = False, stop_at: int | None = None, quiet: bool =
     out = pathlib.Path(run.out_dir)
     if run.data is None:
         raise sar.DataError("no training data: pass --data DIR_OR_JSONL or set run.data")
-    spec = sar.SampleSpec(bcfg.num_masks, run.max_groups, run.cutoff, run.real_len)
+    spec = sar.SampleSpec(bcfg.num_masks, run.max_groups, run.cutoff, run.real_len,
+                         run.anchors)
     records = sar.load_records(run.data, run.train_split)
     stream = sar.BatchStream(records, spec, run.batch_size, run.seed)
     eval_records = None

@@ -89,6 +89,36 @@ def test_window_edges_padding_groups_and_truncation():
     np.testing.assert_array_equal(out["tokens"], SRC + list(range(30, 36)))
 
 
+def test_spread_anchors_cover_every_response_position_equally():
+    """anchors="spread": G distinct sorted anchors from all A, labels and real tokens follow them;
+    each position is an anchor about G/A of the time, where the paper's window gives the first
+    position only 1/(A-G+1) of the time."""
+    tgt = list(range(100, 130))  # A = 30 - 2 = 28 anchors possible, G = 7
+    window = sar.SampleSpec(num_masks=2, max_groups=7, cutoff=64)
+    spread = sar.SampleSpec(num_masks=2, max_groups=7, cutoff=64, anchors="spread")
+    counts = {"window": np.zeros(28), "spread": np.zeros(28)}
+    for seed in range(2000):
+        for spec in (window, spread):
+            out = sar.build_sample(SRC, tgt, spec, np.random.default_rng(seed))
+            p = out["anchors"] - len(SRC)
+            assert np.all(np.diff(p) > 0) and p[0] >= 0 and p[-1] < 28
+            labels = out["labels"].reshape(7, 2)
+            np.testing.assert_array_equal(labels, np.asarray(tgt)[p[:, None] + 1 + np.arange(2)])
+            real = SRC + tgt[:p[-1]]
+            np.testing.assert_array_equal(out["tokens"][:len(real)], real)
+            assert not out["tokens"][len(real):].any()
+            counts[spec.anchors][p] += 1
+    freq = {k: v / 2000 for k, v in counts.items()}
+    assert abs(freq["window"][0] - 1 / 22) < 0.015  # s = 0 only
+    assert np.all(np.abs(freq["spread"] - 7 / 28) < 0.04), freq["spread"]
+    # Responses with A <= G use every anchor in both modes: the same sample.
+    short = [20, 21, 22, 23, 24]
+    a, b = (sar.build_sample(SRC, short, spec, np.random.default_rng(0)) for spec in (window, spread))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="anchors"):
+        sar.SampleSpec(num_masks=2, anchors="random")
+
+
 def test_batch_stream_is_deterministic_and_covers_each_epoch():
     rng = np.random.default_rng(0)
     # prompt = [record id]: a sample's first token tells which record it came from
@@ -186,12 +216,14 @@ def _reference(cfg, spec, params, bita_params, samples):
     return jnp.sum(jnp.where(valid, logz - gold, 0.0)) / jnp.sum(valid), rows
 
 
-def test_two_pass_loss_equals_single_sequence():
+@pytest.mark.parametrize("anchors", ["window", "spread"])
+def test_two_pass_loss_equals_single_sequence(anchors):
     """loss_fn (real tokens without gradient, then mask groups over their KV) == one forward over
-    `src + tgt[:p_last] + groups` with the paper's [T, T] mask: loss, per-mask hits, gradients."""
+    `src + tgt[:p_last] + groups` with the paper's [T, T] mask: loss, per-mask hits, gradients.
+    "spread" puts the groups at non-consecutive anchors."""
     cfg = CFG
     bcfg = bita.BitaConfig(num_prefix=4, num_masks=3, prefix_dropout=0.0, init_std=0.5)
-    spec = sar.SampleSpec(num_masks=3, max_groups=5, cutoff=24)
+    spec = sar.SampleSpec(num_masks=3, max_groups=5, cutoff=24, anchors=anchors)
     params = _random_params(cfg)
     bita_params = bita.init_bita_params(cfg, bcfg, jax.random.key(3))
     rng = np.random.default_rng(1)
@@ -202,6 +234,7 @@ def test_two_pass_loss_equals_single_sequence():
     batch = {k: jnp.asarray(v) for k, v in sar.stack(samples).items()}
     valid = np.asarray(batch["labels"]) >= 0
     assert valid.sum() == 5 * 3 + 3 * 3
+    assert (np.diff(samples[0]["anchors"]) > 1).any() == (anchors == "spread")
 
     def two_pass(bp, base, batch):
         return train_step.loss_fn(bp, base, batch, None, cfg=cfg, bcfg=bcfg, spec=spec,

@@ -263,6 +263,9 @@ def test_run_config_sections_and_overrides(tmp_path):
         run_config.from_dict({"model": {"name": "x"}, "run": {"batch_size": 6, "grad_accum": 4}})
     with pytest.raises(run_config.ConfigFileError, match="expected section.key=value"):
         run_config.load_config(TINY, ["batch_size=3"])
+    assert run_config.load_config(TINY, ["run.anchors=spread"]).run.anchors == "spread"
+    with pytest.raises(run_config.ConfigFileError, match="anchors must be 'window' or 'spread'"):
+        run_config.load_config(TINY, ["run.anchors=middle"])
     assert run_config.RunConfig(batch_size=128, epochs=4.0).total_steps(1000) == 32
 
 
