@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from bita_jax.bita import BitaConfig
+from bita_jax.sar import ANCHOR_MODES
 
 
 class ConfigFileError(ValueError):
@@ -149,8 +150,8 @@ class RunConfig:
         need(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         need(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         need(self.max_groups >= 1, "max_groups must be >= 1")
-        need(self.anchors in ("window", "spread"),
-             f"anchors must be 'window' or 'spread', got {self.anchors!r}")
+        need(self.anchors in ANCHOR_MODES,
+             f"anchors must be one of {ANCHOR_MODES}, got {self.anchors!r}")
         need(len(self.mesh) == 2 and self.mesh[1] >= 1
              and (self.mesh[0] >= 1 or self.mesh[0] == -1),
              f"mesh must be [data, model] with model >= 1 and data >= 1 or -1, got {self.mesh}")

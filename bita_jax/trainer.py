@@ -68,13 +68,21 @@ class Checkpoints:
         self.manager.close()
 
 
+# Settings added after checkpoints were first written: an older checkpoint ran with these values.
+_ADDED_SETTINGS = {"sample": {"anchors": "window"}}
+
+
 def _check_resume(out, step: int, saved: dict, now: dict):
     """Refuses to resume when anything that decides the batches or the schedule changed."""
     for key, value in now.items():
-        if saved.get(key) != value:
+        before = saved.get(key)
+        if isinstance(before, dict) and key in _ADDED_SETTINGS:
+            before = {**_ADDED_SETTINGS[key], **before}
+        if before != value:
             raise ResumeError(f"cannot resume from {out / 'checkpoints'} step {step}: {key} was "
-                              f"{saved.get(key)!r}, now {value!r} (keep the run's settings, or "
+                              f"{before!r}, now {value!r} (keep the run's settings, or "
                               "start a new run with another --out)")
+
 
 def load_base(tc, mesh, rules):
     """(cfg, base params sharded on `mesh`, identity dict for the adapter)."""

@@ -113,7 +113,8 @@ def test_spread_anchors_cover_every_response_position_equally():
     assert np.all(np.abs(freq["spread"] - 7 / 28) < 0.04), freq["spread"]
     # Responses with A <= G use every anchor in both modes: the same sample.
     short = [20, 21, 22, 23, 24]
-    a, b = (sar.build_sample(SRC, short, spec, np.random.default_rng(0)) for spec in (window, spread))
+    a, b = (sar.build_sample(SRC, short, spec, np.random.default_rng(0))
+            for spec in (window, spread))
     assert all(np.array_equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="anchors"):
         sar.SampleSpec(num_masks=2, anchors="random")

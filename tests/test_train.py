@@ -6,6 +6,7 @@ second and third runs of the same step skip XLA compilation.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -21,7 +22,7 @@ import numpy as np
 import optax
 import pytest
 
-from bita_jax import bita, distributed, loading, model, run_config, train_step
+from bita_jax import bita, distributed, loading, model, run_config, sar, train_step, trainer
 from bita_jax.config import ModelConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -264,9 +265,20 @@ def test_run_config_sections_and_overrides(tmp_path):
     with pytest.raises(run_config.ConfigFileError, match="expected section.key=value"):
         run_config.load_config(TINY, ["batch_size=3"])
     assert run_config.load_config(TINY, ["run.anchors=spread"]).run.anchors == "spread"
-    with pytest.raises(run_config.ConfigFileError, match="anchors must be 'window' or 'spread'"):
+    with pytest.raises(run_config.ConfigFileError, match="anchors must be one of"):
         run_config.load_config(TINY, ["run.anchors=middle"])
     assert run_config.RunConfig(batch_size=128, epochs=4.0).total_steps(1000) == 32
+
+
+def test_resume_of_a_checkpoint_older_than_a_setting(tmp_path):
+    """A checkpoint written before `run.anchors` existed resumes with the default it ran with,
+    and is refused with the other value."""
+    sample = dataclasses.asdict(sar.SampleSpec(num_masks=2, max_groups=4, cutoff=24))
+    old_meta = {"seed": 0, "sample": {k: v for k, v in sample.items() if k != "anchors"}}
+    trainer._check_resume(tmp_path, 3, old_meta, {"seed": 0, "sample": sample})
+    spread = {**sample, "anchors": "spread"}
+    with pytest.raises(trainer.ResumeError, match="sample was .*'anchors': 'window'"):
+        trainer._check_resume(tmp_path, 3, old_meta, {"seed": 0, "sample": spread})
 
 
 def test_distributed_is_a_no_op_on_one_host(monkeypatch):
