@@ -1,6 +1,6 @@
 """Logical-axis sharding: one rules table maps the model's logical axis names to mesh axes.
 
-Every base parameter declares a logical name per dimension (`model.logical_axes`, e.g.
+Every base parameter declares a logical name per dimension (`models.logical_axes`, e.g.
 ('layers', 'embed', 'heads', 'head_dim')). `DEFAULT_RULES` maps each name to a mesh axis
 ('data' or 'model') or to None (replicated); `FSDP_RULES` additionally shards 'embed' over 'data'.
 
@@ -27,8 +27,8 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from bita_jax import model as model_lib
-from bita_jax.config import ModelConfig
+from bita_jax import models
+from bita_jax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,8 @@ def param_specs(cfg: ModelConfig, axis_sizes: Mapping[str, int], rules: Rules = 
         return logical_to_spec(names, shaped.shape, axis_sizes, rules,
                                jax.tree_util.keystr(path, simple=True, separator="/"))
 
-    return jax.tree.map_with_path(spec, model_lib.logical_axes(cfg),
-                                  model_lib.abstract_params(cfg),
+    return jax.tree.map_with_path(spec, models.logical_axes(cfg),
+                                  models.abstract_params(cfg),
                                   is_leaf=lambda x: isinstance(x, tuple))
 
 

@@ -29,7 +29,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bita_jax.cli_util import fail, run_main, status  # noqa: E402
+from bita_jax.cli import fail, run_main, status  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -61,9 +61,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from bita_jax import bench, tree_select
-    from bita_jax.loading import load_bita, load_model
-    from bita_jax.prompts import load_prompts
+    import bita_jax
+    from bita_jax.data.prompts import load_prompts
+    from bita_jax.decoding import Generator
+    from bita_jax.eval import bench, tree_select
 
     try:
         split = args.split or bench.default_split(args.prompts)
@@ -71,18 +72,20 @@ def main(argv=None) -> int:
         if not texts:
             raise ValueError(f"no prompts from {args.prompts!r} (split {split})")
         status(f"loading {args.model} and adapter {args.adapter} ...")
-        loaded = load_model(args.model, dtype=args.dtype)
-        bita_params, bcfg, _ = load_bita(args.adapter, loaded)
+        llm = bita_jax.load(args.model, adapter=args.adapter, dtype=args.dtype)
+        if not llm.has_bita:
+            raise ValueError(f"no adapter ({args.adapter!r}): pass --adapter DIR or random:SEED")
+        bita_params, bcfg = llm.bita_params, llm.bita_config
         names = args.tree.split(",") if args.tree else (
             bench.default_candidates(bcfg.num_masks) if args.select else ["upper-triangle"])
         trees = [bench.make_tree(n.strip(), bcfg.num_masks) for n in names if n.strip()]
-        prompts = bench.encode_prompts(loaded.tokenizer, texts, raw=args.prompts == "humaneval")
+        prompts = bench.encode_prompts(llm.tokenizer, texts, raw=args.prompts == "humaneval")
+        check = Generator(llm.cfg, llm.params, max_cache=args.max_cache)
         for ids in prompts:  # fail fast, before compiling
-            bench.Generator(loaded.cfg, loaded.params, max_cache=args.max_cache).shapes(
-                [len(ids)], args.max_new_tokens)
+            check.shapes([len(ids)], args.max_new_tokens)
     except (ValueError, FileNotFoundError, OSError) as e:
         return fail(e)
-    cfg, params = loaded.cfg, loaded.params
+    cfg, params = llm.cfg, llm.params
     status(f"{len(prompts)} prompts ({args.prompts}, {split}), {args.max_new_tokens} new tokens, "
            f"M={bcfg.num_masks}, trees: {', '.join(t.name for t in trees)}")
     selection = None
@@ -95,7 +98,7 @@ def main(argv=None) -> int:
               flush=True)
         print("## Mask accuracy by response position\n")
         print(tree_select.position_table(selection.stats) + "\n", flush=True)
-    config = {"model": loaded.name, "adapter": args.adapter, "num_masks": bcfg.num_masks,
+    config = {"model": llm.name, "adapter": args.adapter, "num_masks": bcfg.num_masks,
               "source": args.prompts, "split": split, "limit": args.limit,
               "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
               "repeats": args.repeats, **bench.environment()}

@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bita_jax.cli_util import run_main, status  # noqa: E402
+from bita_jax.cli import run_main, status  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,26 +33,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    import transformers
 
-    from bita_jax.generate import Generator
-    from bita_jax.gguf_loader import find_smollm2_gguf
-    from bita_jax.loading import load_model
-    from bita_jax.prompts import load_prompts
+    import bita_jax
+    from bita_jax.data.prompts import load_prompts
+    from bita_jax.eval.report import load_hf_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     split = "all" if args.prompts == "humaneval" else args.split
     texts = load_prompts(args.prompts, split, args.limit, args.max_prompt_chars)
-    loaded = load_model("smollm2-135m")
-    tok = loaded.tokenizer
-    prompts = [tok.encode(t) if args.prompts == "humaneval" else tok.chat_ids(t) for t in texts]
-    path = find_smollm2_gguf()
+    llm = bita_jax.load("smollm2-135m", adapter=None)
+    prompts = [llm.encode(t, chat=args.prompts != "humaneval") for t in texts]
     status("loading the HF transformers model from the same GGUF ...")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    eos = loaded.cfg.eos_token_ids[0]
-    gen = Generator(loaded.cfg, loaded.params)
+    hf = load_hf_model(llm.loaded.source)
+    eos = llm.cfg.eos_token_ids[0]
+    gen = llm.engine(use_bita=False)
 
     def run_hf(ids):
         t0 = time.perf_counter()

@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bita_jax.cli_util import fail, run_main, status  # noqa: E402
+from bita_jax.cli import fail, run_main, status  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -52,95 +52,83 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from bita_jax.decode import BitaGenerator
-    from bita_jax.generate import GenerationError, Generator
-    from bita_jax.loading import load_bita, load_model, shipped_adapter
-    from bita_jax.sampling import SamplingParams
-    from bita_jax.tree import Tree
+    import bita_jax
+    from bita_jax.decoding import GenerationError
 
+    sampled = args.temperature > 0
     try:
-        sp = SamplingParams.make(args.temperature, args.top_k, args.top_p)
         status(f"loading {args.model} ...", quiet=args.json)
-        loaded = load_model(args.model, dtype=args.dtype)
-        tok = loaded.tokenizer
-        prompt_ids = tok.encode(args.prompt) if args.raw else tok.chat_ids(args.prompt, args.system)
-        plain = Generator(loaded.cfg, loaded.params, max_cache=args.max_cache)
-        plain.shapes([len(prompt_ids)], args.max_new_tokens)  # fail fast, before compiling
-        adapter = args.adapter
-        if adapter == "default" and shipped_adapter(loaded) is None:
-            adapter = "none"  # no adapter ships for this model: plain decoding
-        gen, tree = plain, None
-        if adapter != "none":
-            bita_params, bcfg, _ = load_bita(adapter, loaded)
-            tree_name = args.tree
-            if tree_name == "auto":
-                import jax
-
-                tree_name = "chain@1" if jax.default_backend() == "cpu" else "upper-triangle"
-            tree = Tree.make(tree_name, bcfg.num_masks)
-            gen = BitaGenerator(loaded.cfg, loaded.params, bita_params, tree,
-                                max_cache=args.max_cache)
+        llm = bita_jax.load(args.model, adapter=args.adapter, tree=args.tree, dtype=args.dtype,
+                            max_cache=args.max_cache)
+        prompt_ids = llm.encode(args.prompt, chat=not args.raw, system=args.system)
+        llm.engine(use_bita=False).shapes([len(prompt_ids)], args.max_new_tokens)  # fail fast
     except (ValueError, FileNotFoundError, OSError) as e:
         return fail(e)
-    if args.compare and gen is plain:
+    if args.compare and not llm.has_bita:
         return fail(ValueError("--compare needs an adapter (--adapter default|DIR|random:SEED)"))
 
-    printed = [""]
+    printed = []
 
-    def stream(tokens):
-        text = tok.decode(tokens[0], skip_special_tokens=True)
-        if text.startswith(printed[0]):
-            sys.stdout.write(text[len(printed[0]):])
-            sys.stdout.flush()
-            printed[0] = text
+    def show(piece: str) -> None:
+        printed.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    def run(use_bita: bool, stream: bool = False):
+        return llm.generate(args.prompt, args.max_new_tokens, use_bita=use_bita,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            seed=args.seed, chat=not args.raw, system=args.system,
+                            on_text=show if stream else None)
 
     try:
         if not args.json:
-            status(f"[{'BiTA, tree ' + tree.name if tree else 'plain decoding'}; compiling ...]")
-        result = gen.generate([prompt_ids], args.max_new_tokens, sp, args.seed,
-                              on_tokens=None if args.json else stream)
-        baseline = plain.generate([prompt_ids], args.max_new_tokens, sp, args.seed) \
-            if args.compare else None
+            what = f"BiTA, tree {llm.tree.name}" if llm.has_bita else "plain decoding"
+            status(f"[{what}; compiling ...]")
+        result = run(True, stream=not args.json)
+        baseline = run(False) if args.compare else None
         if args.compare and not args.json:  # time BiTA without the streaming round trips too
-            result = gen.generate([prompt_ids], args.max_new_tokens, sp, args.seed)
+            result = run(True)
     except GenerationError as e:
         return fail(e)
-    ids = result.tokens[0]
-    text = tok.decode(ids, skip_special_tokens=True)
     report = {
-        "model": loaded.name,
-        "mode": ("bita" if tree else "greedy") if args.temperature == 0 else "sample",
-        "tree": tree.name if tree else None,
-        "adapter": adapter,
-        "text": text,
-        "token_ids": ids,
-        "prompt_tokens": len(prompt_ids),
-        "new_tokens": len(ids),
+        "model": llm.name,
+        "mode": ("bita" if llm.has_bita else "greedy") if not sampled else "sample",
+        "tree": result.tree,
+        "adapter": llm.adapter,
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "prompt_tokens": result.prompt_tokens,
+        "new_tokens": result.new_tokens,
         "steps": result.steps,
         "tokens_per_step": round(result.tokens_per_step, 3),
         "seconds": round(result.seconds, 4),
-        "tokens_per_second": round(len(ids) / max(result.seconds, 1e-9), 2),
+        "tokens_per_second": round(result.tokens_per_second, 2),
         "compile_seconds": round(result.compile_seconds, 2),
     }
     if baseline is not None:
         report.update({
             "greedy_seconds": round(baseline.seconds, 4),
-            "greedy_tokens_per_second": round(len(baseline.tokens[0]) / baseline.seconds, 2),
+            "greedy_tokens_per_second": round(baseline.tokens_per_second, 2),
             "speedup": round(baseline.seconds / result.seconds, 3),
-            "identical": baseline.tokens[0] == ids,
+            # Sampled, the two engines draw from different random streams: each output is an
+            # exact sample of the model's distribution, but the two need not be equal.
+            "identical": None if sampled else baseline.token_ids == result.token_ids,
         })
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
         return 0
-    if text != printed[0]:
-        sys.stdout.write(text[len(printed[0]):] if text.startswith(printed[0]) else "\n" + text)
+    if "".join(printed) != result.text:  # decoding revised earlier text: show it whole
+        sys.stdout.write("\n" + result.text)
     print()
     line = (f"[{report['new_tokens']} tokens in {report['seconds']:.2f}s = "
             f"{report['tokens_per_second']:.1f} tok/s; {report['steps']} steps after prefill, "
             f"{report['tokens_per_step']:.2f} tokens/step")
     if baseline is not None:
-        line += (f"; plain greedy {report['greedy_seconds']:.2f}s -> speedup "
-                 f"x{report['speedup']:.2f}, identical tokens: {report['identical']}")
+        line += (f"; plain {'sampling' if sampled else 'greedy'} {report['greedy_seconds']:.2f}s "
+                 f"-> speedup x{report['speedup']:.2f}")
+        line += ("; sampled: the two outputs are independent draws, compared in distribution "
+                 "(tests), not token by token" if sampled
+                 else f", identical tokens: {report['identical']}")
     status(line + "]")
     return 0
 

@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bita_jax.cli_util import fail, run_main, status  # noqa: E402
+from bita_jax.cli import fail, run_main, status  # noqa: E402
 
 DEFAULT_TREES = "chain@1,chain,upper-triangle-pruned,upper-triangle"
 
@@ -54,8 +54,8 @@ def parse_args(argv=None):
 
 
 def _set_prompts(source: str, limit: int, offset: int, max_chars: int, tokenizer):
-    from bita_jax import bench
-    from bita_jax.prompts import load_prompts
+    from bita_jax.data.prompts import load_prompts
+    from bita_jax.eval import bench
 
     texts = load_prompts(source, bench.default_split(source), offset + limit, max_chars)[offset:]
     if not texts:
@@ -65,10 +65,10 @@ def _set_prompts(source: str, limit: int, offset: int, max_chars: int, tokenizer
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from bita_jax import bench, plots
-    from bita_jax import report as report_lib
-    from bita_jax.generate import GenerationError, Generator
-    from bita_jax.loading import load_bita, load_model
+    import bita_jax
+    from bita_jax.decoding import GenerationError, Generator
+    from bita_jax.eval import bench, plots
+    from bita_jax.eval import report as report_lib
 
     try:
         if args.limit < 1 or (args.calibration < 1 and not args.no_select):
@@ -77,8 +77,10 @@ def main(argv=None) -> int:
         if not sources:
             raise ValueError("--sets is empty")
         status(f"loading {args.model} and adapter {args.adapter} ...")
-        loaded = load_model(args.model)
-        bita_params, bcfg, _ = load_bita(args.adapter, loaded)
+        llm = bita_jax.load(args.model, adapter=args.adapter)
+        if not llm.has_bita:
+            raise ValueError(f"no adapter ({args.adapter!r}): pass --adapter DIR or random:SEED")
+        loaded, bita_params, bcfg = llm.loaded, llm.bita_params, llm.bita_config
         trees = [bench.make_tree(n.strip(), bcfg.num_masks) for n in args.trees.split(",")
                  if n.strip()]
         sets = {s: _set_prompts(s, args.limit, 0, args.max_prompt_chars, loaded.tokenizer)

@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 @pytest.fixture(scope="module")
 def fresh_gguf_cache(tmp_path_factory):
     """A fresh GGUF cache directory for one test module (never the user's ~/.cache)."""
-    from bita_jax import model_cache
+    from bita_jax.checkpoints import model_cache
 
     with pytest.MonkeyPatch.context() as mp:
         path = tmp_path_factory.mktemp("bita_jax_cache")
@@ -23,6 +23,6 @@ def fresh_gguf_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gguf_path():
-    from bita_jax import gguf_loader
+    from bita_jax.checkpoints import gguf_loader
 
     return gguf_loader.find_smollm2_gguf()

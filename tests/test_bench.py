@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from bita_jax import bench, bita, model, tree_select
-from bita_jax.config import ModelConfig
-from bita_jax.tree import Tree, TreeError
+from bita_jax import models
+from bita_jax.decoding.tree import Tree, TreeError
+from bita_jax.eval import bench, tree_select
+from bita_jax.models.config import ModelConfig
 
 CFG = ModelConfig(arch="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256,
@@ -24,11 +25,11 @@ def setup():
     """A nearly-bigram model (residual branches scaled down, so greedy text falls into short
     cycles) and masks embedded as tokens of such a cycle: drafts are often right, so acceptance
     is far from 0 and the predictors are tested on something real. `random:` masks on top."""
-    params = model.init_params(CFG, jax.random.key(3))
+    params = models.init_params(CFG, jax.random.key(3))
     layers = params["layers"]
     layers["attn"]["o_proj"]["kernel"] = 0.05 * layers["attn"]["o_proj"]["kernel"]
     layers["mlp"]["down_proj"]["kernel"] = 0.05 * layers["mlp"]["down_proj"]["kernel"]
-    bp = bita.init_bita_params(CFG, bita.BitaConfig(num_masks=3), jax.random.key(0))
+    bp = models.init_bita_params(CFG, models.BitaConfig(num_masks=3), jax.random.key(0))
     emb = params["embed"]["embedding"]
     bp["mask_embed"] = emb[np.array([10, 83, 41])]  # mask k drafts what follows token c_k
     trees = [bench.make_tree(n, 3) for n in TREES]

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bita_jax import bita, model, sar
-from bita_jax.config import ModelConfig
+from bita_jax import models
+from bita_jax.models.config import ModelConfig
+from bita_jax.training import samples
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -60,10 +61,10 @@ def test_count_formula():
     # P*L*2*H + M*H, also on GQA models (the prefix keeps every query head).
     cfg = ModelConfig(arch="llama", vocab_size=100, hidden_size=64, intermediate_size=96,
                       num_layers=3, num_heads=8, num_kv_heads=2, head_dim=8)
-    bcfg = bita.BitaConfig(num_prefix=5, num_masks=4)
-    assert bita.count_trainable(cfg, bcfg) == 5 * 3 * 2 * 64 + 4 * 64
-    shapes = jax.eval_shape(lambda: bita.init_bita_params(cfg, bcfg, jax.random.key(0)))
-    assert model.count_params(shapes) == bita.count_trainable(cfg, bcfg)
+    bcfg = models.BitaConfig(num_prefix=5, num_masks=4)
+    assert models.count_trainable(cfg, bcfg) == 5 * 3 * 2 * 64 + 4 * 64
+    shapes = jax.eval_shape(lambda: models.init_bita_params(cfg, bcfg, jax.random.key(0)))
+    assert models.count_params(shapes) == models.count_trainable(cfg, bcfg)
     assert shapes["prefix"].shape == (5, 3, 2, 8, 8) and shapes["mask_embed"].shape == (4, 64)
 
 
@@ -78,14 +79,14 @@ def test_real_token_logits_bit_identical_with_bita():
     """
     cfg = ModelConfig(arch="llama", vocab_size=96, hidden_size=64, intermediate_size=96,
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
-    params = model.init_params(cfg, jax.random.key(0))
-    bcfg = bita.BitaConfig(num_prefix=4, num_masks=3, init_std=1.0)
-    spec = sar.SampleSpec(num_masks=3, max_groups=4, cutoff=32)
+    params = models.init_params(cfg, jax.random.key(0))
+    bcfg = models.BitaConfig(num_prefix=4, num_masks=3, init_std=1.0)
+    spec = samples.SampleSpec(num_masks=3, max_groups=4, cutoff=32)
     rng = np.random.default_rng(0)
-    sample = sar.build_sample(rng.integers(0, 96, 5), rng.integers(0, 96, 12), spec,
+    sample = samples.build_sample(rng.integers(0, 96, 5), rng.integers(0, 96, 12), spec,
                               np.random.default_rng(0))
     real = int(sample["anchors"].max())  # src + tgt[:p_last], then 4 groups of 3 masks
-    tokens, positions, mask, _ = sar.full_layout(sample, real, spec, cfg.vocab_size)
+    tokens, positions, mask, _ = samples.full_layout(sample, real, spec, cfg.vocab_size)
     # The mask built for training: real rows see only earlier real tokens, never a mask token.
     assert not mask[:real, real:].any() and mask[real:, real:].any()
     args = (jnp.asarray(tokens)[None], jnp.asarray(positions)[None], jnp.asarray(mask))
@@ -93,10 +94,10 @@ def test_real_token_logits_bit_identical_with_bita():
     @functools.partial(jax.jit, compiler_options={"xla_cpu_use_fusion_emitters": False,
                                                   "xla_backend_optimization_level": 3})
     def logits(params, bita_params):
-        hidden, _ = model.forward(cfg, params, *args, bita_params=bita_params)
-        return model.lm_logits(cfg, params, hidden)[0]
+        hidden, _ = models.forward(cfg, params, *args, bita_params=bita_params)
+        return models.lm_logits(cfg, params, hidden)[0]
 
-    draws = [bita.init_bita_params(cfg, bcfg, jax.random.key(i)) for i in (1, 2)]
+    draws = [models.init_bita_params(cfg, bcfg, jax.random.key(i)) for i in (1, 2)]
     draws.append(jax.tree.map(lambda x: 100.0 * x, draws[0]))
     with_bita = [np.asarray(logits(params, b)) for b in draws]
     without = np.asarray(logits(params, None))  # mask ids embed as token 0, unseen by real rows

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # in real runs): a KeyboardInterrupt raised there is printed as "Exception ignored" and dropped.
 SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from bita_jax.cli_util import run_main
+    from bita_jax.cli import run_main
 
     class PressesCtrlC:
         def __del__(self):

@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bita_jax import data, model, prompts
-from bita_jax.config import ModelConfig
-from bita_jax.generate import Generator
+from bita_jax import models
+from bita_jax.checkpoints import gguf_loader
+from bita_jax.data import dataset, distill, prompts, run_dir
+from bita_jax.decoding.ar import Generator
+from bita_jax.models.config import ModelConfig
 
 CFG0 = ModelConfig(arch="llama", vocab_size=300, hidden_size=32, intermediate_size=64,
                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, eos_token_ids=(2,),
@@ -41,7 +43,7 @@ WITH_INPUT = next(f"say{i}" for i in range(2000) if not prompts.is_heldout(f"say
 
 @pytest.fixture(scope="module")
 def params():
-    return model.init_params(CFG0, jax.random.key(0))
+    return models.init_params(CFG0, jax.random.key(0))
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +55,9 @@ def cfg(params):
 
     @jax.jit
     def next_token(params, seq, n):  # seq [1, 16] right-padded, n real tokens
-        hidden, _ = model.forward(CFG0, params, seq, jnp.arange(16)[None],
+        hidden, _ = models.forward(CFG0, params, seq, jnp.arange(16)[None],
                                   np.tril(np.ones((16, 16), bool)))
-        return jnp.argmax(model.lm_logits(CFG0, params, hidden[0, n - 1]))
+        return jnp.argmax(models.lm_logits(CFG0, params, hidden[0, n - 1]))
 
     seq = FakeTokenizer().chat_ids(TRAIN_TEXTS[0])
     for _ in range(3):
@@ -83,23 +85,23 @@ def sources(tmp_path_factory):
 
 
 def _config(sources, **kw):
-    return data.DistillConfig(sources=sources, max_new_tokens=MAX_NEW, **kw)
+    return distill.DistillConfig(sources=sources, max_new_tokens=MAX_NEW, **kw)
 
 
 def _run(out, sources, cfg, params, on_chunk=None, extend=False, **kw):
-    return data.distill(out, _config(sources, **kw), cfg, params, FakeTokenizer(),
+    return distill.distill(out, _config(sources, **kw), cfg, params, FakeTokenizer(),
                         model_name="tiny", batch_size=BATCH, progress=False, on_chunk=on_chunk,
                         extend=extend)
 
 
 def _raw_records(out) -> list[dict]:
-    recs = [json.loads(line) for p in data.chunk_files(pathlib.Path(out) / "raw")
+    recs = [json.loads(line) for p in run_dir.chunk_files(pathlib.Path(out) / "raw")
             for line in p.read_text().splitlines()]
     return sorted(recs, key=lambda r: r["index"])
 
 
 def _loaded(out) -> dict[str, list[dict]]:
-    return {s: sorted(data.load_split(out, s), key=lambda r: r["index"]) for s in data.SPLITS}
+    return {s: sorted(dataset.load_split(out, s), key=lambda r: r["index"]) for s in dataset.SPLITS}
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +116,7 @@ def test_dataset_builds_and_load_split_returns_the_records(full_run, sources, cf
     tok = FakeTokenizer()
     texts = [TRAIN_TEXTS[0], HELDOUT_TEXTS[0], TRAIN_TEXTS[1], TRAIN_TEXTS[2], HELDOUT_TEXTS[1],
              TRAIN_TEXTS[3], WITH_INPUT + "\nin"]
-    got = {(r["prompt_text"], r["with_system"]) for s in data.SPLITS for r in splits[s]}
+    got = {(r["prompt_text"], r["with_system"]) for s in dataset.SPLITS for r in splits[s]}
     assert got == {(t, w) for t in texts for w in (True, False)}  # deduplicated, both variants
     assert sum(len(v) for v in splits.values()) == 2 * len(texts)
     assert (full_run / "bita_distill" / "1.0.0").is_dir()
@@ -160,7 +162,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path, full_run, sources, cfg,
     with pytest.raises(Killed):
         _run(tmp_path, sources, cfg, params, on_chunk=kill)
     raw = tmp_path / "raw"
-    assert len(data.chunk_files(raw)) == 1 and not (tmp_path / "bita_distill").exists()
+    assert len(run_dir.chunk_files(raw)) == 1 and not (tmp_path / "bita_distill").exists()
     (raw / "chunk-000001.jsonl.tmp").write_text('{"index": 0, "trunc')  # a write cut short
 
     written = []
@@ -172,7 +174,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path, full_run, sources, cfg,
     assert [r["index"] for r in resumed] == list(range(plan_size))  # each exactly once
     assert resumed == _raw_records(full_run)
     got, want = _loaded(tmp_path), _loaded(full_run)
-    for s in data.SPLITS:
+    for s in dataset.SPLITS:
         assert len(got[s]) == len(want[s])
         for a, b in zip(got[s], want[s]):
             assert a.keys() == b.keys()
@@ -185,14 +187,14 @@ def test_killed_run_resumes_without_duplicates(tmp_path, full_run, sources, cfg,
 
 
 def test_rerun_with_other_settings_is_refused(full_run, sources, cfg, params):
-    with pytest.raises(data.DistillError, match="limit: None there, 1 now"):
+    with pytest.raises(run_dir.DistillError, match="limit: None there, 1 now"):
         _run(full_run, sources, cfg, params, limit=1)
 
 
 def test_limit_system_mode_and_empty_heldout(tmp_path, sources, cfg, params):
     _run(tmp_path, sources, cfg, params, limit=1, system="without")
     splits = _loaded(tmp_path)
-    assert len(data.load_split(tmp_path, "heldout")) == 0
+    assert len(dataset.load_split(tmp_path, "heldout")) == 0
     # limit=1 per source: the first prompt of a.jsonl and of b.json, without a system prompt.
     assert [(r["prompt_text"], r["with_system"]) for r in splits["train"]] == [
         (TRAIN_TEXTS[0], False), (TRAIN_TEXTS[2], False)]
@@ -208,39 +210,39 @@ def test_extend_grows_a_partial_run_and_rebuilds_its_dataset(tmp_path, full_run,
 
     with pytest.raises(Killed):  # limit 2, stopped after one batch, then built as a subset
         _run(tmp_path, sources, cfg, params, limit=2, on_chunk=kill)
-    data.build_dataset(tmp_path, partial=True)
+    dataset.build_dataset(tmp_path, partial=True)
     assert sum(len(v) for v in _loaded(tmp_path).values()) == BATCH
     first = _raw_records(tmp_path)
 
-    with pytest.raises(data.DistillError, match="--extend grows a run"):
+    with pytest.raises(run_dir.DistillError, match="--extend grows a run"):
         _run(tmp_path, sources, cfg, params)  # a larger limit without --extend
-    with pytest.raises(data.DistillError, match="other settings"):
+    with pytest.raises(run_dir.DistillError, match="other settings"):
         _run(tmp_path, sources, cfg, params, extend=True, limit=1)  # extending cannot shrink
     _run(tmp_path, sources, cfg, params, extend=True)  # grows to no limit, finishes, rebuilds
     grown = _raw_records(tmp_path)
     by_index = {r["index"]: r for r in grown}
     assert all(by_index[r["index"]] == r for r in first)  # answered ones kept, not redone
     assert [r["index"] for r in grown] == list(range(2 * 7))
-    assert not (tmp_path / "raw" / data.PARTIAL_MARKER).exists()
+    assert not (tmp_path / "raw" / run_dir.PARTIAL_MARKER).exists()
 
     def key(r):
         return (r["prompt_text"], r["with_system"], r["response_ids"].tolist())
 
     got, want = _loaded(tmp_path), _loaded(full_run)
-    for s in data.SPLITS:  # the same records as a run planned with no limit from the start
+    for s in dataset.SPLITS:  # the same records as a run planned with no limit from the start
         assert sorted(map(key, got[s])) == sorted(map(key, want[s]))
 
 
 def test_max_prompt_tokens_skips_long_prompts(sources):
-    plan = data.plan_prompts(FakeTokenizer(), _config(sources, max_prompt_tokens=9))
+    plan = distill.plan_prompts(FakeTokenizer(), _config(sources, max_prompt_tokens=9))
     assert plan and all(len(r["prompt_ids"]) <= 9 for r in plan)
-    assert {r["prompt_text"] for r in plan} < {r["prompt_text"] for r in data.plan_prompts(
+    assert {r["prompt_text"] for r in plan} < {r["prompt_text"] for r in distill.plan_prompts(
         FakeTokenizer(), _config(sources))}
 
 
 def test_load_split_without_dataset(tmp_path):
     with pytest.raises(FileNotFoundError, match="no bita_distill dataset"):
-        data.load_split(tmp_path, "train")
+        dataset.load_split(tmp_path, "train")
 
 
 # -- the entry point --------------------------------------------------------------------------
@@ -274,15 +276,15 @@ def test_cli_unknown_model_is_one_line(tmp_path, sources, capsys):
 def test_smollm2_system_variants():
     """SmolLM2's template inserts its default system turn unless the chat starts with a system
     message: "with" is that default, "without" an empty system turn."""
-    from bita_jax import gguf_loader
-    from bita_jax.tokenizer import load_tokenizer
+    from bita_jax.checkpoints.tokenizer import load_tokenizer
+    from bita_jax.data import distill
 
     try:
         tok = load_tokenizer(gguf_loader.find_smollm2_gguf())
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    with_system = tok.decode(data.render(tok, "Hi", True))
-    without = tok.decode(data.render(tok, "Hi", False))
+    with_system = tok.decode(distill.render(tok, "Hi", True))
+    without = tok.decode(distill.render(tok, "Hi", False))
     assert "You are a helpful AI assistant named SmolLM" in with_system
     assert without == ("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                        "<|im_start|>assistant\n")

@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bita_jax import bita, model
-from bita_jax.config import ModelConfig
-from bita_jax.decode import BitaGenerator, bita_step
-from bita_jax.generate import _EXECUTABLES, TRACES, GenerationError, Generator, run_steps
-from bita_jax.sampling import SamplingParams
-from bita_jax.tree import Tree, TreeError, upper_triangle
+from bita_jax import models
+from bita_jax.decoding.ar import Generator
+from bita_jax.decoding.bita_step import BitaGenerator, bita_step
+from bita_jax.decoding.engine import EXECUTABLES, TRACES, GenerationError, run_steps
+from bita_jax.decoding.sampling import SamplingParams
+from bita_jax.decoding.tree import Tree, TreeError, upper_triangle
+from bita_jax.models.config import ModelConfig
 
 LLAMA = ModelConfig(arch="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
                     num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=512)
@@ -27,7 +28,7 @@ TREES = ["upper-triangle", "chain", "full", "upper-triangle-pruned", "upper-tria
 @pytest.fixture(scope="module", params=[LLAMA, FALCON], ids=["llama", "falcon"])
 def setup(request):
     cfg = request.param
-    params = model.init_params(cfg, jax.random.key(3))
+    params = models.init_params(cfg, jax.random.key(3))
     return cfg, params
 
 
@@ -106,7 +107,7 @@ def test_bad_trees_are_clear_errors(tmp_path):
 @pytest.mark.parametrize("tree_name, masks", [(t, 3 + i % 2) for i, t in enumerate(TREES)])
 def test_random_adapter_is_lossless(setup, tree_name, masks):
     cfg, params = setup
-    bp = bita.init_bita_params(cfg, bita.BitaConfig(num_masks=masks), jax.random.key(masks))
+    bp = models.init_bita_params(cfg, models.BitaConfig(num_masks=masks), jax.random.key(masks))
     tree = Tree.make(tree_name, masks)
     for prompts, n in ((PROMPTS, 37), (PROMPTS[1:2], 9)):  # batch 4 (mixed lengths) and 1
         want = Generator(cfg, params).generate(prompts, n).tokens
@@ -154,7 +155,7 @@ def _oracle_decode(cfg, params, bp, tree, prompts, max_new, corrupt, seed=0):
 @pytest.mark.parametrize("corrupt", [0.0, 0.4])
 def test_oracle_drafts_deep_acceptance_is_lossless(setup, tree_name, corrupt):
     cfg, params = setup
-    bp = bita.init_bita_params(cfg, bita.BitaConfig(num_masks=3), jax.random.key(7))
+    bp = models.init_bita_params(cfg, models.BitaConfig(num_masks=3), jax.random.key(7))
     tree = Tree.make(tree_name, 3)
     for max_new in (6, 30):
         got, row_steps, reference, hist = _oracle_decode(cfg, params, bp, tree, PROMPTS, max_new,
@@ -171,7 +172,7 @@ def test_eos_inside_an_accepted_run_stops_exactly(setup):
     free = Generator(cfg, params).generate(PROMPTS, 30).tokens
     eos = free[2][11]
     cfg_eos = cfg.replace(eos_token_ids=(eos,))
-    bp = bita.init_bita_params(cfg, bita.BitaConfig(num_masks=3), jax.random.key(7))
+    bp = models.init_bita_params(cfg, models.BitaConfig(num_masks=3), jax.random.key(7))
     want = Generator(cfg_eos, params).generate(PROMPTS, 30).tokens
     assert want[2][-1] == eos and len(want[2]) <= 12
     got = BitaGenerator(cfg_eos, params, bp, Tree.make("chain", 3)).generate(PROMPTS, 30).tokens
@@ -181,18 +182,18 @@ def test_eos_inside_an_accepted_run_stops_exactly(setup):
 def test_step_compiles_once(setup):
     cfg, params = setup
     cfg = cfg.replace(rope_theta=4321.0)
-    bp = bita.init_bita_params(cfg, bita.BitaConfig(num_masks=3), jax.random.key(1))
+    bp = models.init_bita_params(cfg, models.BitaConfig(num_masks=3), jax.random.key(1))
     tree = Tree.make("upper-triangle", 3)
     gen = BitaGenerator(cfg, params, bp, tree)
     gen.generate([[1, 2, 3], [4, 5]], 10)
     gen.generate([[9, 8, 7, 6, 5, 4], [1]], 40)
     gen.generate([[3] * 12, [2] * 5], 17)
     assert TRACES[("bita", cfg, tree)] == 1
-    assert sum(k[0] == cfg and k[1] == "BitaGenerator" for k in _EXECUTABLES) == 2
+    assert sum(k[0] == cfg and k[1] == "BitaGenerator" for k in EXECUTABLES) == 2
 
 
 def test_tree_needing_more_masks_than_the_adapter_is_refused(setup):
     cfg, params = setup
-    bp = bita.init_bita_params(cfg, bita.BitaConfig(num_masks=2), jax.random.key(1))
+    bp = models.init_bita_params(cfg, models.BitaConfig(num_masks=2), jax.random.key(1))
     with pytest.raises(GenerationError, match="needs 3 masks but the adapter has 2"):
         BitaGenerator(cfg, params, bp, Tree.make("chain", 3))

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bita_jax import kv_cache, model
-from bita_jax.config import ModelConfig
+from bita_jax import models
+from bita_jax.models import kv_cache
+from bita_jax.models.config import ModelConfig
 
 TOL = 1e-4  # fp32 logits
 V = 128
@@ -48,14 +49,14 @@ def _random_params(cfg: ModelConfig, seed: int = 0):
             return jnp.asarray(0.5 * noise)
         return jnp.asarray(0.2 * noise)
 
-    return jax.tree_util.tree_map_with_path(draw, model.abstract_params(cfg))
+    return jax.tree_util.tree_map_with_path(draw, models.abstract_params(cfg))
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _step(cfg, params, tokens, positions, mask, cache):
     """fp32 logits [B, T, V] and the block's (k, v)."""
-    hidden, kv = model.forward(cfg, params, tokens, positions, mask, cache=cache)
-    return model.lm_logits(cfg, params, hidden), kv
+    hidden, kv = models.forward(cfg, params, tokens, positions, mask, cache=cache)
+    return models.lm_logits(cfg, params, hidden), kv
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -63,8 +64,8 @@ def _causal(cfg, params, tokens):
     """Plain causal forward, no cache: logits [B, T, V]."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden, _ = model.forward(cfg, params, tokens, positions, jnp.tril(jnp.ones((t, t), bool)))
-    return model.lm_logits(cfg, params, hidden)
+    hidden, _ = models.forward(cfg, params, tokens, positions, jnp.tril(jnp.ones((t, t), bool)))
+    return models.lm_logits(cfg, params, hidden)
 
 
 def _full(cfg, params, seqs, rows=8, width=16):

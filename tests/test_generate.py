@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bita_jax import model
-from bita_jax.config import ModelConfig
-from bita_jax.generate import _EXECUTABLES, TRACES, GenerationError, Generator, bucket
-from bita_jax.sampling import SamplingParams, filtered_logits
+from bita_jax import models
+from bita_jax.decoding.ar import Generator
+from bita_jax.decoding.engine import EXECUTABLES, TRACES, GenerationError, bucket
+from bita_jax.decoding.sampling import SamplingParams, filtered_logits
+from bita_jax.models.config import ModelConfig
 
 CFG = ModelConfig(arch="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256)
@@ -16,15 +17,16 @@ CFG = ModelConfig(arch="llama", vocab_size=97, hidden_size=32, intermediate_size
 
 @pytest.fixture(scope="module")
 def params():
-    return model.init_params(CFG, jax.random.key(3))
+    return models.init_params(CFG, jax.random.key(3))
 
 
 @jax.jit
 def _full_forward_logits(params, seq):
     """A full causal forward over a padded [1, 64] sequence (no cache): logits [64, V]."""
     n = seq.shape[1]
-    hidden, _ = model.forward(CFG, params, seq, jnp.arange(n)[None], np.tril(np.ones((n, n), bool)))
-    return model.lm_logits(CFG, params, hidden[0])
+    hidden, _ = models.forward(CFG, params, seq, jnp.arange(n)[None],
+                               np.tril(np.ones((n, n), bool)))
+    return models.lm_logits(CFG, params, hidden[0])
 
 
 def reference_greedy(params, prompt, max_new, eos=()):
@@ -76,7 +78,7 @@ def test_decode_loop_compiles_once_per_bucket(params):
     gen.generate([[4, 5, 6, 7, 8, 9]], 20)  # same prompt bucket (16), same output bucket (64)
     gen.generate([[9] * 11], 33, SamplingParams.make(0.7, 5, 0.9), seed=4)  # knobs are traced
     assert TRACES[("ar", cfg)] == 1
-    assert sum(k[0] == cfg for k in _EXECUTABLES) == 2  # one prefill, one decode loop
+    assert sum(k[0] == cfg for k in EXECUTABLES) == 2  # one prefill, one decode loop
     gen.generate([[1] * 17], 10)  # next prompt bucket (32): a new compile
     assert TRACES[("ar", cfg)] == 2
 

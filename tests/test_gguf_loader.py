@@ -17,8 +17,8 @@ import pytest
 import safetensors.numpy
 import transformers
 
-from bita_jax import gguf_loader, model_cache
-from bita_jax.config import ModelConfig
+from bita_jax.checkpoints import gguf_loader, model_cache
+from bita_jax.models.config import ModelConfig
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,13 +93,13 @@ def _write_tiny_llama(path, hf, *, heads=4, kv_heads=2, arch="llama", extra=()):
     writer.add_rope_freq_base(5000.0)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
-    inverse = {v: k for k, v in gguf_loader._GLOBAL_NAMES.items()}
+    inverse = {v: k for k, v in gguf_loader.GLOBAL_NAMES.items()}
     for name, w in hf.items():
         if name in inverse:
             writer.add_tensor(inverse[name], w)
             continue
         layer, rest = name.removeprefix("model.layers.").split(".", 1)
-        short = {v: k for k, v in gguf_loader._LAYER_NAMES.items()}[rest]
+        short = {v: k for k, v in gguf_loader.LAYER_NAMES.items()}[rest]
         if short == "attn_q.weight":
             w = _llamacpp_permute(w, heads)
         elif short == "attn_k.weight":
@@ -186,7 +186,7 @@ def test_truncated_tensor_data_raises_clear_error(tmp_path):
 def test_no_torch_at_runtime(tmp_path):
     path = tmp_path / "tiny.gguf"
     _write_tiny_llama(path, _tiny_hf())
-    code = ("import sys; from bita_jax import gguf_loader; "
+    code = ("import sys; from bita_jax.checkpoints import gguf_loader; "
             f"config, tensors = gguf_loader.load_gguf_state_dict({str(path)!r}); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -372,7 +372,7 @@ def test_shared_reader_parses_once(tiny, monkeypatch):
 def test_fast_reader_matches_stock_reader(tmp_path):
     path = tmp_path / "tiny.gguf"
     _write_tiny_llama(path, _tiny_hf())
-    assert gguf_loader._READER_CLASS is gguf_loader._FastGGUFReader  # gguf==0.19 fits
+    assert gguf_loader.READER_CLASS is gguf_loader.FastGGUFReader  # gguf==0.19 fits
     fast, stock = gguf_loader.open_gguf(path), gguf.GGUFReader(path)
     assert list(fast.fields) == list(stock.fields)
     for key, f in stock.fields.items():

@@ -19,9 +19,10 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from transformers import FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from bita_jax import checkpoint, model
-from bita_jax.checkpoint import CheckpointError, load_hf_checkpoint
-from bita_jax.config import ConfigError
+from bita_jax import models
+from bita_jax.checkpoints import hf as hf_checkpoint
+from bita_jax.checkpoints.hf import CheckpointError, load_hf_checkpoint
+from bita_jax.models.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # fp32 logits; never relax: a failure is a bug
@@ -99,8 +100,8 @@ def _our_logits(cfg, params, tokens):
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     mask = jnp.tril(jnp.ones((t, t), bool))
     with jax.default_matmul_precision("float32"):
-        hidden, _ = model.forward(cfg, params, jnp.asarray(tokens), positions, mask)
-        return np.asarray(model.lm_logits(cfg, params, hidden))
+        hidden, _ = models.forward(cfg, params, jnp.asarray(tokens), positions, mask)
+        return np.asarray(models.lm_logits(cfg, params, hidden))
 
 
 def _assert_parity(hf_model, cfg, params, seed=0):
@@ -127,7 +128,7 @@ def test_llama_parity(case, tmp_path):
     assert cfg.rope_theta == LLAMA_CASES[case].get("rope_theta", 10000.0)
     assert (cfg.rope_scaling is not None) == ("rope_scaling" in LLAMA_CASES[case])
     assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(
-        lambda x: (x.shape, x.dtype), model.abstract_params(cfg))
+        lambda x: (x.shape, x.dtype), models.abstract_params(cfg))
     _assert_parity(hf_model, cfg, params)
 
 
@@ -187,7 +188,7 @@ def test_bf16_checkpoint(tmp_path):
     with safe_open(file, framework="numpy") as f:
         key = "transformer.h.0.self_attention.query_key_value.weight"
         assert f.get_slice(key).get_dtype() == "BF16"
-        mapped = checkpoint.safetensors_tensors(path)[key]  # our memory-mapped view agrees
+        mapped = hf_checkpoint.safetensors_tensors(path)[key]  # our memory-mapped view agrees
         assert mapped.dtype == jnp.bfloat16
         np.testing.assert_array_equal(mapped.astype(np.float32),
                                       f.get_tensor(key).astype(np.float32))
@@ -206,7 +207,7 @@ def test_shardings_place_leaves(tmp_path):
     cfg, ref = load_hf_checkpoint(path)
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shardings = jax.tree.map(lambda _: spec, model.abstract_params(cfg))
+    shardings = jax.tree.map(lambda _: spec, models.abstract_params(cfg))
     _, params = load_hf_checkpoint(path, shardings=shardings)
     assert all(x.sharding == spec for x in jax.tree.leaves(params))
     _assert_tree_equal(ref, params)
@@ -214,15 +215,17 @@ def test_shardings_place_leaves(tmp_path):
 
 _SHARDED_LOAD = textwrap.dedent("""
     import sys, jax, numpy as np
-    from bita_jax import checkpoint, sharding
+    from bita_jax import models
+    from bita_jax import sharding
+    from bita_jax.checkpoints import hf as hf_checkpoint
 
     assert jax.device_count() == 8, jax.devices()
     mesh = sharding.make_mesh(2, 4)
     for path in sys.argv[1:]:
-        cfg, ref = checkpoint.load_hf_checkpoint(path)  # assembled on the host, one device
+        cfg, ref = hf_checkpoint.load_hf_checkpoint(path)  # assembled on the host, one device
         for rules in (sharding.DEFAULT_RULES, sharding.FSDP_RULES):
             shardings = sharding.param_shardings(cfg, mesh, rules)
-            _, params = checkpoint.load_hf_checkpoint(path, shardings=shardings)
+            _, params = hf_checkpoint.load_hf_checkpoint(path, shardings=shardings)
             split = 0
             for (kp, r), x in zip(jax.tree_util.tree_leaves_with_path(ref),
                                   jax.tree.leaves(params)):

@@ -7,9 +7,10 @@ import pathlib
 import jax
 import pytest
 
-from bita_jax import bench, bita, plots, report
-from bita_jax.checkpoint import load_hf_checkpoint
-from bita_jax.loading import LoadedModel
+from bita_jax import models
+from bita_jax.checkpoints.hf import load_hf_checkpoint
+from bita_jax.checkpoints.loading import LoadedModel
+from bita_jax.eval import bench, plots, report
 from tests.test_parity import _make_hf, _save
 
 PROMPTS = {"chat": [[5, 17, 33, 2, 80, 5, 17], [44, 3]], "code": [[9, 10, 11, 9, 10]]}
@@ -23,7 +24,7 @@ def run(tmp_path_factory):
                  tmp_path_factory.mktemp("hf"))
     cfg, params = load_hf_checkpoint(path)
     loaded = LoadedModel("tiny", cfg, params, None, pathlib.Path(path))
-    bp = bita.init_bita_params(cfg, bita.BitaConfig(num_masks=3), jax.random.key(1))
+    bp = models.init_bita_params(cfg, models.BitaConfig(num_masks=3), jax.random.key(1))
     trees = [bench.make_tree(n, 3) for n in TREES]
     selection = bench.select_tree(cfg, params, bp, trees, [[7, 8, 9]], MAX_NEW, timing_steps=4,
                                   repeats=1)

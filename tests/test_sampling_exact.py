@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bita_jax import bita, model
-from bita_jax.config import ModelConfig
-from bita_jax.decode import BitaGenerator
-from bita_jax.generate import Generator
-from bita_jax.sampling import SamplingParams
-from bita_jax.tree import Tree
+from bita_jax import models
+from bita_jax.decoding.ar import Generator
+from bita_jax.decoding.bita_step import BitaGenerator
+from bita_jax.decoding.sampling import SamplingParams
+from bita_jax.decoding.tree import Tree
+from bita_jax.models.config import ModelConfig
 
 V = 12
 CFG = ModelConfig(arch="llama", vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -26,9 +26,10 @@ ROWS = 4000
 
 @pytest.fixture(scope="module")
 def setup():
-    params = jax.tree.map(lambda x: 3 * x, model.init_params(CFG, jax.random.key(3)))
+    params = jax.tree.map(lambda x: 3 * x, models.init_params(CFG, jax.random.key(3)))
     # wide init: the random masks' top-k often holds the sampled token, so acceptance happens
-    bp = bita.init_bita_params(CFG, bita.BitaConfig(num_masks=3, init_std=1.0), jax.random.key(1))
+    bp = models.init_bita_params(CFG, models.BitaConfig(num_masks=3, init_std=1.0),
+                                 jax.random.key(1))
     return params, bp
 
 
@@ -36,8 +37,9 @@ def setup():
 def _padded_probs(params, seq, length, temperature):
     """Next-token probabilities after seq[:length] (seq padded to a fixed [1, 8]): one compile."""
     n = seq.shape[1]
-    hidden, _ = model.forward(CFG, params, seq, jnp.arange(n)[None], np.tril(np.ones((n, n), bool)))
-    logits = model.lm_logits(CFG, params, hidden[0, length - 1])
+    hidden, _ = models.forward(CFG, params, seq, jnp.arange(n)[None],
+                               np.tril(np.ones((n, n), bool)))
+    logits = models.lm_logits(CFG, params, hidden[0, length - 1])
     return jax.nn.softmax(logits / temperature)
 
 

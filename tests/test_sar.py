@@ -10,8 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bita_jax import bita, model, sar, train_step
-from bita_jax.config import ModelConfig
+from bita_jax import models
+from bita_jax.data import dataset
+from bita_jax.models.config import ModelConfig
+from bita_jax.training import batches
+from bita_jax.training import loss as loss_lib
+from bita_jax.training import samples as sample_lib
+from bita_jax.training import step as step_lib
 
 V = 96
 
@@ -29,12 +34,12 @@ class _FixedStart:
 
 SRC = [10, 11, 12]
 TGT = [20, 21, 22, 23, 24, 25, 26]  # 26 = EOS
-SPEC = sar.SampleSpec(num_masks=2, max_groups=3, cutoff=12, real_len=8)
+SPEC = sample_lib.SampleSpec(num_masks=2, max_groups=3, cutoff=12, real_len=8)
 
 
 def test_small_sample_by_hand():
     # A = 7 - 2 = 5 anchors possible, G = 3, s = 1 -> anchors p = 1, 2, 3.
-    out = sar.build_sample(SRC, TGT, SPEC, _FixedStart(1))
+    out = sample_lib.build_sample(SRC, TGT, SPEC, _FixedStart(1))
     # real tokens: src + tgt[:p_2] = src + tgt[:3], right-padded to Tr = 8
     np.testing.assert_array_equal(out["tokens"], [10, 11, 12, 20, 21, 22, 0, 0])
     # visible real tokens of group j: len(src) + p_j
@@ -42,7 +47,7 @@ def test_small_sample_by_hand():
     # mask k of group j predicts tgt[p_j + 1 + k]
     np.testing.assert_array_equal(out["labels"], [22, 23, 23, 24, 24, 25])
 
-    tokens, positions, mask, labels = sar.full_layout(out, 6, SPEC, V)
+    tokens, positions, mask, labels = sample_lib.full_layout(out, 6, SPEC, V)
     np.testing.assert_array_equal(tokens, [10, 11, 12, 20, 21, 22, V, V + 1, V, V + 1, V, V + 1])
     np.testing.assert_array_equal(positions, [0, 1, 2, 3, 4, 5, 4, 5, 5, 6, 6, 7])
     np.testing.assert_array_equal(labels, [-1] * 6 + [22, 23, 23, 24, 24, 25])
@@ -59,31 +64,32 @@ def test_small_sample_by_hand():
     np.testing.assert_array_equal(mask[:6], np.hstack([np.tril(np.ones((6, 6), bool)),
                                                        np.zeros((6, 6), bool)]))
     # The two-pass view of the same thing: [G*M, G*M] group mask and [G*M, Tr] cache visibility.
-    np.testing.assert_array_equal(sar.group_mask(SPEC), want_mask_rows[:, 6:])
-    np.testing.assert_array_equal(sar.mask_ids(SPEC, V), [V, V + 1] * 3)
-    np.testing.assert_array_equal(sar.mask_offsets(SPEC), [0, 1] * 3)
+    np.testing.assert_array_equal(sample_lib.group_mask(SPEC), want_mask_rows[:, 6:])
+    np.testing.assert_array_equal(sample_lib.mask_ids(SPEC, V), [V, V + 1] * 3)
+    np.testing.assert_array_equal(sample_lib.mask_offsets(SPEC), [0, 1] * 3)
     visible = np.arange(8)[None, :] < np.repeat(out["anchors"], 2)[:, None]
     np.testing.assert_array_equal(visible, np.hstack([want_mask_rows[:, :6],
                                                       np.zeros((6, 2), bool)]))
 
 
 def test_window_edges_padding_groups_and_truncation():
-    last = sar.build_sample(SRC, TGT, SPEC, _FixedStart(2))  # s = A - G: the last anchor p = 4
+    # s = A - G: the last anchor p = 4
+    last = sample_lib.build_sample(SRC, TGT, SPEC, _FixedStart(2))
     np.testing.assert_array_equal(last["anchors"], [5, 6, 7])
     np.testing.assert_array_equal(last["labels"], [23, 24, 24, 25, 25, 26])  # reaches the EOS
     # Short response: A = 2 < max groups -> 2 groups, the third is padding (anchor 0, label -1).
-    short = sar.build_sample(SRC, [20, 21, 22, 23], SPEC, np.random.default_rng(0))
+    short = sample_lib.build_sample(SRC, [20, 21, 22, 23], SPEC, np.random.default_rng(0))
     np.testing.assert_array_equal(short["tokens"], [10, 11, 12, 20, 0, 0, 0, 0])
     np.testing.assert_array_equal(short["anchors"], [3, 4, 0])
     np.testing.assert_array_equal(short["labels"], [21, 22, 22, 23, -1, -1])
     # len(tgt) <= M: no mask group, no sample.
-    assert sar.build_sample(SRC, [20, 21], SPEC, np.random.default_rng(0)) is None
-    assert not sar.usable(3, 2, SPEC) and sar.usable(3, 3, SPEC)
+    assert sample_lib.build_sample(SRC, [20, 21], SPEC, np.random.default_rng(0)) is None
+    assert not sample_lib.usable(3, 2, SPEC) and sample_lib.usable(3, 3, SPEC)
     # Truncation to the cutoff: len(src) + len(tgt) <= 12 -> tgt[:9], anchors p in 0..6.
     long_tgt = list(range(30, 50))
-    spec = sar.SampleSpec(num_masks=2, max_groups=64, cutoff=12)
+    spec = sample_lib.SampleSpec(num_masks=2, max_groups=64, cutoff=12)
     assert spec.tr == 9
-    out = sar.build_sample(SRC, long_tgt, spec, np.random.default_rng(0))
+    out = sample_lib.build_sample(SRC, long_tgt, spec, np.random.default_rng(0))
     np.testing.assert_array_equal(out["anchors"][:8], [3, 4, 5, 6, 7, 8, 9, 0])
     np.testing.assert_array_equal(out["labels"][12:16], [37, 38, -1, -1])
     np.testing.assert_array_equal(out["tokens"], SRC + list(range(30, 36)))
@@ -94,12 +100,12 @@ def test_spread_anchors_cover_every_response_position_equally():
     each position is an anchor about G/A of the time, where the paper's window gives the first
     position only 1/(A-G+1) of the time."""
     tgt = list(range(100, 130))  # A = 30 - 2 = 28 anchors possible, G = 7
-    window = sar.SampleSpec(num_masks=2, max_groups=7, cutoff=64)
-    spread = sar.SampleSpec(num_masks=2, max_groups=7, cutoff=64, anchors="spread")
+    window = sample_lib.SampleSpec(num_masks=2, max_groups=7, cutoff=64)
+    spread = sample_lib.SampleSpec(num_masks=2, max_groups=7, cutoff=64, anchors="spread")
     counts = {"window": np.zeros(28), "spread": np.zeros(28)}
     for seed in range(2000):
         for spec in (window, spread):
-            out = sar.build_sample(SRC, tgt, spec, np.random.default_rng(seed))
+            out = sample_lib.build_sample(SRC, tgt, spec, np.random.default_rng(seed))
             p = out["anchors"] - len(SRC)
             assert np.all(np.diff(p) > 0) and p[0] >= 0 and p[-1] < 28
             labels = out["labels"].reshape(7, 2)
@@ -113,11 +119,11 @@ def test_spread_anchors_cover_every_response_position_equally():
     assert np.all(np.abs(freq["spread"] - 7 / 28) < 0.04), freq["spread"]
     # Responses with A <= G use every anchor in both modes: the same sample.
     short = [20, 21, 22, 23, 24]
-    a, b = (sar.build_sample(SRC, short, spec, np.random.default_rng(0))
+    a, b = (sample_lib.build_sample(SRC, short, spec, np.random.default_rng(0))
             for spec in (window, spread))
     assert all(np.array_equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="anchors"):
-        sar.SampleSpec(num_masks=2, anchors="random")
+        sample_lib.SampleSpec(num_masks=2, anchors="random")
 
 
 def test_batch_stream_is_deterministic_and_covers_each_epoch():
@@ -125,9 +131,9 @@ def test_batch_stream_is_deterministic_and_covers_each_epoch():
     # prompt = [record id]: a sample's first token tells which record it came from
     records = [{"prompt_ids": np.array([i]), "response_ids": np.arange(100, 100 + n)}
                for i, n in enumerate(rng.integers(1, 30, size=23))]
-    spec = sar.SampleSpec(num_masks=2, max_groups=4, cutoff=40)
-    stream = sar.BatchStream(records, spec, batch_size=4, seed=7)
-    again = sar.BatchStream(records, spec, batch_size=4, seed=7)
+    spec = sample_lib.SampleSpec(num_masks=2, max_groups=4, cutoff=40)
+    stream = batches.BatchStream(records, spec, batch_size=4, seed=7)
+    again = batches.BatchStream(records, spec, batch_size=4, seed=7)
     usable = [i for i, r in enumerate(records) if len(r["response_ids"]) > 2]
     n = stream.num_usable
     assert n == len(usable) < len(records)
@@ -147,7 +153,7 @@ def test_batch_stream_is_deterministic_and_covers_each_epoch():
                 for i in range(n)}
     assert any(not np.array_equal(anchors0[r], anchors1[r]) for r in usable)
     # Another seed: another order.
-    other = sar.BatchStream(records, spec, batch_size=4, seed=8)
+    other = batches.BatchStream(records, spec, batch_size=4, seed=8)
     assert not np.array_equal(other.batch(0)["labels"], stream.batch(0)["labels"])
     assert stream.position(10) == {"step": 10, "epoch": 40 // n, "index_in_epoch": 40 % n,
                                    "samples_seen": 40}
@@ -157,18 +163,18 @@ def test_load_records_jsonl_and_errors(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"prompt_ids": [1, 2], "response_ids": [3, 4, 5]}) + "\n\n"
                     + json.dumps({"prompt_ids": [7], "response_ids": [8]}) + "\n")
-    recs = sar.load_records(path)
+    recs = dataset.load_records(path)
     assert len(recs) == 2 and recs[0]["response_ids"].dtype == np.int32
     np.testing.assert_array_equal(recs[1]["prompt_ids"], [7])
-    with pytest.raises(sar.DataError, match="not found"):
-        sar.load_records(tmp_path / "missing.jsonl")
+    with pytest.raises(dataset.DataError, match="not found"):
+        dataset.load_records(tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt_ids": [1]}\n')
-    with pytest.raises(sar.DataError, match=r"bad.jsonl:1: expected integer lists"):
-        sar.load_records(bad)
+    with pytest.raises(dataset.DataError, match=r"bad.jsonl:1: expected integer lists"):
+        dataset.load_records(bad)
     (tmp_path / "x.txt").write_text("")
-    with pytest.raises(sar.DataError, match="unsupported data file"):
-        sar.load_records(tmp_path / "x.txt")
+    with pytest.raises(dataset.DataError, match="unsupported data file"):
+        dataset.load_records(tmp_path / "x.txt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,14 +194,14 @@ def _random_params(cfg, seed=0):
         scale = {"scale": 0.1, "bias": 0.1, "embedding": 0.5}.get(name, 0.2)
         return jnp.asarray((1.0 if name == "scale" else 0.0) + scale * noise)
 
-    return jax.tree_util.tree_map_with_path(draw, model.abstract_params(cfg))
+    return jax.tree_util.tree_map_with_path(draw, models.abstract_params(cfg))
 
 
 def _reference(cfg, spec, params, bita_params, samples):
     """Mean CE over mask tokens and the mask rows' logits [B, G*M, V], from ONE forward over the
     paper's concatenated layout of every sample (rows right-padded to a common length; a padding
     token sees only itself and nobody sees it)."""
-    layouts = [sar.full_layout(smp, int(smp["anchors"].max()), spec, cfg.vocab_size)
+    layouts = [sample_lib.full_layout(smp, int(smp["anchors"].max()), spec, cfg.vocab_size)
                for smp in samples]  # len(src) + p_{G-1} = the largest anchor
     t = max(len(x[0]) for x in layouts)
     b = len(samples)
@@ -206,9 +212,9 @@ def _reference(cfg, spec, params, bita_params, samples):
         n = len(tok)
         tokens[i, :n], positions[i, :n], mask[i, :n, :n], labels[i, :n] = tok, pos, msk, lab
         starts.append(n - spec.num_mask_tokens)
-    hidden, _ = model.forward(cfg, params, jnp.asarray(tokens), jnp.asarray(positions),
+    hidden, _ = models.forward(cfg, params, jnp.asarray(tokens), jnp.asarray(positions),
                               jnp.asarray(mask), bita_params=bita_params)
-    logits = model.lm_logits(cfg, params, hidden)  # [B, T, V]
+    logits = models.lm_logits(cfg, params, hidden)  # [B, T, V]
     rows = jnp.stack([logits[i, s:s + spec.num_mask_tokens] for i, s in enumerate(starts)])
     lab = jnp.asarray(labels)
     valid = lab >= 0
@@ -223,28 +229,28 @@ def test_two_pass_loss_equals_single_sequence(anchors):
     `src + tgt[:p_last] + groups` with the paper's [T, T] mask: loss, per-mask hits, gradients.
     "spread" puts the groups at non-consecutive anchors."""
     cfg = CFG
-    bcfg = bita.BitaConfig(num_prefix=4, num_masks=3, prefix_dropout=0.0, init_std=0.5)
-    spec = sar.SampleSpec(num_masks=3, max_groups=5, cutoff=24, anchors=anchors)
+    bcfg = models.BitaConfig(num_prefix=4, num_masks=3, prefix_dropout=0.0, init_std=0.5)
+    spec = sample_lib.SampleSpec(num_masks=3, max_groups=5, cutoff=24, anchors=anchors)
     params = _random_params(cfg)
-    bita_params = bita.init_bita_params(cfg, bcfg, jax.random.key(3))
+    bita_params = models.init_bita_params(cfg, bcfg, jax.random.key(3))
     rng = np.random.default_rng(1)
     cases = [(rng.integers(0, V, 4), rng.integers(0, V, 15)),  # 5 groups out of A = 12
              (rng.integers(0, V, 6), rng.integers(0, V, 6))]   # A = 3: 2 padding groups
-    samples = [sar.build_sample(s, t, spec, np.random.default_rng(i)) for i, (s, t) in
+    samples = [sample_lib.build_sample(s, t, spec, np.random.default_rng(i)) for i, (s, t) in
                enumerate(cases)]
-    batch = {k: jnp.asarray(v) for k, v in sar.stack(samples).items()}
+    batch = {k: jnp.asarray(v) for k, v in sample_lib.stack(samples).items()}
     valid = np.asarray(batch["labels"]) >= 0
     assert valid.sum() == 5 * 3 + 3 * 3
     assert (np.diff(samples[0]["anchors"]) > 1).any() == (anchors == "spread")
 
     def two_pass(bp, base, batch):
-        return train_step.loss_fn(bp, base, batch, None, cfg=cfg, bcfg=bcfg, spec=spec,
+        return loss_lib.loss_fn(bp, base, batch, None, cfg=cfg, bcfg=bcfg, spec=spec,
                                   train=False)
 
     def single(bp, base):  # the layout is built on the host from the (numpy) samples
         return _reference(cfg, spec, base, bp, samples)
 
-    jit = functools.partial(jax.jit, compiler_options=train_step.FAST_CPU_COMPILE)
+    jit = functools.partial(jax.jit, compiler_options=step_lib.FAST_CPU_COMPILE)
     (loss, metrics), g_two = jit(jax.value_and_grad(two_pass, has_aux=True))(
         bita_params, params, batch)
     (want, want_rows), g_one = jit(jax.value_and_grad(single, has_aux=True))(bita_params, params)
@@ -264,13 +270,13 @@ def test_per_sample_prefix_dropout():
     the two-pass loss under it == the single-sequence loss of each sample with its own prefix."""
     cfg = CFG
     rate = 0.5
-    bcfg = bita.BitaConfig(num_prefix=4, num_masks=3, prefix_dropout=rate, init_std=0.5)
-    spec = sar.SampleSpec(num_masks=3, max_groups=5, cutoff=24)
+    bcfg = models.BitaConfig(num_prefix=4, num_masks=3, prefix_dropout=rate, init_std=0.5)
+    spec = sample_lib.SampleSpec(num_masks=3, max_groups=5, cutoff=24)
     params = _random_params(cfg)
-    bita_params = bita.init_bita_params(cfg, bcfg, jax.random.key(3))
+    bita_params = models.init_bita_params(cfg, bcfg, jax.random.key(3))
     keys = jax.random.split(jax.random.key(7), 2)
 
-    dropped = bita.prefix_dropout(bita_params, keys, rate)["prefix"]
+    dropped = models.prefix_dropout(bita_params, keys, rate)["prefix"]
     prefix = np.asarray(bita_params["prefix"])
     assert dropped.shape == (2, *prefix.shape)
     for b in range(2):
@@ -279,17 +285,17 @@ def test_per_sample_prefix_dropout():
         np.testing.assert_allclose(row[kept], prefix[kept] / (1.0 - rate), rtol=1e-6)
         assert 0.4 < kept.mean() < 0.6, kept.mean()
         # a sample's mask depends on its key alone (micro-batching and sharding keep it)
-        alone = bita.prefix_dropout(bita_params, keys[b:b + 1], rate)["prefix"][0]
+        alone = models.prefix_dropout(bita_params, keys[b:b + 1], rate)["prefix"][0]
         np.testing.assert_array_equal(np.asarray(alone), row)
     assert not np.array_equal(np.asarray(dropped[0]) != 0, np.asarray(dropped[1]) != 0)
-    assert bita.prefix_dropout(bita_params, keys, 0.0) is bita_params
+    assert models.prefix_dropout(bita_params, keys, 0.0) is bita_params
 
     rng = np.random.default_rng(1)
-    samples = [sar.build_sample(rng.integers(0, V, 4), rng.integers(0, V, 15), spec,
+    samples = [sample_lib.build_sample(rng.integers(0, V, 4), rng.integers(0, V, 15), spec,
                                 np.random.default_rng(i)) for i in range(2)]
-    batch = {k: jnp.asarray(v) for k, v in sar.stack(samples).items()}
-    jit = functools.partial(jax.jit, compiler_options=train_step.FAST_CPU_COMPILE)
-    loss, _ = jit(functools.partial(train_step.loss_fn, cfg=cfg, bcfg=bcfg, spec=spec,
+    batch = {k: jnp.asarray(v) for k, v in sample_lib.stack(samples).items()}
+    jit = functools.partial(jax.jit, compiler_options=step_lib.FAST_CPU_COMPILE)
+    loss, _ = jit(functools.partial(loss_lib.loss_fn, cfg=cfg, bcfg=bcfg, spec=spec,
                                     train=True))(bita_params, params, batch, keys)
     nll, count = 0.0, 0
     for b, sample in enumerate(samples):
@@ -299,6 +305,6 @@ def test_per_sample_prefix_dropout():
         n_b = int((sample["labels"] >= 0).sum())
         nll, count = nll + float(mean_b) * n_b, count + n_b
     assert abs(float(loss) - nll / count) <= 1e-5, (float(loss), nll / count)
-    shared, _ = jit(functools.partial(train_step.loss_fn, cfg=cfg, bcfg=bcfg, spec=spec,
+    shared, _ = jit(functools.partial(loss_lib.loss_fn, cfg=cfg, bcfg=bcfg, spec=spec,
                                       train=False))(bita_params, params, batch, None)
     assert abs(float(loss) - float(shared)) > 1e-3  # the dropout did change the loss

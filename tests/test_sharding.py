@@ -17,8 +17,8 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bita_jax import model, sharding
-from bita_jax.config import ModelConfig
+from bita_jax import models, sharding
+from bita_jax.models.config import ModelConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MESH_8 = {"data": 2, "model": 4}
@@ -51,11 +51,11 @@ def _names(tree) -> set[str]:
 def test_rules_cover_every_logical_name(key, rules):
     cfg = CONFIGS[key]
     table = dict(rules)
-    names = _names(model.logical_axes(cfg))
+    names = _names(models.logical_axes(cfg))
     assert names <= set(table), names - set(table)
     assert names >= {"layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "norm", "mlp"}
     specs = sharding.param_specs(cfg, MESH_8, rules)
-    assert jax.tree.structure(specs) == jax.tree.structure(model.abstract_params(cfg))
+    assert jax.tree.structure(specs) == jax.tree.structure(models.abstract_params(cfg))
 
 
 def test_default_rules_table():
@@ -130,8 +130,9 @@ def test_make_mesh_rejects_wrong_device_count():
 _MULTI_DEVICE = textwrap.dedent("""
     import logging
     import jax, jax.numpy as jnp, numpy as np
-    from bita_jax import model, sharding
-    from bita_jax.config import ModelConfig
+    from bita_jax import models
+    from bita_jax import sharding
+    from bita_jax.models.config import ModelConfig
 
     logging.basicConfig(level=logging.WARNING)
     assert jax.device_count() == 8, jax.devices()
@@ -148,12 +149,12 @@ _MULTI_DEVICE = textwrap.dedent("""
     def logits_fn(cfg):
         def fn(params, tokens, positions):
             mask = jnp.tril(jnp.ones((T, T), bool))
-            hidden, _ = model.forward(cfg, params, tokens, positions, mask)
-            return model.lm_logits(cfg, params, hidden)
+            hidden, _ = models.forward(cfg, params, tokens, positions, mask)
+            return models.lm_logits(cfg, params, hidden)
         return fn
 
     for name, cfg in [("llama", llama), ("falcon", falcon)]:
-        params = model.init_params(cfg, jax.random.key(1))
+        params = models.init_params(cfg, jax.random.key(1))
         tokens = jax.random.randint(jax.random.key(2), (B, T), 0, cfg.vocab_size)
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
         fn = logits_fn(cfg)

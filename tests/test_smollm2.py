@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from bita_jax.generate import Generator
-from bita_jax.gguf_loader import find_smollm2_gguf
-from bita_jax.loading import load_model
+from bita_jax.checkpoints.gguf_loader import find_smollm2_gguf
+from bita_jax.checkpoints.loading import load_model
+from bita_jax.decoding.ar import Generator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHATS = [
@@ -87,7 +87,7 @@ def test_cli_errors_are_one_line(args, message):
 
 def test_cli_bita_compare_is_lossless(smollm2, hf_greedy):
     """The default path (shipped adapter if present, else a random one) equals HF's greedy."""
-    from bita_jax.loading import shipped_adapter
+    from bita_jax.checkpoints.loading import shipped_adapter
 
     adapter = "default" if shipped_adapter(smollm2) is not None else "random:0"
     run = _cli("--prompt", CHATS[3], "--max-new-tokens", "64", "--json", "--compare",
@@ -102,15 +102,16 @@ def test_cli_bita_compare_is_lossless(smollm2, hf_greedy):
 def test_cli_rejects_an_adapter_of_another_model_and_a_too_deep_tree(tmp_path):
     import jax
 
-    from bita_jax import bita
-    from bita_jax.config import ModelConfig
+    from bita_jax import models
+    from bita_jax.models.config import ModelConfig
 
     tiny = ModelConfig(arch="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                        max_position_embeddings=256)
-    bita.save_adapter(tmp_path, bita.init_bita_params(tiny, bita.BitaConfig(), jax.random.key(0)),
-                      bita.BitaConfig(), {"name": "tiny-llama", "arch": "llama",
-                                          "hidden_size": 32, "num_layers": 2})
+    models.save_adapter(tmp_path,
+                        models.init_bita_params(tiny, models.BitaConfig(), jax.random.key(0)),
+                        models.BitaConfig(), {"name": "tiny-llama", "arch": "llama",
+                                              "hidden_size": 32, "num_layers": 2})
     for args, message in [
             (["--adapter", str(tmp_path)], "trained for base model 'tiny-llama'"),
             (["--adapter", "random:0:2", "--tree", "chain@3"],

@@ -18,9 +18,9 @@ import tokenizers
 import transformers
 from tokenizers import pre_tokenizers
 
-from bita_jax import gguf_loader, model_cache
-from bita_jax import tokenizer as tokenizer_mod
-from bita_jax.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
+from bita_jax.checkpoints import gguf_loader, model_cache
+from bita_jax.checkpoints import tokenizer as tokenizer_mod
+from bita_jax.checkpoints.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
 
 TEXTS = [
     "Hello, world!",
@@ -101,7 +101,7 @@ def _random_texts(n, digits):
 
 def test_no_torch_at_runtime(gguf_path, tmp_path, monkeypatch):
     monkeypatch.setenv(model_cache.CACHE_ENV, str(tmp_path))  # built, then read from the cache
-    code = ("import sys; from bita_jax.tokenizer import load_tokenizer; "
+    code = ("import sys; from bita_jax.checkpoints.tokenizer import load_tokenizer; "
             f"t = load_tokenizer({str(gguf_path)!r}); t.chat_ids('hi'); "
             f"t = load_tokenizer({str(gguf_path)!r}); t.chat_ids('hi'); "
             "assert 'torch' not in sys.modules, 'torch imported'")

@@ -22,8 +22,11 @@ import numpy as np
 import optax
 import pytest
 
-from bita_jax import bita, distributed, loading, model, run_config, sar, train_step, trainer
-from bita_jax.config import ModelConfig
+from bita_jax import distributed, models
+from bita_jax.checkpoints import loading
+from bita_jax.models.config import ModelConfig
+from bita_jax.training import checkpointing, run_config, samples
+from bita_jax.training import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny-test.yaml"
@@ -107,21 +110,21 @@ def full_run(workdir):
 def test_optimizer_state_is_for_bita_params_only():
     cfg = ModelConfig(arch="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
-    bcfg = bita.BitaConfig(num_prefix=4, num_masks=2)
-    tx = train_step.make_optimizer(3e-2, total_steps=30)
+    bcfg = models.BitaConfig(num_prefix=4, num_masks=2)
+    tx = step_lib.make_optimizer(3e-2, total_steps=30)
     params, opt_state = jax.eval_shape(  # shapes and structure only: nothing to compile
-        lambda: train_step.init_state(cfg, bcfg, tx, jax.random.key(0)))
+        lambda: step_lib.init_state(cfg, bcfg, tx, jax.random.key(0)))
     adam = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(
         x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
     assert len(adam) == 1  # Adam's moments mirror the BiTA tree exactly
     assert jax.tree.structure(adam[0].mu) == jax.tree.structure(params)
     assert jax.tree.structure(adam[0].nu) == jax.tree.structure(params)
     assert (sum(x.size for x in jax.tree.leaves(opt_state))
-            <= 2 * bita.count_trainable(cfg, bcfg) + 8)
+            <= 2 * models.count_trainable(cfg, bcfg) + 8)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-    sched = train_step.make_schedule(3e-2, 10)
+    sched = step_lib.make_schedule(3e-2, 10)
     assert float(sched(0)) == pytest.approx(3e-2) and float(sched(10)) == pytest.approx(0.0)
-    warm = train_step.make_schedule(3e-2, 10, warmup_steps=2)
+    warm = step_lib.make_schedule(3e-2, 10, warmup_steps=2)
     assert float(warm(0)) == 0.0 and float(warm(2)) == pytest.approx(3e-2)
 
 
@@ -177,21 +180,23 @@ def test_exported_adapter_loads_and_rejects_another_model(full_run):
     tc = run_config.load_config(TINY)
     cfg = ModelConfig.from_hf_config(tc.model.hf_config)
 
-    params0 = model.init_params(cfg, jax.random.key(0))  # the run's random base (init_seed 0)
+    params0 = models.init_params(cfg, jax.random.key(0))  # the run's random base (init_seed 0)
     same = loading.LoadedModel("random-init:0", cfg, params0, None, pathlib.Path("-")).identity()
-    params, bcfg, meta = bita.load_adapter(full_run / "adapter", cfg, same)
+    params, bcfg, meta = models.load_adapter(full_run / "adapter", cfg, same)
     assert bcfg == tc.bita and meta["steps"] == 6
     assert params["prefix"].shape == (4, 2, 2, 4, 8) and params["mask_embed"].shape == (2, 32)
     assert json.loads((full_run / "adapter" / "adapter.json").read_text())["base_model"] == same
     other = {**same, "fingerprint": loading.weights_fingerprint(
         jax.tree.map(lambda x: x + 1.0, params0))}  # same shapes, other weights
-    with pytest.raises(bita.AdapterError, match="fingerprint"):
-        bita.load_adapter(full_run / "adapter", cfg, other)
+    with pytest.raises(models.AdapterError, match="fingerprint"):
+        models.load_adapter(full_run / "adapter", cfg, other)
     wider = cfg.replace(hidden_size=64, head_dim=16)
-    with pytest.raises(bita.AdapterError, match="hidden_size"):
-        bita.load_adapter(full_run / "adapter", wider, {**same, "hidden_size": 64, "head_dim": 16})
-    with pytest.raises(bita.AdapterError, match="shape"):  # no identity given: shapes still checked
-        bita.load_adapter(full_run / "adapter", wider)
+    with pytest.raises(models.AdapterError, match="hidden_size"):
+        models.load_adapter(full_run / "adapter", wider,
+                            {**same, "hidden_size": 64, "head_dim": 16})
+    # no identity given: shapes still checked
+    with pytest.raises(models.AdapterError, match="shape"):
+        models.load_adapter(full_run / "adapter", wider)
 
 
 def test_warm_start_from_an_adapter(workdir, full_run):
@@ -273,12 +278,21 @@ def test_run_config_sections_and_overrides(tmp_path):
 def test_resume_of_a_checkpoint_older_than_a_setting(tmp_path):
     """A checkpoint written before `run.anchors` existed resumes with the default it ran with,
     and is refused with the other value."""
-    sample = dataclasses.asdict(sar.SampleSpec(num_masks=2, max_groups=4, cutoff=24))
+    sample = dataclasses.asdict(samples.SampleSpec(num_masks=2, max_groups=4, cutoff=24))
     old_meta = {"seed": 0, "sample": {k: v for k, v in sample.items() if k != "anchors"}}
-    trainer._check_resume(tmp_path, 3, old_meta, {"seed": 0, "sample": sample})
+    checkpointing.check_resume(tmp_path, 3, old_meta, {"seed": 0, "sample": sample})
     spread = {**sample, "anchors": "spread"}
-    with pytest.raises(trainer.ResumeError, match="sample was .*'anchors': 'window'"):
-        trainer._check_resume(tmp_path, 3, old_meta, {"seed": 0, "sample": spread})
+    with pytest.raises(checkpointing.ResumeError,
+                       match="sample.anchors was 'window', now 'spread'"):
+        checkpointing.check_resume(tmp_path, 3, old_meta, {"seed": 0, "sample": spread})
+    # Optimizer settings were not recorded before: such a checkpoint resumes under any of them,
+    # a newer one only under its own.
+    optimizer = {"learning_rate": 0.03, "clip_norm": 1.0}
+    now = {"seed": 0, "sample": sample, "optimizer": optimizer}
+    checkpointing.check_resume(tmp_path, 3, old_meta, now)
+    saved = {**now, "optimizer": {**optimizer, "clip_norm": 0.0}}
+    with pytest.raises(checkpointing.ResumeError, match="optimizer.clip_norm was 0.0, now 1.0"):
+        checkpointing.check_resume(tmp_path, 3, saved, now)
 
 
 def test_distributed_is_a_no_op_on_one_host(monkeypatch):
@@ -299,28 +313,36 @@ def test_distributed_is_a_no_op_on_one_host(monkeypatch):
 
 _MULTI_DEVICE = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, optax
-    from bita_jax import bita, model, sar, sharding, train_step
-    from bita_jax.config import ModelConfig
+    from bita_jax import distributed
+    from bita_jax import models
+    from bita_jax import sharding
+    from bita_jax.checkpoints import loading
+    from bita_jax.training import batches
+    from bita_jax.training import checkpointing
+    from bita_jax.training import run_config
+    from bita_jax.training import samples
+    from bita_jax.training import step as step_lib
+    from bita_jax.models.config import ModelConfig
 
     assert jax.device_count() == 8, jax.devices()
     cfg = ModelConfig(arch="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
                       num_layers=2, num_heads=8, num_kv_heads=4, head_dim=8)
-    bcfg = bita.BitaConfig(num_prefix=4, num_masks=2, prefix_dropout=0.1)
-    spec = sar.SampleSpec(num_masks=2, max_groups=4, cutoff=24)
+    bcfg = models.BitaConfig(num_prefix=4, num_masks=2, prefix_dropout=0.1)
+    spec = samples.SampleSpec(num_masks=2, max_groups=4, cutoff=24)
     rng = np.random.default_rng(0)
     records = [{"prompt_ids": rng.integers(0, 128, 4), "response_ids": rng.integers(0, 128, 14)}
                for _ in range(16)]
-    batch = sar.BatchStream(records, spec, batch_size=8, seed=0).batch(0)
-    base = jax.device_get(model.init_params(cfg, jax.random.key(0)))
+    batch = batches.BatchStream(records, spec, batch_size=8, seed=0).batch(0)
+    base = jax.device_get(models.init_params(cfg, jax.random.key(0)))
     # weights of std 0.2 instead of 0.02 (norm scales stay 1): O(1) logits, a non-trivial step
     base = jax.tree_util.tree_map_with_path(
         lambda path, x: x if path[-1].key == "scale" else 10.0 * x, base)
-    tx = train_step.make_optimizer(3e-2, total_steps=40)
-    params0, opt0 = jax.device_get(train_step.init_state(cfg, bcfg, tx, jax.random.key(1)))
+    tx = step_lib.make_optimizer(3e-2, total_steps=40)
+    params0, opt0 = jax.device_get(step_lib.init_state(cfg, bcfg, tx, jax.random.key(1)))
     key = jax.random.key(5)
 
     def one_step(mesh, rules=sharding.DEFAULT_RULES, accum=1):
-        step = train_step.make_train_step(cfg, bcfg, spec, tx, mesh, rules, accum)
+        step = step_lib.make_train_step(cfg, bcfg, spec, tx, mesh, rules, accum)
         base_s = sharding.shard_params(base, sharding.param_shardings(cfg, mesh, rules))
         b = jax.device_put(batch, sharding.batch_sharding(mesh, 2))
         p, o = jax.device_put((params0, opt0), sharding.replicated(mesh))
@@ -340,18 +362,28 @@ _MULTI_DEVICE = textwrap.dedent("""
         losses.append(float(m["loss"]))
     assert losses[-1] < losses[0] - 0.5 and np.mean(losses[-3:]) < np.mean(losses[:3]), losses
     print("OK loss", [round(x, 3) for x in losses])
+    # The step's clipped gradient, read from Adam's first moment (mu = (1 - b1) g after one
+    # step). fp32 sums in another order round differently: the same one-device step with 4
+    # micro-batches instead of 1 moves it by about 1e-6 of its largest entry on a 2-core
+    # AVX-512 CPU. That is the noise floor a sharded step is held to; a bug (a misaligned
+    # dropout key, a dropped micro-batch, a wrong reduction) moves it by 1e-3 or more.
+    mu1 = optax.tree.get(o1, "mu")
+
+    def gap(mu):  # max |mu - mu1| over each leaf's largest |mu1|, worst leaf
+        return max(float(np.max(np.abs(mu[k] - mu1[k])) / np.max(np.abs(mu1[k]))) for k in mu1)
+
+    (_, o_acc4, _), _, _ = one_step(mesh1, accum=4)
+    noise = gap(optax.tree.get(o_acc4, "mu"))
+    assert 0 < noise < 1e-5, noise  # reordering changes bits, and only in the last few
     # data 2 x model 4, FSDP rules (embed also split over 'data') and 2 micro-batches: the
     # sharded, accumulated step == the plain one-device step.
     for name, mesh, rules, accum in [
             ("data2_model4_fsdp_accum2", sharding.make_mesh(2, 4), sharding.FSDP_RULES, 2)]:
         (p8, o8, m8), q_shard, _ = one_step(mesh, rules, accum)
         assert q_shard[1:3] == (cfg.hidden_size // 2, cfg.num_heads // 4), q_shard  # really split
-        # The step's clipped gradient, read from Adam's first moment (mu = (1 - b1) g after one
-        # step), agrees to 1e-6 of its largest entry ...
-        mu1, mu8 = optax.tree.get(o1, "mu"), optax.tree.get(o8, "mu")
-        for k in p1:
-            scale = float(np.max(np.abs(mu1[k])))
-            np.testing.assert_allclose(mu8[k], mu1[k], rtol=1e-4, atol=1e-6 * scale, err_msg=k)
+        # ... within 8x the noise floor (measured: 2.7x, from summing over 4 model shards)
+        mu8 = optax.tree.get(o8, "mu")
+        assert gap(mu8) <= 8 * noise, (name, gap(mu8), noise)
         # ... and so do the new params, wherever Adam is well conditioned: for a gradient near
         # Adam's eps (1e-8) the update lr * g / (|g| + eps) turns a 1e-11 difference into 1e-5.
         well = {k: np.abs(mu1[k]) > 0.1 * 100 * 1e-8 for k in p1}  # |g| > 100 eps
@@ -364,15 +396,15 @@ _MULTI_DEVICE = textwrap.dedent("""
                 and np.array_equal(m8["correct"], m1["correct"]))
         for a, b in zip(jax.tree.leaves(o8), jax.tree.leaves(o1)):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-        print(f"OK {name} max_abs_diff={diff:.2e}")
+        print(f"OK {name} max_abs_diff={diff:.2e} gradient gap={gap(mu8):.1e} noise={noise:.1e}")
 
     # Eval (no dropout) on 8 devices: top-1 <= top-5, and the trained masks beat the start.
     mesh8 = sharding.make_mesh(2, 4)
-    ev8 = train_step.make_eval_step(cfg, spec, mesh8)(
+    ev8 = step_lib.make_eval_step(cfg, spec, mesh8)(
         jax.device_put(p, sharding.replicated(mesh8)),
         sharding.shard_params(base, sharding.param_shardings(cfg, mesh8)),
         jax.device_put(batch, sharding.batch_sharding(mesh8, 2)))
-    s8 = train_step.summarize(jax.device_get(ev8))
+    s8 = step_lib.summarize(jax.device_get(ev8))
     assert all(a <= b for a, b in zip(s8["acc"], s8["acc5"])) and s8["loss"] < losses[0], s8
     assert s8["mask_tokens"] == int((batch["labels"] >= 0).sum())
     print("OK eval", s8)

@@ -11,7 +11,7 @@ into train / heldout by a stable hash of the prompt text, and answered by the mo
 (greedy, up to --max-new-tokens, EOS included when hit). Killed, the same command resumes where
 it stopped; `--extend` with a larger --limit grows a stopped or finished run (answered prompts
 are kept, new ones appended). At the end DIR holds an array_record tfds dataset:
-`bita_jax.data.load_split(DIR, "train")`. See bita_jax/data.py for the directory layout.
+`bita_jax.dataset.load_split(DIR, "train")`. See bita_jax/data.py for the directory layout.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bita_jax.cli_util import fail, run_main, status  # noqa: E402
+from bita_jax.cli import fail, run_main, status  # noqa: E402
 
 # The team's shared prompt files live beside the checkout, in ../shared/data.
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -59,34 +59,34 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from bita_jax import data
-    from bita_jax.generate import GenerationError
-    from bita_jax.loading import load_model, weights_fingerprint
+    from bita_jax.checkpoints import load_model, weights_fingerprint
+    from bita_jax.data import dataset, distill
+    from bita_jax.decoding import GenerationError
 
     if args.build_partial:
         try:
-            path = data.build_dataset(args.out, partial=True)
+            path = dataset.build_dataset(args.out, partial=True)
         except (ValueError, FileNotFoundError, OSError) as e:
             return fail(e)
-        sizes = {s: len(data.load_split(args.out, s)) for s in data.SPLITS}
+        sizes = {s: len(dataset.load_split(args.out, s)) for s in dataset.SPLITS}
         status(f"partial dataset {path}: {sizes['train']} train, {sizes['heldout']} heldout")
         return 0
     try:
-        config = data.DistillConfig(
+        config = distill.DistillConfig(
             sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()),
             limit=args.limit, max_new_tokens=args.max_new_tokens, system=args.system,
             max_prompt_tokens=args.max_prompt_tokens)
-        data.check_sources(config.sources)  # before the model load: fail in a second
+        distill.check_sources(config.sources)  # before the model load: fail in a second
         status(f"loading {args.model} ...", quiet=args.quiet)
         loaded = load_model(args.model, dtype=args.dtype)
-        path = data.distill(args.out, config, loaded.cfg, loaded.params, loaded.tokenizer,
+        path = distill.distill(args.out, config, loaded.cfg, loaded.params, loaded.tokenizer,
                             model_name=f"{loaded.name}:{args.dtype}",
                             model_fingerprint=weights_fingerprint(loaded.params),
                             batch_size=args.batch_size, progress=not args.quiet,
                             extend=args.extend)
     except (ValueError, FileNotFoundError, OSError, GenerationError) as e:
         return fail(e)
-    sizes = {s: len(data.load_split(args.out, s)) for s in data.SPLITS}
+    sizes = {s: len(dataset.load_split(args.out, s)) for s in dataset.SPLITS}
     status(f"dataset {path}: {sizes['train']} train, {sizes['heldout']} heldout records",
            quiet=False)
     return 0

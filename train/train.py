@@ -7,7 +7,7 @@
 
 Writes into the run directory (run.out_dir or --out): checkpoints/ (orbax: BiTA params, optimizer
 state, step, data position; the last run.checkpoint_keep kept), metrics.jsonl, and at the end
-adapter/ (`bita.save_adapter`). --resume continues from the latest checkpoint exactly: batches
+adapter/ (`models.save_adapter`). --resume continues from the latest checkpoint exactly: batches
 and dropout keys are functions of (seed, step). Ctrl-C (or SIGTERM) saves a checkpoint and exits.
 Only process 0 writes logs, metrics and the adapter (orbax coordinates checkpoint writes).
 """
@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bita_jax.cli_util import fail, run_main  # noqa: E402  (also quiets XLA logs)
+from bita_jax.cli import fail, run_main  # noqa: E402  (also quiets XLA logs)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_train_config(args):
-    from bita_jax import run_config
+    from bita_jax.training import run_config
 
     overrides = list(args.overrides)
     for flag, key in ((args.steps, "run.steps"), (args.out, "run.out_dir"),
@@ -60,18 +60,21 @@ def load_train_config(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from bita_jax import bita, distributed, loading, memory_plan, run_config, sar, trainer
-    from bita_jax.config import ConfigError
+    from bita_jax import distributed, models
+    from bita_jax.checkpoints import ModelLoadError
+    from bita_jax.data.dataset import DataError
+    from bita_jax.training import loop, memory_plan, run_config
+    from bita_jax.training.checkpointing import ResumeError
 
-    user_errors = (run_config.ConfigFileError, sar.DataError, loading.ModelLoadError, ConfigError,
-                   bita.AdapterError, trainer.ResumeError)
+    user_errors = (run_config.ConfigFileError, DataError, ModelLoadError, models.ConfigError,
+                   models.AdapterError, ResumeError)
     try:
         distributed.initialize()
         tc = load_train_config(args)
         if args.dry_run:
             print(json.dumps(memory_plan.estimate(tc, args.devices)))
             return 0
-        return trainer.train(tc, resume=args.resume, stop_at=args.stop_at, quiet=args.quiet)
+        return loop.train(tc, resume=args.resume, stop_at=args.stop_at, quiet=args.quiet)
     except user_errors as e:
         return fail(e)
     except KeyboardInterrupt:

@@ -1,0 +1,240 @@
+"""The Python API: one call to load a model with its adapter, one to generate.
+
+    import bita_jax
+    llm = bita_jax.load("smollm2-135m")                  # model, shipped adapter, tree="auto"
+    out = llm.generate("Explain what a hash map is.", max_new_tokens=64)
+    print(out.text, out.tokens_per_step)                 # also out.token_ids, out.seconds
+    ref = llm.generate("Explain what a hash map is.", max_new_tokens=64, use_bita=False)
+    assert ref.token_ids == out.token_ids                # lossless: plain greedy, token for token
+
+`load` takes every model spec the command-line tools take (a built-in name, a HF model directory
+or a .gguf file) and every adapter spec (`default`, a directory, `random:SEED[:M]`, `none`).
+`generate` takes one prompt or a list (one batch), greedy by default or sampling knobs and a
+seed, and an `on_text` callback that streams the text as it is decoded. Each engine is compiled
+once per shape and reused by later calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+
+import jax
+
+from bita_jax.checkpoints import loading
+from bita_jax.decoding import ar, bita_step
+from bita_jax.decoding.engine import Engine, GenerationResult
+from bita_jax.decoding.sampling import SamplingParams
+from bita_jax.decoding.tree import Tree, auto_tree_name
+from bita_jax.models.bita_params import BitaConfig
+
+
+@dataclasses.dataclass
+class Completion:
+    """One prompt's generation.
+
+    Attributes:
+      text: the decoded new tokens (special tokens skipped).
+      token_ids: the new token ids (the EOS included when one ended the text).
+      prompt_tokens: length of the prompt after the chat template.
+      steps: model calls after the prefill while this prompt was being decoded.
+      tokens_per_step: new tokens per such call, the prefill's token excluded (1.0 for plain
+        decoding; BiTA's drafts raise it).
+      seconds: wall time of the call that produced it (the whole batch), compilation excluded.
+      compile_seconds: time spent compiling in that call (0 once the shapes were seen).
+      finish_reason: "eos" (an end-of-text token) or "length" (max_new_tokens reached).
+      mode: "bita" or "plain", with "-sampled" when temperature > 0.
+      tree: the BiTA tree's name, or None for plain decoding.
+    """
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    steps: int
+    tokens_per_step: float
+    seconds: float
+    compile_seconds: float
+    finish_reason: str
+    mode: str
+    tree: str | None
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.token_ids) / self.seconds if self.seconds > 0 else 0.0
+
+
+class LLM:
+    """A base model with its tokenizer and, optionally, BiTA params and a draft tree.
+
+    Build one with `bita_jax.load`. Attributes: `name`, `cfg` (ModelConfig), `params` (base
+    pytree), `tokenizer`, `bita_params` and `bita_config` (None without an adapter), `tree` (None
+    without an adapter), `adapter` (the adapter directory, `random:...` or "none").
+    """
+
+    def __init__(self, loaded: loading.LoadedModel, bita_params=None,
+                 bita_config: BitaConfig | None = None, tree: Tree | None = None,
+                 adapter: str = "none", max_cache: int | None = None):
+        if (bita_params is None) != (tree is None):
+            raise ValueError("BiTA params and a tree go together: pass both or neither")
+        self.loaded = loaded
+        self.name, self.cfg, self.params = loaded.name, loaded.cfg, loaded.params
+        self.tokenizer = loaded.tokenizer
+        self.bita_params, self.bita_config, self.tree = bita_params, bita_config, tree
+        self.adapter = adapter
+        self.max_cache = max_cache
+        self._engines: dict[bool, Engine] = {}
+
+    def __repr__(self) -> str:
+        bita = f"adapter={self.adapter!r}, tree={self.tree.name!r}" if self.tree else "no adapter"
+        return f"LLM({self.name!r}, {self.cfg.arch}, {self.cfg.dtype}, {bita})"
+
+    @property
+    def has_bita(self) -> bool:
+        return self.tree is not None
+
+    def engine(self, use_bita: bool = True) -> Engine:
+        """The jitted engine: BiTA when `use_bita` and an adapter is loaded, else plain."""
+        use_bita = use_bita and self.has_bita
+        if use_bita not in self._engines:
+            if use_bita:
+                self._engines[True] = bita_step.BitaGenerator(
+                    self.cfg, self.params, self.bita_params, self.tree, max_cache=self.max_cache)
+            else:
+                self._engines[False] = ar.Generator(self.cfg, self.params,
+                                                    max_cache=self.max_cache)
+        return self._engines[use_bita]
+
+    def encode(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:
+        """Prompt ids: the chat template around one user turn (`chat`), or the raw text."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"a prompt is a string, got {type(prompt).__name__}")
+        if chat:
+            return list(self.tokenizer.chat_ids(prompt, system))
+        return list(self.tokenizer.encode(prompt))
+
+    def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 256, *,
+                 use_bita: bool = True, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, chat: bool = True,
+                 system: str | None = None,
+                 on_text: Callable[..., None] | None = None) -> Completion | list[Completion]:
+        """Generates a continuation of one prompt, or of a list of prompts as one batch.
+
+        Args:
+          prompt: a string, or a list of strings (decoded together, one batch).
+          max_new_tokens: at most this many new tokens per prompt (an EOS stops one earlier).
+          use_bita: decode with the adapter (lossless: greedy output equals plain greedy
+            decoding); False, or no adapter loaded, runs plain decoding.
+          temperature, top_k, top_p: 0 (the default) is greedy; above 0 samples, with top-k
+            (0: off) and top-p (1: off). BiTA sampling is exact speculative sampling: each
+            token follows the model's own sampling distribution.
+          seed: PRNG seed of the sampling.
+          chat: wrap each prompt in the model's chat template (False: the raw text).
+          system: the chat's system prompt (None: the template's own default).
+          on_text: streams the text as it is decoded: called with each new piece of text
+            (`on_text(piece)`) for one prompt, and with `(piece, index)` for a list.
+
+        Returns:
+          A `Completion` for a string prompt, a list of them for a list.
+
+        Raises:
+          GenerationError: an empty prompt, or prompt + max_new_tokens longer than the cache.
+          ValueError: bad sampling knobs.
+        """
+        single = isinstance(prompt, str)
+        texts = [prompt] if single else list(prompt)
+        if not texts:
+            raise ValueError("no prompt given: pass a string or a non-empty list of strings")
+        sp = SamplingParams.make(temperature, top_k, top_p)
+        ids = [self.encode(t, chat, system) for t in texts]
+        gen = self.engine(use_bita)
+        stream = None
+        if on_text is not None:
+            stream = _TextStream(self.tokenizer, on_text, single, len(texts))
+        result = gen.generate(ids, max_new_tokens, sp, seed, on_tokens=stream)
+        if stream is not None:
+            stream(result.tokens, final=True)
+        done = self._completions(result, ids, gen, temperature > 0)
+        return done[0] if single else done
+
+    def _completions(self, result: GenerationResult, ids: list[list[int]], gen: Engine,
+                     sampled: bool) -> list[Completion]:
+        is_bita = isinstance(gen, bita_step.BitaGenerator)
+        mode = ("bita" if is_bita else "plain") + ("-sampled" if sampled else "")
+        eos = set(gen.eos_ids)
+        out = []
+        for prompt_ids, tokens, steps in zip(ids, result.tokens, result.row_steps):
+            finish = "eos" if tokens and tokens[-1] in eos else "length"
+            out.append(Completion(
+                text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                token_ids=list(tokens), prompt_tokens=len(prompt_ids), steps=steps,
+                tokens_per_step=(len(tokens) - 1) / steps if steps else 1.0,
+                seconds=result.seconds, compile_seconds=result.compile_seconds,
+                finish_reason=finish, mode=mode, tree=self.tree.name if is_bita else None))
+        return out
+
+
+class _TextStream:
+    """Turns the engine's per-step token lists into text pieces for `on_text`."""
+
+    def __init__(self, tokenizer, on_text, single: bool, rows: int):
+        self.tokenizer, self.on_text, self.single = tokenizer, on_text, single
+        self.printed = [""] * rows
+
+    def __call__(self, tokens: list[list[int]], final: bool = False):
+        for i, row in enumerate(tokens):
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            # a partial UTF-8 character decodes to U+FFFD: wait for the rest of it
+            if text.startswith(self.printed[i]) and (final or not text.endswith("\ufffd")):
+                piece = text[len(self.printed[i]):]
+                if piece:
+                    self.printed[i] = text
+                    if self.single:
+                        self.on_text(piece)
+                    else:
+                        self.on_text(piece, i)
+
+
+def load(model: str | os.PathLike = loading.DEFAULT_MODEL, adapter: str | os.PathLike | None =
+         "default", tree: str = "auto", dtype: str = "float32", mesh=None,
+         max_cache: int | None = None) -> LLM:
+    """Loads a base model and its BiTA adapter, ready to generate.
+
+    Args:
+      model: a built-in name (`smollm2-135m`, embedded, offline), a HF model directory, or a
+        .gguf file.
+      adapter: `default` (the adapter shipped for a built-in model; plain decoding when none
+        ships), an exported adapter directory, `random:SEED[:M]` (untrained masks: lossless, few
+        drafts accepted), or `none` / None (plain decoding only).
+      tree: the draft tree: `auto` (chain@1 on CPU, the paper's upper-triangle on GPU / TPU),
+        a template (`upper-triangle[:K]`, `chain`, `full[:K]`, with `-pruned` and `@D`), or a
+        JSON file of paths.
+      dtype: the base model's compute dtype, `float32` (equals HF transformers) or `bfloat16`.
+      mesh: a `jax.sharding.Mesh` to decode on; only a one-device mesh is supported so far.
+      max_cache: cache slots per sequence, which bounds prompt + max_new_tokens (default: the
+        model's context length).
+
+    Raises:
+      ModelLoadError, ConfigError: an unknown, unreadable or unsupported model.
+      AdapterError: a missing, corrupt or mismatched adapter.
+      TreeError: an unknown tree, or one deeper than the adapter's masks.
+    """
+    if mesh is not None and mesh.size > 1:
+        raise NotImplementedError(
+            f"decoding on a {mesh.size}-device mesh is not supported yet: pass mesh=None (one "
+            "device); training runs on meshes (train/train.py)")
+    loaded = loading.load_model(model, dtype=dtype)
+    spec = "none" if adapter is None else str(adapter)
+    if spec == "default":  # the shipped adapter; plain decoding when none ships for this model
+        shipped = loading.shipped_adapter(loaded)
+        spec = "none" if shipped is None else str(shipped)
+    if spec == "none":
+        return LLM(loaded, adapter="none", max_cache=max_cache)
+    bita_params, bita_config, _ = loading.load_bita(spec, loaded)
+    name = auto_tree_name(jax.default_backend()) if tree == "auto" else tree
+    return LLM(loaded, bita_params, bita_config, Tree.make(name, bita_config.num_masks),
+               adapter=spec, max_cache=max_cache)

@@ -1,0 +1,18 @@
+"""The decoding layer: plain and BiTA generation over the `models` layer, jitted once per shape.
+
+    Generator(cfg, base_params).generate(prompt_ids, max_new_tokens)                  # plain
+    BitaGenerator(cfg, base_params, bita_params, Tree.make("chain", 3)).generate(...)  # BiTA
+
+Modules: `sampling` (greedy / top-k / top-p), `tree` (draft-tree templates and their static
+buffers), `engine` (the shared state, emission rule, prefill, while-loop and executables), `ar`
+(plain decoding) and `bita_step` (BiTA's verify-and-draft step).
+"""
+
+from bita_jax.decoding.ar import Generator
+from bita_jax.decoding.bita_step import BitaGenerator
+from bita_jax.decoding.engine import Engine, GenerationError, GenerationResult
+from bita_jax.decoding.sampling import SamplingParams
+from bita_jax.decoding.tree import Tree, TreeError, auto_tree_name
+
+__all__ = ["BitaGenerator", "Engine", "GenerationError", "GenerationResult", "Generator",
+           "SamplingParams", "Tree", "TreeError", "auto_tree_name"]

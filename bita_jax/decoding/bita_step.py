@@ -1,0 +1,228 @@
+"""BiTA decoding: one jitted forward per step verifies the previous drafts and drafts the next tree.
+
+A step feeds `[root | tree nodes | mask groups]` (see `tree.Layout`) at positions after each
+row's cache, under the tree's [T, T] mask; mask rows alone see the BiTA prefix. Greedy
+verification walks the tree: a node is accepted when it equals the base model's argmax at its
+parent and all its ancestors were accepted; the deepest accepted node (or the root) is the
+endpoint. The step emits the accepted tokens plus one bonus token (argmax at the endpoint), commits
+the KV of the root and the accepted nodes into contiguous cache slots with a fixed-shape gather,
+and takes the next drafts from the mask group hanging off the endpoint (top-k per level).
+Every accepted or bonus token is the base model's own argmax given exactly the tokens before it,
+so the output equals plain greedy decoding token for token.
+
+Only the cache length and token values vary from step to step, so the `lax.while_loop` over
+steps compiles once per (model, tree, batch, cache capacity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bita_jax import models
+from bita_jax.decoding import engine
+from bita_jax.decoding.engine import HEADROOM, DecodeState, GenerationError
+from bita_jax.decoding.sampling import SamplingParams, filtered_logits
+from bita_jax.decoding.tree import Layout, Tree
+from bita_jax.models import kv_cache
+from bita_jax.models.config import ModelConfig
+
+NO_DRAFT = -1  # a placeholder node token: never equals a prediction, fed as token 0
+
+
+@flax.struct.dataclass
+class BitaState(DecodeState):
+    """`DecodeState` plus drafts: [B, Nn] the tree's node tokens for the next step."""
+
+    drafts: jnp.ndarray
+
+
+def next_drafts(cfg: ModelConfig, params, hidden, lay: Layout, group_rows, shift):
+    """Draft tokens [B, Nn] of the next tree from one mask group per row.
+
+    hidden: [B, T, E]; group_rows: [B, M] rows of the chosen group; shift: [B] mask offset.
+    """
+    base_params, _ = params
+    rows = jnp.take_along_axis(hidden, group_rows[:, :, None], axis=1)  # [B, M, E]
+    logits = models.lm_logits(cfg, base_params, rows)  # [B, M, V]
+    top = jax.lax.top_k(logits, lay.max_rank)[1].astype(jnp.int32)  # [B, M, R]
+    level = lay.node_level[None, :] + shift[:, None]  # [B, Nn] which mask drafts each node
+    picked = jnp.take_along_axis(top, jnp.minimum(level, lay.num_masks - 1)[:, :, None], axis=1)
+    # picked: [B, Nn, R] -> the node's rank
+    tokens = jnp.take_along_axis(picked, jnp.broadcast_to(lay.node_rank, level.shape)[:, :, None],
+                                 axis=2)[:, :, 0]
+    return jnp.where(level < lay.num_masks, tokens, NO_DRAFT)
+
+
+def bita_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: SamplingParams, rng, *,
+                 capacity: int, out_slots: int, eos_ids: tuple[int, ...], tree: Tree) -> BitaState:
+    """Prompts [B, Tp] plus one mask group after each prompt: first token and first drafts."""
+    base_params, bita_params = params
+    lay = tree.layout
+    m = lay.num_masks
+    b = prompt.shape[0]
+    masks = jnp.broadcast_to(cfg.vocab_size + jnp.arange(m, dtype=jnp.int32), (b, m))
+    tail = engine.Tail(masks, np.arange(m, dtype=np.int32), engine.causal_mask(m))
+    cache, first, mask_hidden, rng = engine.prefill(cfg, base_params, prompt, prompt_len, sp, rng,
+                                                    capacity=capacity, tail=tail,
+                                                    bita_params=bita_params)
+    group_rows = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, m))
+    drafts = next_drafts(cfg, params, mask_hidden, lay, group_rows, jnp.zeros((b,), jnp.int32))
+    return engine.first_state(BitaState, cache, first, rng, max_new, out_slots=out_slots,
+                              eos_ids=eos_ids, step_tokens=m + 1, drafts=drafts)
+
+
+def verify_greedy(pred, drafts, lay: Layout):
+    """Greedy tree verification.
+
+    Args:
+      pred: [B, 1 + Nn] argmax of the base model at the root and every node row.
+      drafts: [B, Nn] node tokens.
+
+    Returns:
+      endpoint [B] (row of the deepest accepted node, 0 = root) and its depth [B].
+    """
+    parent_pred = jnp.take(pred, lay.node_parent_row, axis=1)  # [B, Nn]
+    wrong = ((drafts != parent_pred) | (drafts < 0)).astype(jnp.float32)
+    accepted = (wrong @ lay.ancestors.T) == 0  # every ancestor-or-self matched
+    depth = jnp.where(accepted, lay.node_depth, 0)
+    best = jnp.argmax(depth, axis=1)
+    best_depth = jnp.max(depth, axis=1)
+    return jnp.where(best_depth > 0, best + 1, 0).astype(jnp.int32), best_depth.astype(jnp.int32)
+
+
+def verify_sampling(logits, drafts, lay: Layout, sp: SamplingParams, rng):
+    """Exact speculative sampling over the tree (recursive rejection, SpecInfer / EAGLE style).
+
+    The drafts are deterministic (top-k), so trying child c of the current node accepts it with
+    probability p(c) / sum(p); a rejection zeroes p(c) (the residual of p minus a one-hot draft)
+    and the next sibling is tried. When every child is rejected, or the walk reaches a leaf, the
+    bonus token is drawn from what is left of p. Each emitted token is thereby distributed as
+    the base model's (filtered) sampling distribution given the tokens before it.
+
+    Args:
+      logits: [B, 1 + Nn, V] base-model logits at the root and node rows.
+      drafts: [B, Nn] node tokens (NO_DRAFT never accepted).
+
+    Returns:
+      endpoint [B] row of the last accepted node (0 = root), its depth [B], bonus token [B].
+    """
+    probs = jax.nn.softmax(filtered_logits(logits, sp), axis=-1)  # [B, 1 + Nn, V]
+    b = logits.shape[0]
+    rows = jnp.arange(b)
+    cur = jnp.zeros((b,), jnp.int32)
+    p = probs[:, 0]
+    walking = jnp.ones((b,), bool)
+    depth = jnp.zeros((b,), jnp.int32)
+    node_tokens = jnp.concatenate([jnp.full((b, 1), NO_DRAFT, jnp.int32), drafts], axis=1)
+    for level in range(lay.num_masks):
+        moved = jnp.zeros((b,), bool)
+        for j in range(lay.children.shape[1]):
+            child = jnp.take(lay.children[:, j], cur)  # [B]
+            tok = jnp.take_along_axis(node_tokens, jnp.maximum(child, 0)[:, None], axis=1)[:, 0]
+            valid = walking & ~moved & (child >= 0) & (tok >= 0)
+            tok = jnp.maximum(tok, 0)
+            u = jax.random.uniform(jax.random.fold_in(rng, level * 64 + j), (b,))
+            accept = valid & (u * jnp.sum(p, axis=-1) < p[rows, tok])
+            reject = valid & ~accept
+            p = jnp.where(accept[:, None], probs[rows, jnp.maximum(child, 0)],
+                          jnp.where(reject[:, None] & (jnp.arange(p.shape[-1]) == tok[:, None]),
+                                    0.0, p))
+            cur = jnp.where(accept, child, cur)
+            moved = moved | accept
+        depth = depth + moved
+        walking = walking & moved
+    bonus = jax.random.categorical(jax.random.fold_in(rng, 10_000), jnp.log(p), axis=-1)
+    return cur, depth, bonus.astype(jnp.int32)
+
+
+def bita_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new,
+              eos_ids: tuple[int, ...], sp: SamplingParams | None = None) -> BitaState:
+    """One BiTA step: verify `state.drafts`, emit 1..M+1 tokens, draft the next tree.
+
+    Greedy verification unless `sp` has temperature > 0 (then exact rejection sampling).
+    """
+    base_params, bita_params = params
+    lay = tree.layout
+    b, nn_ = state.drafts.shape
+    n = state.cache.length
+    masks = jnp.broadcast_to(cfg.vocab_size + lay.mask_ids, (b, lay.mask_ids.shape[0]))
+    tokens = jnp.concatenate(
+        [state.last[:, None], jnp.maximum(state.drafts, 0), masks], axis=1)  # [B, T]
+    positions = n[:, None] + lay.offsets[None, :]
+    hidden, block_kv = models.forward(cfg, base_params, tokens, positions, lay.mask,
+                                      state.cache, bita_params)
+    node_logits = models.lm_logits(cfg, base_params, hidden[:, : 1 + nn_])  # [B, 1 + Nn, V]
+    rng, key = jax.random.split(state.rng)
+
+    def greedy(_):
+        pred = jnp.argmax(node_logits, axis=-1).astype(jnp.int32)
+        endpoint, depth = verify_greedy(pred, state.drafts, lay)
+        return endpoint, depth, jnp.take_along_axis(pred, endpoint[:, None], axis=1)[:, 0]
+
+    def sampled(_):
+        return verify_sampling(node_logits, state.drafts, lay, sp, key)
+
+    if sp is None:
+        endpoint, depth, bonus = greedy(None)
+    else:
+        endpoint, depth, bonus = jax.lax.cond(sp.temperature > 0, sampled, greedy, None)
+    bonus = bonus[:, None]
+    path = jnp.take(lay.path_rows, endpoint, axis=0)  # [B, M + 1] rows root..endpoint
+    accepted_tokens = jnp.take_along_axis(tokens, path[:, 1:], axis=1)  # [B, M]
+    j = jnp.arange(lay.num_masks + 1)[None, :]
+    emitted = jnp.where(j < depth[:, None],
+                        jnp.concatenate([accepted_tokens, bonus], axis=1), bonus)
+    live = ~state.done
+    cache = kv_cache.commit(state.cache, block_kv, path, jnp.where(live, depth + 1, 0))
+    drafts = next_drafts(cfg, params, hidden, lay, jnp.take(lay.group_rows, jnp.take(
+        lay.endpoint_group, endpoint), axis=0), jnp.take(lay.endpoint_shift, endpoint))
+    state = state.replace(cache=cache, steps=state.steps + 1, row_steps=state.row_steps + live,
+                          rng=rng, drafts=jnp.where(live[:, None], drafts, state.drafts))
+    state, count = engine.emit(state, emitted, depth + 1, max_new, eos_ids)
+    return engine.count_step(state, count, live)
+
+
+class BitaGenerator(engine.Engine):
+    """Lossless BiTA generation (greedy, or exact sampling) with the same API as `Generator`."""
+
+    def __init__(self, cfg: ModelConfig, params, bita_params, tree: Tree,
+                 eos_ids: Sequence[int] | None = None, max_cache: int | None = None):
+        super().__init__(cfg, params, eos_ids, max_cache)
+        masks = bita_params["mask_embed"].shape[0]
+        if tree.num_masks > masks:
+            raise GenerationError(f"tree {tree.name!r} needs {tree.num_masks} masks but the "
+                                  f"adapter has {masks}: build the tree for M={masks}")
+        if tree.num_masks + 1 > HEADROOM:  # a step commits up to M + 1 slots past the length
+            raise GenerationError(f"trees deeper than {HEADROOM - 1} need more cache headroom "
+                                  f"(M={tree.num_masks})")
+        self.bita_params, self.tree = bita_params, tree
+
+    def run_params(self):
+        return (self.params, self.bita_params)
+
+    def static_args(self) -> dict:
+        return dict(eos_ids=self.eos_ids, tree=self.tree)
+
+    def prefill_fn(self):
+        cfg = self.cfg
+
+        def fn(params, prompt, lens, max_new, sp, rng, capacity, out_slots, eos_ids, tree):
+            return bita_prefill(cfg, params, prompt, lens, max_new, sp, rng, capacity=capacity,
+                                out_slots=out_slots, eos_ids=eos_ids, tree=tree)
+
+        return fn
+
+    def decode_fn(self):
+        cfg = self.cfg
+
+        def decode(params, state, max_new, sp, max_steps, eos_ids, tree):
+            engine.TRACES[("bita", cfg, tree)] += 1
+            return engine.run_steps(
+                lambda s: bita_step(cfg, tree, params, s, max_new, eos_ids, sp), state, max_steps)
+
+        return decode

@@ -1,0 +1,332 @@
+"""The decode engine shared by plain and BiTA decoding: state, emission, loop, prefill, executables.
+
+    engine = SomeEngine(cfg, params)                 # `ar.Generator` or `bita_step.BitaGenerator`
+    result = engine.generate(prompt_ids, max_new_tokens, sp, seed)
+
+A decoding method supplies two jittable functions (`Engine.prefill_fn`, `Engine.decode_fn`): the
+prefill turns right-padded prompts into the first `DecodeState`, the decode function runs
+`run_steps` of its step. Everything else is here: the state and its `emit` rule (a step appends
+1..A tokens per row, stopping at EOS and max-new-tokens), the `lax.while_loop`, static shapes and
+the compiled executables.
+
+Shapes are static per (batch B, prompt bucket Tp, cache slots S, output slots O); prompt lengths,
+max-new-tokens, sampling knobs and the seed are traced values, so a new prompt (within its bucket)
+or a new max-new-tokens never recompiles. Compiled executables are kept per shape key in
+`EXECUTABLES`; `TRACES` counts how often each decode loop was traced (tests prove "once").
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bita_jax import models
+from bita_jax.decoding.sampling import SamplingParams, sample
+from bita_jax.models import kv_cache
+from bita_jax.models.config import ModelConfig
+
+HEADROOM = 8  # cache slots past the last committed token that a fixed-size block write may touch
+
+# Compiled executables, shared by every engine: key = (cfg, engine, function, static args, shapes).
+EXECUTABLES: dict = {}
+TRACES = collections.Counter()  # traces of each decode loop, keyed by (kind, cfg[, tree])
+
+
+class GenerationError(ValueError):
+    """Bad generation request (e.g. prompt + max-new-tokens longer than the cache)."""
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """Everything a decode step reads and writes; a pytree carried by `lax.while_loop`.
+
+    cache: committed keys/values; out: [B, O] emitted token ids; num_new: [B] emitted so far;
+    done: [B] row finished (EOS or max-new-tokens); last: [B] newest emitted token, the next
+    step's input; steps: scalar model calls after prefill; row_steps: [B] calls while each row
+    was live; rng: PRNG key.
+    step_hist: [B, A + 1] decode steps of each row that emitted k = 0..A tokens (A: the most a
+    step can emit, 1 for plain decoding); the prefill's token is not counted.
+    Methods that carry more (BiTA's drafts) subclass it.
+    """
+
+    cache: kv_cache.KVCache
+    out: jnp.ndarray
+    num_new: jnp.ndarray
+    done: jnp.ndarray
+    last: jnp.ndarray
+    steps: jnp.ndarray
+    row_steps: jnp.ndarray
+    rng: jax.Array
+    step_hist: jnp.ndarray
+
+
+def emit(state: DecodeState, tokens: jnp.ndarray, count: jnp.ndarray, max_new: jnp.ndarray,
+         eos_ids: tuple[int, ...]):
+    """Appends up to `count` of `tokens` [B, A] per row, stopping at EOS and at max_new.
+
+    Returns (state with out/num_new/done/last updated, emitted [B] the number really appended).
+    Finished rows append nothing.
+    """
+    b, a = tokens.shape
+    j = jnp.arange(a)[None, :]
+    is_eos = jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else jnp.zeros_like(
+        tokens, bool)
+    first_eos = jnp.min(jnp.where(is_eos & (j < count[:, None]), j, a), axis=1)
+    emitted = jnp.minimum(jnp.minimum(count, first_eos + 1), max_new - state.num_new)
+    emitted = jnp.where(state.done, 0, jnp.maximum(emitted, 0))
+    slots = jnp.where(j < emitted[:, None], state.num_new[:, None] + j, state.out.shape[1])
+    out = state.out.at[jnp.arange(b)[:, None], slots].set(tokens, mode="drop")
+    num_new = state.num_new + emitted
+    newest = jnp.take_along_axis(tokens, jnp.maximum(emitted - 1, 0)[:, None], axis=1)[:, 0]
+    done = state.done | (first_eos < emitted) | (num_new >= max_new)
+    last = jnp.where(emitted > 0, newest, state.last)
+    return state.replace(out=out, num_new=num_new, done=done, last=last), emitted
+
+
+def count_step(state: DecodeState, emitted: jnp.ndarray, live: jnp.ndarray) -> DecodeState:
+    """Adds one step to `step_hist` for every live row [B], at its emitted count [B]."""
+    rows = jnp.arange(emitted.shape[0])
+    return state.replace(step_hist=state.step_hist.at[rows, emitted].add(live.astype(jnp.int32)))
+
+
+def run_steps(step: Callable[[DecodeState], DecodeState], state: DecodeState, max_steps):
+    """`lax.while_loop` of `step` until every row is done or `max_steps` more steps ran."""
+    stop_at = state.steps + max_steps
+    return jax.lax.while_loop(lambda s: (~jnp.all(s.done)) & (s.steps < stop_at), step, state)
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Next power of two >= n (>= minimum): the static shape a length is padded to."""
+    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def causal_mask(t: int) -> np.ndarray:
+    """[T, T] bool lower triangle."""
+    return np.tril(np.ones((t, t), bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill: the prompts into a fresh cache, the first token, and the first state.
+
+
+@dataclasses.dataclass(frozen=True)
+class Tail:
+    """X extra tokens fed after the padded prompt in the prefill's forward (BiTA: a mask group).
+
+    tokens: [B, X] ids; offsets: [X] positions after each row's prompt (position = len + offset);
+    mask: [X, X] bool, which tail tokens each tail token sees. Tail tokens see the whole real
+    prompt of their row; prompt tokens never see the tail, and the tail is not cached.
+    """
+
+    tokens: jnp.ndarray
+    offsets: np.ndarray
+    mask: np.ndarray
+
+
+def prefill(cfg: ModelConfig, base_params, prompt, prompt_len, sp: SamplingParams, rng, *,
+            capacity: int, tail: Tail | None = None, bita_params=None):
+    """Runs the prompts [B, Tp] (right-padded, lengths [B]) into a fresh cache of `capacity`
+    slots and samples the first token.
+
+    Returns:
+      (cache, first [B] int32, tail_hidden [B, X, E] or None, rng).
+    """
+    b, tp = prompt.shape
+    positions = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (b, tp))
+    if tail is None:
+        tokens, mask = prompt, causal_mask(tp)
+    else:
+        x = tail.tokens.shape[1]
+        tokens = jnp.concatenate([prompt, tail.tokens], axis=1)
+        positions = jnp.concatenate([positions, prompt_len[:, None] + tail.offsets[None, :]],
+                                    axis=1)
+        block = np.zeros((tp + x, tp + x), bool)
+        block[:tp, :tp] = causal_mask(tp)
+        block[tp:, tp:] = tail.mask
+        sees_prompt = jnp.arange(tp)[None, None, :] < prompt_len[:, None, None]  # [B, 1, Tp]
+        mask = jnp.broadcast_to(block, (b, tp + x, tp + x))
+        mask = mask.at[:, tp:, :tp].set(jnp.broadcast_to(sees_prompt, (b, x, tp)))
+    hidden, block_kv = models.forward(cfg, base_params, tokens, positions, mask, None, bita_params)
+    last_hidden = jnp.take_along_axis(hidden, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
+    cache = kv_cache.init_cache(cfg, b, capacity)
+    cache = kv_cache.commit(cache, block_kv, jnp.broadcast_to(jnp.arange(tp), (b, tp)), prompt_len)
+    rng, key = jax.random.split(rng)
+    first = sample(models.lm_logits(cfg, base_params, last_hidden), key, sp)
+    return cache, first, (None if tail is None else hidden[:, tp:]), rng
+
+
+def first_state(state_type: type[DecodeState], cache, first, rng, max_new, *, out_slots: int,
+                eos_ids: tuple[int, ...], step_tokens: int, **extra) -> DecodeState:
+    """The state after the prefill, with its first token emitted.
+
+    Args:
+      state_type: `DecodeState` or a subclass; `extra` fills the subclass's fields.
+      step_tokens: A, the most tokens one decode step can emit (sizes `step_hist`).
+    """
+    b = first.shape[0]
+    state = state_type(
+        cache=cache, out=jnp.zeros((b, out_slots), jnp.int32), num_new=jnp.zeros((b,), jnp.int32),
+        done=max_new <= 0, last=first, steps=jnp.int32(0), row_steps=jnp.zeros((b,), jnp.int32),
+        rng=rng, step_hist=jnp.zeros((b, step_tokens + 1), jnp.int32), **extra)
+    state, _ = emit(state, first[:, None], jnp.ones((b,), jnp.int32), max_new, eos_ids)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine: static shapes, compiled executables, generation.
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """tokens: new token ids per prompt (EOS included when hit); steps: model calls after the
+    prefill (the batch's loop count); row_steps: calls while each row was still live;
+    step_hist: per row, how many of its steps emitted k = 0, 1, ... tokens."""
+
+    tokens: list[list[int]]
+    steps: int
+    row_steps: list[int]
+    seconds: float
+    compile_seconds: float
+    step_hist: list[list[int]] = dataclasses.field(default_factory=list)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean tokens emitted per decode step (bonus included; the prefill's token excluded)."""
+        steps = sum(self.row_steps)
+        return (self.new_tokens - len(self.tokens)) / steps if steps else 1.0
+
+
+class Engine:
+    """Jitted generation for one model; a decoding method subclasses it and supplies
+    `prefill_fn` and `decode_fn` (and `run_params` / `static_args` when it needs more)."""
+
+    def __init__(self, cfg: ModelConfig, params, eos_ids: Sequence[int] | None = None,
+                 max_cache: int | None = None):
+        self.cfg, self.params = cfg, params
+        self.eos_ids = tuple(int(e) for e in (eos_ids if eos_ids is not None
+                                              else cfg.eos_token_ids))
+        self.max_cache = max_cache or cfg.max_position_embeddings
+        self._compile_seconds = 0.0
+
+    # -- what a decoding method supplies --------------------------------------------------------
+    def run_params(self):
+        """The params pytree passed (never closed over) to the jitted functions."""
+        return self.params
+
+    def static_args(self) -> dict:
+        """Static (hashable) keyword arguments of both jitted functions."""
+        return dict(eos_ids=self.eos_ids)
+
+    def prefill_fn(self) -> Callable[..., DecodeState]:
+        """`fn(params, prompt, lens, max_new, sp, rng, capacity, out_slots, **static_args)`."""
+        raise NotImplementedError
+
+    def decode_fn(self) -> Callable[..., DecodeState]:
+        """`fn(params, state, max_new, sp, max_steps, **static_args)`: a `run_steps` loop."""
+        raise NotImplementedError
+
+    # -- shapes and executables -------------------------------------------------------------------
+    def shapes(self, prompt_lens: Sequence[int], max_new_tokens: int) -> tuple[int, int, int]:
+        """(Tp, S, O) static sizes for a request; raises GenerationError if it cannot fit."""
+        longest = max(prompt_lens)
+        if min(prompt_lens) < 1:
+            raise GenerationError("empty prompt: at least one token is needed")
+        if max_new_tokens < 1:
+            raise GenerationError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
+        if longest + max_new_tokens > self.max_cache:
+            raise GenerationError(
+                f"prompt ({longest} tokens) + max-new-tokens ({max_new_tokens}) = "
+                f"{longest + max_new_tokens} exceeds the cache size {self.max_cache}; "
+                "shorten the prompt or lower --max-new-tokens")
+        tp = bucket(longest)
+        out_slots = bucket(max_new_tokens, 64)
+        return tp, tp + out_slots + HEADROOM, out_slots
+
+    def _executable(self, name, fn, *args, **static):
+        key = (self.cfg, type(self).__name__, name, tuple(static.items()), tuple(
+            (a.shape, str(a.dtype)) for a in jax.tree.leaves(args) if hasattr(a, "shape")))
+        if key not in EXECUTABLES:
+            t0 = time.perf_counter()
+            EXECUTABLES[key] = jax.jit(fn, static_argnames=tuple(static)).lower(
+                *args, **static).compile()
+            self._compile_seconds += time.perf_counter() - t0
+        return EXECUTABLES[key]
+
+    def prepare(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sp: SamplingParams,
+                seed: int = 0):
+        """Pads the prompts and compiles (once per shape) prefill and decode; runs nothing.
+
+        Returns (start, decode): `start()` runs the prefill and returns the first `DecodeState`;
+        `decode(state, max_steps)` runs up to `max_steps` steps in one `lax.while_loop`.
+        """
+        tp, capacity, out_slots = self.shapes([len(p) for p in prompts], max_new_tokens)
+        b = len(prompts)
+        prompt = np.zeros((b, tp), np.int32)
+        for i, p in enumerate(prompts):
+            prompt[i, : len(p)] = p
+        lens = np.asarray([len(p) for p in prompts], np.int32)
+        max_new = np.full((b,), max_new_tokens, np.int32)
+        params = self.run_params()
+        args = (params, prompt, lens, max_new, sp, jax.random.key(seed))
+        static = dict(capacity=capacity, out_slots=out_slots, **self.static_args())
+        prefill_fn = self.prefill_fn()
+        prefill_exe = self._executable("prefill", prefill_fn, *args, **static)
+        state_shape = jax.eval_shape(lambda *a: prefill_fn(*a, **static), *args)
+        decode_args = (params, state_shape, max_new, sp, np.int32(0))
+        decode_exe = self._executable("decode", self.decode_fn(), *decode_args,
+                                      **self.static_args())
+        return (lambda: prefill_exe(*args),
+                lambda state, max_steps: decode_exe(params, state, max_new, sp,
+                                                    np.int32(max_steps)))
+
+    # -- generation -------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sp: SamplingParams | None = None, seed: int = 0,
+                 on_tokens: Callable[[list[list[int]]], None] | None = None) -> GenerationResult:
+        """Generates for a batch of token-id prompts.
+
+        Args:
+          prompts: B prompts of token ids (any lengths).
+          max_new_tokens: cap on new tokens per prompt (EOS may stop a row earlier).
+          sp: sampling knobs (default greedy).
+          seed: PRNG seed for sampling.
+          on_tokens: if given, called after every step with the tokens so far (streaming); the
+            same compiled loop then runs one step per call.
+
+        Returns:
+          A `GenerationResult`; `seconds` excludes compilation (`compile_seconds`).
+        """
+        sp = sp or SamplingParams.greedy()
+        self._compile_seconds = 0.0
+        start, decode = self.prepare(prompts, max_new_tokens, sp, seed)
+        t0 = time.perf_counter()
+        state = start()
+        if on_tokens is None:
+            state = decode(state, max_new_tokens)
+        else:
+            while True:
+                on_tokens(_tokens(state))
+                if bool(jnp.all(state.done)):
+                    break
+                state = decode(state, 1)
+        tokens = _tokens(state)
+        seconds = time.perf_counter() - t0
+        row_steps, step_hist = jax.device_get((state.row_steps, state.step_hist))
+        return GenerationResult(tokens, int(state.steps), row_steps.tolist(), seconds,
+                                self._compile_seconds, step_hist.tolist())
+
+
+def _tokens(state: DecodeState) -> list[list[int]]:
+    out, num = jax.device_get((state.out, state.num_new))
+    return [row[:n].tolist() for row, n in zip(out, num)]

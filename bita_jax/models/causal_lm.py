@@ -1,0 +1,150 @@
+"""The causal LM (LLaMA or Falcon blocks under `nn.scan`) and its pure-functional API.
+
+    hidden, block_kv = forward(cfg, base_params, tokens, positions, block_mask, cache, bita_params)
+    logits = lm_logits(cfg, base_params, hidden)
+
+Token ids >= V are BiTA mask tokens (id V + k is mask k): they are embedded from
+`bita_params["mask_embed"]`, and only their rows attend to the BiTA prefix. Real tokens never see
+the prefix (nor, by the block masks the callers build, any mask token), so their hidden states and
+keys/values are bit-identical to the base model's.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bita_jax.models.config import ModelConfig
+from bita_jax.models.falcon import FalconBlock
+from bita_jax.models.kv_cache import KVCache
+from bita_jax.models.layers import AttnContext, LayerNorm, RMSNorm, dense, rope_tables
+from bita_jax.models.llama import LlamaBlock
+
+Params = dict[str, Any]
+
+
+class CausalLM(nn.Module):
+    """Embedding, L scanned blocks, final norm, LM head (tied or not)."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        self.embed = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dt,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                        ("vocab", "embed")))
+        block = {"llama": LlamaBlock, "falcon": FalconBlock}[cfg.arch]
+        self.layers = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0, nn.broadcast), length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+        norm = RMSNorm if cfg.arch == "llama" else LayerNorm
+        self.final_norm = norm(cfg.norm_eps, dt)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), ("vocab",), False, dt, None)
+
+    def __call__(self, tokens, positions, block_mask, cache_kv=None, cache_len=None, bita=None,
+                 cache_visible=None):
+        """See `forward`. Returns (hidden [B, T, E], (k, v) [L, B, T, K, D])."""
+        cfg = self.cfg
+        is_mask = tokens >= cfg.vocab_size
+        x = self.embed(jnp.where(is_mask, 0, tokens))
+        layer_inputs = {}
+        if bita is not None:
+            mask_ids = jnp.clip(tokens - cfg.vocab_size, 0, bita["mask_embed"].shape[0] - 1)
+            mask_x = bita["mask_embed"].astype(x.dtype)[mask_ids]
+            x = jnp.where(is_mask[..., None], mask_x, x)
+            # [P, L, 2, N, D] -> [L, P, 2, N, D]; per-sample [B, P, L, ...] -> [L, B, P, ...]
+            prefix = bita["prefix"]
+            layer_inputs["prefix"] = jnp.moveaxis(prefix, prefix.ndim - 4, 0)
+        if cache_kv is not None:
+            layer_inputs["cache"] = cache_kv
+        cos, sin = rope_tables(cfg, positions)
+        if block_mask.ndim == 2:
+            block_mask = jnp.broadcast_to(block_mask, (tokens.shape[0],) + block_mask.shape)
+        ctx = AttnContext(cos, sin, cache_len, block_mask, is_mask if bita is not None else None,
+                          cache_visible)
+        x, block_kv = self.layers(x, layer_inputs, ctx)
+        return self.final_norm(x), block_kv
+
+    def logits(self, hidden):
+        """hidden [..., E] -> fp32 logits [..., V]."""
+        if self.cfg.tie_word_embeddings:
+            table = self.embed.embedding
+            return jnp.einsum("...e,ve->...v", hidden, table, preferred_element_type=jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+
+def forward(cfg: ModelConfig, base_params: Params, tokens, positions, block_mask,
+            cache: KVCache | None = None, bita_params: Params | None = None, cache_visible=None):
+    """Runs T new tokens through the model.
+
+    Args:
+      cfg: static model config.
+      base_params: frozen base weights (plain pytree, see `abstract_params`).
+      tokens: [B, T] int32 ids; ids V..V+M-1 are BiTA mask tokens (need `bita_params`).
+      positions: [B, T] int32 rotary positions.
+      block_mask: [T, T] or [B, T, T] bool: query t sees new token u. Any pattern (causal, tree).
+      cache: committed keys/values; every new token sees slots [0, cache.length) of its row.
+      bita_params: {"prefix": [P, L, 2, N, D], "mask_embed": [M, E]} or None; the prefix may
+        also be per sample, [B, P, L, 2, N, D] (training with per-sample prefix dropout).
+      cache_visible: optional [B, T, S] bool, which cache slots each new token sees (replaces
+        `slot < cache.length`; `cache.length` is then unused). Lets training attend mask groups
+        to the real-token keys/values of a no-gradient first pass.
+
+    Returns:
+      hidden [B, T, E] after the final norm, and the block's (k, v), each [L, B, T, K, D],
+      for `kv_cache.commit`.
+    """
+    cache_kv = (cache.k, cache.v) if cache is not None else None
+    cache_len = cache.length if cache is not None else None
+    return CausalLM(cfg).apply({"params": base_params}, tokens, positions, block_mask, cache_kv,
+                               cache_len, bita_params, cache_visible)
+
+
+def lm_logits(cfg: ModelConfig, base_params: Params, hidden):
+    """hidden [..., E] -> fp32 logits [..., V]. Call it only on the rows you need."""
+    return CausalLM(cfg).apply({"params": base_params}, hidden, method=CausalLM.logits)
+
+
+def _init_boxed(cfg: ModelConfig, rng):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    mask = jnp.ones((1, 1), bool)
+    model = CausalLM(cfg)
+
+    def all_params(module):  # touch every submodule, the LM head included
+        hidden, _ = module(tokens, tokens, mask)
+        return module.logits(hidden)
+
+    return model.init(rng, method=all_params)["params"]
+
+
+@functools.lru_cache(maxsize=32)
+def boxed_abstract_params(cfg: ModelConfig):
+    """Param shapes with their logical-axis metadata (`nn.Partitioned` boxes), no allocation."""
+    return jax.eval_shape(lambda: _init_boxed(cfg, jax.random.key(0)))
+
+
+def abstract_params(cfg: ModelConfig):
+    """Pytree of `jax.ShapeDtypeStruct` for the base params."""
+    return nn.meta.unbox(boxed_abstract_params(cfg))
+
+
+def logical_axes(cfg: ModelConfig):
+    """Pytree (same structure as the params) of logical axis-name tuples, one per dimension."""
+    specs = nn.get_partition_spec(boxed_abstract_params(cfg))
+    return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def init_params(cfg: ModelConfig, rng) -> Params:
+    """Random base params (tests and dry runs; real weights come from `checkpoint`)."""
+    return nn.meta.unbox(jax.jit(functools.partial(_init_boxed, cfg))(rng))
+
+
+def count_params(tree) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree))

@@ -1,0 +1,64 @@
+"""A static-capacity KV cache of committed real tokens, passed in and returned (no hidden state).
+
+Layout: k, v [L, B, S, K, D]; length [B] int32 committed slots per row. A forward returns the
+block's keys/values [L, B, T, K, D]; `commit` gathers the accepted block rows (a fixed number
+A of them, per row) and writes them at each row's length, then advances the length by the
+number really accepted. Slots at or beyond `length` are never visible, so the garbage that a
+fixed-size write leaves past the accepted rows is harmless and is overwritten later.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from bita_jax.models.config import ModelConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+    """k, v: [L, B, S, K, D]; length: [B] int32."""
+
+    k: jnp.ndarray
+    v: jnp.ndarray
+    length: jnp.ndarray
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> KVCache:
+    """An empty cache of `capacity` slots per row."""
+    shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.jnp_dtype
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+
+def commit(cache: KVCache, block_kv, src: jnp.ndarray, num: jnp.ndarray) -> KVCache:
+    """Appends accepted block rows to each cache row.
+
+    Args:
+      cache: the cache; every row needs `length + A <= S` (checked on the host by callers).
+      block_kv: (k, v), each [L, B, T, K, D], from the forward that produced the block.
+      src: [B, A] int32 block indices to keep, in order (A static; padding entries arbitrary).
+      num: [B] int32 how many of the A rows are real (0..A).
+
+    Returns:
+      The cache with rows written at [length, length + A) and length advanced by `num`.
+    """
+    k_blk, v_blk = block_kv
+
+    def take(x):  # [L, B, T, K, D] -> [L, B, A, K, D]
+        return jnp.take_along_axis(x, src[None, :, :, None, None], axis=2)
+
+    def write(dst, rows, start):  # [L, S, K, D], [L, A, K, D], scalar
+        return jax.lax.dynamic_update_slice(dst, rows.astype(dst.dtype), (0, start, 0, 0))
+
+    write_rows = jax.vmap(write, in_axes=(1, 1, 0), out_axes=1)
+    return KVCache(
+        k=write_rows(cache.k, take(k_blk), cache.length),
+        v=write_rows(cache.v, take(v_blk), cache.length),
+        length=cache.length + num.astype(jnp.int32),
+    )

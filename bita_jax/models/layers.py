@@ -1,0 +1,239 @@
+"""Building blocks shared by the LLaMA and Falcon blocks: norms, projections, RoPE, attention.
+
+Shape letters: B batch, T new (query) tokens, S cache slots, P prefix tokens, N query heads,
+K kv heads, G = N // K, D head dim, E model dim.
+
+Attention here is "block attention": the T new tokens attend to (a) the committed cache slots
+[0, cache_len) of their row, (b) the block of T new tokens itself under an arbitrary [T, T]
+mask (causal, a token tree, mask groups), and (c) for mask-token rows only, the BiTA prefix.
+Parts are combined with a shared softmax (log-sum-exp merge); rows that do not see the prefix
+take the exact same arithmetic as a model without BiTA parameters, so real tokens stay
+bit-identical to the base model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bita_jax.models.config import ModelConfig
+
+# A finite "minus infinity" for masked scores and logits: fully masked rows stay NaN-free.
+MASKED = -1e30
+
+
+def _param_init(names: tuple[str, ...], std: float = 0.02):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def _ones_init(names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.ones, names)
+
+
+def _zeros_init(names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros, names)
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm in fp32, cast back, then times the weight (HF numerics)."""
+
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", _ones_init(("norm",)), (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale * x32.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """Falcon LayerNorm (weight and bias), computed in fp32."""
+
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", _ones_init(("norm",)), (x.shape[-1],), self.dtype)
+        bias = self.param("bias", _zeros_init(("norm",)), (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def dense(features, kernel_axes, bias_axes, use_bias, dtype, name, axis=-1):
+    """A `DenseGeneral` whose kernel (and bias) declare logical sharding axes."""
+    return nn.DenseGeneral(
+        features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=dtype,
+        kernel_init=_param_init(kernel_axes), bias_init=_zeros_init(bias_axes), name=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embeddings (rotate-half layout, as HF LLaMA / Falcon).
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
+    """Inverse frequencies [D/2], with HF's `linear` and `llama3` scaling rules."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    if cfg.rope_scaling is None:
+        return inv_freq
+    scaling = dict(cfg.rope_scaling)
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(cfg: ModelConfig, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos, sin tables [B, T, D] (fp32) for integer positions [B, T]."""
+    freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    """Rotates x [B, T, H, D] by cos/sin [B, T, D] (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block attention.
+
+
+class AttnContext(NamedTuple):
+    """Per-forward values broadcast to every layer.
+
+    cos, sin: [B, T, D] rotary tables of the new tokens.
+    cache_len: [B] int32 committed slots per row (None without a cache).
+    block_mask: [B, T, T] bool, query t may see new token u.
+    prefix_rows: [B, T] bool, rows that see the BiTA prefix (mask tokens); None without BiTA.
+    cache_visible: [B, T, S] bool, an explicit per-query view of the cache that replaces
+      `slot < cache_len` (training: each mask group sees only the real tokens before its anchor).
+    """
+
+    cos: jnp.ndarray
+    sin: jnp.ndarray
+    cache_len: jnp.ndarray | None
+    block_mask: jnp.ndarray
+    prefix_rows: jnp.ndarray | None
+    cache_visible: jnp.ndarray | None = None
+
+
+class _Part(NamedTuple):
+    m: jnp.ndarray  # [B, K, G, T] running max of scores
+    denom: jnp.ndarray  # [B, K, G, T] sum of exp(score - m)
+    o: jnp.ndarray  # [B, K, G, T, D] sum of exp(score - m) * v
+
+
+def _part(q, k, v, visible) -> _Part:
+    """Unnormalised softmax statistics of q [B,T,K,G,D] against k, v [B,S,K,D]."""
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    s = jnp.where(visible, s, MASKED)
+    m = jnp.max(s, axis=-1)
+    p = jnp.exp(s - m[..., None])
+    denom = jnp.sum(p, axis=-1)
+    o = jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32))
+    return _Part(m, denom, o)
+
+
+def _merge(a: _Part, b: _Part) -> _Part:
+    m = jnp.maximum(a.m, b.m)
+    sa, sb = jnp.exp(a.m - m), jnp.exp(b.m - m)
+    return _Part(m, a.denom * sa + b.denom * sb, a.o * sa[..., None] + b.o * sb[..., None])
+
+
+def block_attention(q, k_blk, v_blk, ctx: AttnContext, k_cache=None, v_cache=None, prefix=None):
+    """Attention of T new tokens over cache, block and (mask rows only) the BiTA prefix.
+
+    Args:
+      q: [B, T, N, D] rotated queries.
+      k_blk, v_blk: [B, T, K, D] keys (rotated) and values of the new tokens.
+      ctx: the `AttnContext`.
+      k_cache, v_cache: [B, S, K, D] or None.
+      prefix: [P, 2, N, D] post-RoPE prefix keys/values of this layer (or per sample,
+        [B, P, 2, N, D]), or None.
+
+    Returns:
+      [B, T, N, D] attention output in q's dtype.
+    """
+    b, t, n, d = q.shape
+    kv = k_blk.shape[2]
+    g = n // kv
+    qg = (q.astype(jnp.float32) * (1.0 / math.sqrt(d))).reshape(b, t, kv, g, d)
+    part = _part(qg, k_blk, v_blk, ctx.block_mask[:, None, None, :, :])
+    if k_cache is not None:
+        if ctx.cache_visible is not None:
+            visible = ctx.cache_visible[:, None, None, :, :]  # [B, 1, 1, T, S]
+        else:
+            s_slots = k_cache.shape[1]
+            visible = (jnp.arange(s_slots)[None, :] < ctx.cache_len[:, None])[:, None, None, None]
+        part = _merge(_part(qg, k_cache, v_cache, visible), part)
+    out = part.o / part.denom[..., None]
+    if prefix is not None:
+        if prefix.ndim == 4:
+            prefix = prefix[None]
+        pb, p = prefix.shape[:2]
+        pk = jnp.broadcast_to(prefix[:, :, 0].reshape(pb, p, kv, g, d), (b, p, kv, g, d))
+        pv = jnp.broadcast_to(prefix[:, :, 1].reshape(pb, p, kv, g, d), (b, p, kv, g, d))
+        s = jnp.einsum("btkgd,bpkgd->bkgtp", qg, pk.astype(jnp.float32))
+        rows = ctx.prefix_rows[:, None, None, :, None]
+        s = jnp.where(rows, s, MASKED)
+        m = jnp.max(s, axis=-1)
+        e = jnp.exp(s - m[..., None])
+        pre = _Part(m, jnp.sum(e, axis=-1),
+                    jnp.einsum("bkgtp,bpkgd->bkgtd", e, pv.astype(jnp.float32)))
+        merged = _merge(part, pre)
+        out = jnp.where(ctx.prefix_rows[:, None, None, :, None],
+                        merged.o / merged.denom[..., None], out)
+    # [B, K, G, T, D] -> [B, T, N, D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d).astype(q.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query / multi-query attention with RoPE (LLaMA and Falcon)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, ctx: AttnContext, cache_kv=None, prefix=None):
+        """x [B, T, E] -> (out [B, T, E], (k [B, T, K, D], v [B, T, K, D]))."""
+        cfg = self.cfg
+        dt = cfg.jnp_dtype
+        n, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        q = dense((n, d), ("embed", "heads", "head_dim"), ("heads", "head_dim"), bias, dt,
+                  "q_proj")(x)
+        k = dense((kv, d), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), bias, dt,
+                  "k_proj")(x)
+        v = dense((kv, d), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), bias, dt,
+                  "v_proj")(x)
+        q = apply_rope(q, ctx.cos, ctx.sin)
+        k = apply_rope(k, ctx.cos, ctx.sin)
+        k_cache, v_cache = cache_kv if cache_kv is not None else (None, None)
+        out = block_attention(q, k, v, ctx, k_cache, v_cache, prefix)
+        out = dense(cfg.hidden_size, ("heads", "head_dim", "embed"), ("embed",), bias, dt, "o_proj",
+                    axis=(-2, -1))(out)
+        return out, (k, v)

@@ -1,0 +1,45 @@
+"""LLaMA-family decoder block (LLaMA-2, Vicuna, LLaMA-3-style GQA, SmolLM2).
+
+Pre-norm residual block: x + attn(rms(x)), then h + mlp(rms(h)) with a SwiGLU MLP.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from bita_jax.models.config import ModelConfig
+from bita_jax.models.layers import Attention, AttnContext, RMSNorm, dense
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); [B, T, E] -> [B, T, E]."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        f, bias = cfg.intermediate_size, cfg.mlp_bias
+        gate = dense(f, ("embed", "mlp"), ("mlp",), bias, dt, "gate_proj")(x)
+        up = dense(f, ("embed", "mlp"), ("mlp",), bias, dt, "up_proj")(x)
+        return dense(cfg.hidden_size, ("mlp", "embed"), ("embed",), bias, dt, "down_proj")(
+            jax.nn.silu(gate) * up)
+
+
+class LlamaBlock(nn.Module):
+    """One LLaMA layer, written for `nn.scan`: (x, layer_inputs) -> (x, (k, v))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, layer: dict, ctx: AttnContext):
+        """x [B, T, E]; layer holds this layer's 'cache' (k, v) and 'prefix' [P, 2, N, D] or
+        [B, P, 2, N, D] if any."""
+        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        attn_out, kv = Attention(cfg, name="attn")(
+            RMSNorm(cfg.norm_eps, dt, name="attn_norm")(x), ctx, layer.get("cache"),
+            layer.get("prefix"))
+        h = x + attn_out
+        h = h + LlamaMLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(h))
+        return h, kv

@@ -1,0 +1,93 @@
+"""The BiTA loss: two passes over a sample of the efficient layout (see `samples`).
+
+    logits = mask_logits(cfg, spec, bita_params, base_params, batch)     # [B, G*M, V]
+    loss, metrics = loss_fn(bita_params, base_params, batch, keys, cfg=cfg, bcfg=bcfg, spec=spec)
+
+The real tokens run through the frozen base under `stop_gradient`, then the G*M mask tokens with
+the real keys/values as a cache that each mask group sees up to its anchor. Gradients are taken
+w.r.t. the BiTA pytree only, so the real-token pass needs no backward at all. The same
+teacher-forced mask logits measure an adapter's acceptance statistics (`eval.tree_select`).
+
+Metrics are sums (so they add across micro-batches, steps and hosts):
+    nll [], count [M], correct [M] (top-1 per mask index), and with `topk` > 1 correct{k} [M].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from bita_jax import models
+from bita_jax.models.config import ModelConfig
+from bita_jax.models.kv_cache import KVCache
+from bita_jax.training.samples import SampleSpec, group_mask, mask_ids, mask_offsets
+
+Batch = dict[str, jax.Array]
+
+
+def mask_logits(cfg: ModelConfig, spec: SampleSpec, bita_params, base_params, batch: Batch):
+    """fp32 logits [B, G*M, V] of every mask slot (two passes, see module doc)."""
+    tokens, anchors = batch["tokens"], batch["anchors"]
+    b, tr = tokens.shape
+    m = spec.num_masks
+    # Pass 1: the real tokens, plain causal, no BiTA. Nothing here depends on the BiTA params.
+    positions = jnp.broadcast_to(jnp.arange(tr, dtype=jnp.int32), (b, tr))
+    causal = jnp.tril(jnp.ones((tr, tr), bool))
+    _, (k_real, v_real) = models.forward(cfg, base_params, tokens, positions, causal)
+    k_real, v_real = jax.lax.stop_gradient(k_real), jax.lax.stop_gradient(v_real)
+    # Pass 2: the mask groups over the real keys/values, each group up to its anchor.
+    group_anchor = jnp.repeat(anchors, m, axis=1)  # [B, G*M]
+    mask_tokens = jnp.broadcast_to(jnp.asarray(mask_ids(spec, cfg.vocab_size)), group_anchor.shape)
+    mask_pos = group_anchor + jnp.asarray(mask_offsets(spec))
+    visible = jnp.arange(tr, dtype=jnp.int32)[None, None, :] < group_anchor[:, :, None]
+    cache = KVCache(k_real, v_real, jnp.zeros((b,), jnp.int32))
+    hidden, _ = models.forward(cfg, base_params, mask_tokens, mask_pos,
+                              jnp.asarray(group_mask(spec)), cache=cache,
+                              bita_params=bita_params, cache_visible=visible)
+    return models.lm_logits(cfg, base_params, hidden)
+
+
+def mask_metrics(logits, labels, num_masks: int, topk: int = 1) -> dict[str, jax.Array]:
+    """Summed NLL and per-mask-index counts of logits [B, G*M, V] against labels [B, G*M]."""
+    valid = labels >= 0
+    safe = jnp.where(valid, labels, 0)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    gold = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    nll = jnp.sum(jnp.where(valid, logz - gold, 0.0))
+    b, gm = labels.shape
+
+    def by_k(x):  # -> [M]
+        return jnp.sum(x.reshape(b, gm // num_masks, num_masks), axis=(0, 1))
+
+    out = {"nll": nll, "count": by_k(valid.astype(jnp.int32)),
+           "correct": by_k((valid & (jnp.argmax(logits, -1) == labels)).astype(jnp.int32))}
+    if topk > 1:
+        _, top = jax.lax.top_k(logits, topk)
+        hit = jnp.any(top == labels[..., None], axis=-1)
+        out[f"correct{topk}"] = by_k((valid & hit).astype(jnp.int32))
+    return out
+
+
+def loss_fn(bita_params, base_params, batch: Batch, rng, *, cfg: ModelConfig,
+            bcfg: models.BitaConfig,
+            spec: SampleSpec, train: bool = True, denom=None):
+    """Mean cross-entropy over the batch's mask tokens (sum / `denom` when given).
+
+    Args:
+      bita_params: the trainable pytree (differentiate w.r.t. this argument only).
+      base_params: the frozen base weights.
+      batch: {"tokens" [B, Tr], "anchors" [B, G], "labels" [B, G*M]}.
+      rng: [B] prefix-dropout keys, one per sample (used when `train`).
+      denom: number of mask tokens the loss is averaged over (micro-batching passes the whole
+        batch's count so that micro-batch gradients add up exactly).
+
+    Returns:
+      (loss, metrics) with the summed metrics of `mask_metrics`.
+    """
+    if train:
+        bita_params = models.prefix_dropout(bita_params, rng, bcfg.prefix_dropout)
+    logits = mask_logits(cfg, spec, bita_params, base_params, batch)
+    metrics = mask_metrics(logits, batch["labels"], spec.num_masks)
+    if denom is None:
+        denom = jnp.maximum(jnp.sum(batch["labels"] >= 0), 1)
+    return metrics["nll"] / denom, metrics

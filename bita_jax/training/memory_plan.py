@@ -1,0 +1,93 @@
+"""What a training run needs, from shapes alone: parameter counts and per-device memory.
+
+`train/train.py --dry-run` prints `estimate(config)`; no weights are read
+(`models.abstract_params`), so a 70B plan runs on a laptop. The activation figure is a rough
+upper estimate of one micro-batch per device: the real-token KV of pass 1, the peak of one
+pass-1 layer, what pass 2 keeps for the backward pass of the mask rows, and the mask logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+from bita_jax import models, sharding
+from bita_jax.checkpoints import loading
+from bita_jax.training import run_config, samples
+
+
+def estimate(tc, devices: int | None = None) -> dict:
+    """Parameter counts and a per-device memory estimate of a training run, from shapes only.
+
+    `tc` is a `run_config.TrainConfig`; `devices` defaults to the local device count (or the
+    mesh's model size when that is larger). Returns a JSON-ready dict."""
+    cfg = loading.model_config(tc.model.name, tc.model.dtype, tc.model.hf_config)
+    bcfg, run = tc.bita, tc.run
+    if devices is None:
+        devices = max(jax.device_count(), run.mesh[1])
+    try:
+        data, msize = run.mesh_shape(devices)
+    except ValueError as e:
+        raise run_config.ConfigFileError(f"run.mesh: {e}") from None
+    rules = sharding.FSDP_RULES if run.fsdp else sharding.DEFAULT_RULES
+    abstract = models.abstract_params(cfg)
+    specs = sharding.param_specs(cfg, {"data": data, "model": msize}, rules)
+    axis = {"data": data, "model": msize}
+
+    def shard_bytes(leaf, spec):
+        shape = list(leaf.shape)
+        for dim, axes in enumerate(spec):
+            for a in (axes,) if isinstance(axes, str) else (axes or ()):
+                shape[dim] //= axis[a]
+        return math.prod(shape) * np.dtype(leaf.dtype).itemsize
+
+    base_bytes = sum(jax.tree.leaves(jax.tree.map(
+        shard_bytes, abstract, specs, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))))
+    n_base = models.count_params(abstract)
+    n_bita = models.count_trainable(cfg, bcfg)
+    spec = samples.SampleSpec(bcfg.num_masks, run.max_groups, run.cutoff, run.real_len,
+                         run.anchors)
+    # Activations, rough: one micro-batch per device; fp32 scores; K and vocab split by 'model'.
+    b = max(run.batch_size // (data * run.grad_accum), 1)
+    tr, gm = spec.tr, spec.num_mask_tokens
+    itemsize = np.dtype(cfg.jnp_dtype).itemsize
+    heads = cfg.num_heads // msize if cfg.num_heads % msize == 0 else cfg.num_heads
+    kv = cfg.num_kv_heads // msize if cfg.num_kv_heads % msize == 0 else cfg.num_kv_heads
+    ffn = (cfg.intermediate_size // msize if cfg.intermediate_size % msize == 0
+           else cfg.intermediate_size)
+    vocab = cfg.vocab_size // msize if cfg.vocab_size % msize == 0 else cfg.vocab_size
+    real_kv = 2 * cfg.num_layers * b * tr * kv * cfg.head_dim * itemsize
+    pass1_layer = b * heads * tr * tr * 4 * 2 + b * tr * (4 * cfg.hidden_size + 3 * ffn) * itemsize
+    keys = tr + gm + bcfg.num_prefix
+    # per mask token and layer, kept for the backward pass: fp32 attention probabilities over
+    # every key, and the residual / normed / attention / MLP activations in the compute dtype
+    per_token = heads * keys * 4 + (4 * cfg.hidden_size + 3 * ffn
+                                    + (heads + 2 * kv) * cfg.head_dim) * itemsize
+    pass2_saved = cfg.num_layers * b * gm * per_token
+    logits = 3 * b * gm * vocab * 4
+    act = real_kv + pass1_layer + pass2_saved + logits
+    state = 4 * n_bita * 4  # fp32 params, grads, Adam mu and nu (replicated)
+    gib = 1024 ** 3
+    return {
+        "model": tc.model.name or "hf_config",
+        "arch": cfg.arch,
+        "base_params": n_base,
+        "trainable_params": n_bita,
+        "trainable_percent": round(100.0 * n_bita / n_base, 4),
+        "bita": bcfg.to_dict(),
+        "param_shapes": {k: list(v) for k, v in models.param_shapes(cfg, bcfg).items()},
+        "mesh": {"data": data, "model": msize, "fsdp": run.fsdp, "devices": data * msize},
+        "per_device_batch": b,
+        "sample": {"real_tokens": tr, "mask_tokens": gm},
+        "memory_per_device_bytes": {
+            "base_params": int(base_bytes),
+            "bita_params_grads_adam": int(state),
+            "activations_estimate": int(act),
+            "activations_breakdown": {"real_kv": int(real_kv), "pass1_layer_peak": int(pass1_layer),
+                                      "pass2_saved": int(pass2_saved), "mask_logits": int(logits)},
+            "total_estimate": int(base_bytes + state + act),
+        },
+        "memory_per_device_gib": round((base_bytes + state + act) / gib, 3),
+    }
