@@ -215,8 +215,8 @@ def load(model: str | os.PathLike = loading.DEFAULT_MODEL, adapter: str | os.Pat
         JSON file of paths.
       dtype: the base model's compute dtype, `float32` (equals HF transformers) or `bfloat16`.
       mesh: a `jax.sharding.Mesh` to decode on; only a one-device mesh is supported so far.
-      max_cache: cache slots per sequence, which bounds prompt + max_new_tokens (default: the
-        model's context length).
+      max_cache: the longest prompt + max_new_tokens accepted (default and upper limit: the
+        model's context length); the cache itself is sized per request.
 
     Raises:
       ModelLoadError, ConfigError: an unknown, unreadable or unsupported model.

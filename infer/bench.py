@@ -8,8 +8,10 @@
 Both engines are the same jitted code (`Generator`, `BitaGenerator`), compiled and run once per
 shape bucket before any timing; each prompt then runs plain greedy and every tree in turn.
 Writes OUT/results.json (per-tree summary and per-prompt rows) and prints a Markdown table.
-ShareGPT prompts come from the held-out split by default (never trained on); HumanEval prompts
-are raw code, other sources get the chat template.
+ShareGPT prompts (and code-alpaca, alpaca-seeds: the other training sources) come from the
+held-out `selection` split by default (never trained on; kept apart from the `test` split that
+the report's headline numbers use, see bita_jax/data/prompts.py), since this tool is for choosing
+trees and adapters; HumanEval prompts are raw code, other sources get the chat template.
 
 --tree: comma-separated `upper-triangle[:K] | chain | full[:K]` (+ `-pruned`) | FILE.json, each
 optionally `@D` to build it for D of the adapter's masks (e.g. `chain@2`).
@@ -34,9 +36,12 @@ from bita_jax.cli import fail, run_main, status  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--prompts", default="sharegpt", help="sharegpt | humaneval | FILE.jsonl")
+    p.add_argument("--prompts", default="sharegpt",
+                   help="sharegpt | humaneval | code-alpaca | alpaca-seeds | FILE.jsonl")
     p.add_argument("--split", default=None,
-                   help="train | heldout | all (default: heldout for sharegpt, else all)")
+                   help="train | heldout | selection | test | all (heldout = selection + test; "
+                        "default: selection for the training sources sharegpt, code-alpaca and "
+                        "alpaca-seeds, else all)")
     p.add_argument("--limit", type=int, default=8, help="number of prompts")
     p.add_argument("--max-prompt-chars", type=int, default=2000, help="skip longer prompts")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -54,7 +59,10 @@ def parse_args(argv=None):
                    help="--select: which candidates to bench afterwards (default all)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per prompt and engine, engines taking turns; the fastest is kept")
-    p.add_argument("--max-cache", type=int, default=None, help="cache slots per sequence")
+    p.add_argument("--max-cache", type=int, default=None,
+                   help="longest prompt + --max-new-tokens accepted (default: the model's context "
+                        "length); the cache itself is sized per request: prompt and output "
+                        "rounded up to powers of two, plus headroom")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     return p.parse_args(argv)
 

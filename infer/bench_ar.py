@@ -24,7 +24,9 @@ from bita_jax.cli import run_main, status  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--prompts", default="sharegpt", help="sharegpt | humaneval | FILE.jsonl")
-    p.add_argument("--split", default="heldout", help="train | heldout | all")
+    p.add_argument("--split", default="test",
+                   help="train | heldout | selection | test | all (default: test, the held-out "
+                        "prompts kept for headline numbers)")
     p.add_argument("--limit", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-prompt-chars", type=int, default=2000)

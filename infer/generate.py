@@ -36,7 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--system", default=None, help="system prompt (default: the template's own)")
     p.add_argument("--max-cache", type=int, default=None,
-                   help="cache slots per sequence (default: the model's context length)")
+                   help="longest prompt + --max-new-tokens accepted (default: the model's context "
+                        "length); the cache itself is sized per request: prompt and output "
+                        "rounded up to powers of two, plus headroom")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
     p.add_argument("--adapter", default="default",

@@ -1,12 +1,16 @@
 """Speed report: HF greedy, HF prompt lookup, our plain greedy and BiTA trees, side by side.
 
-    python infer/report.py --out runs/report                       # held-out ShareGPT + HumanEval
+    python infer/report.py --out runs/report                       # ShareGPT test split + HumanEval
     python infer/report.py --sets sharegpt --limit 4 --max-new-tokens 64 --no-hf --out /tmp/r
 
 On the same prompts and lengths, in one run, after warm-up, batch 1, each prompt runs every
 engine in turn (see bita_jax/report.py). Before that, the tree-selection helper picks a tree for
 this machine from the candidates (--trees) using calibration prompts that the report does not
-time (held-out prompts after the report's own, --calibration); the picked tree is marked.
+time (--calibration); the picked tree is marked. ShareGPT prompts (like code-alpaca and
+alpaca-seeds, the other training sources) come from the held-out split, never trained on: the
+timed set from its `test` part, the calibration prompts from its `selection` part
+(bita_jax/data/prompts.py), so the tree is not chosen on the prompts it is reported on. For
+other sources the calibration prompts are the ones after the first set's own.
 
 Writes OUT/results.json, OUT/report.md (one Markdown table per prompt set) and three PNGs:
 tokens_per_step_hist.png, speedup_per_prompt.png, step_time_vs_tokens_per_step.png.
@@ -31,15 +35,17 @@ DEFAULT_TREES = "chain@1,chain,upper-triangle-pruned,upper-triangle"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sets", default="sharegpt,humaneval",
-                   help="comma-separated prompt sets: sharegpt (held-out split), humaneval (raw "
-                        "code), or JSON/JSONL files (chat template)")
+                   help="comma-separated prompt sets: sharegpt (the held-out test split), "
+                        "humaneval (raw code), or JSON/JSONL files (chat template)")
     p.add_argument("--limit", type=int, default=6, help="prompts per set")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-prompt-chars", type=int, default=2000, help="skip longer prompts")
     p.add_argument("--trees", default=DEFAULT_TREES, help=f"BiTA trees (default {DEFAULT_TREES})")
     p.add_argument("--no-select", action="store_true", help="do not run the tree selection")
     p.add_argument("--calibration", type=int, default=3,
-                   help="prompts for the tree selection, taken after the first set's own")
+                   help="prompts for the tree selection, from the first set: its held-out "
+                        "selection split for a training source (sharegpt, code-alpaca, "
+                        "alpaca-seeds), else the prompts after the set's own")
     p.add_argument("--no-hf", action="store_true", help="leave out the HF transformers engines")
     p.add_argument("--prompt-lookup", type=int, default=10,
                    help="HF prompt_lookup_num_tokens (default 10)")
@@ -48,18 +54,24 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m",
                    help="built-in name (smollm2-135m), HF model directory, or .gguf file")
     p.add_argument("--adapter", default="default", help="default | DIR | random:SEED[:M]")
-    p.add_argument("--max-cache", type=int, default=None, help="cache slots per sequence")
+    p.add_argument("--max-cache", type=int, default=None,
+                   help="longest prompt + --max-new-tokens accepted (default: the model's context "
+                        "length); the cache itself is sized per request: prompt and output "
+                        "rounded up to powers of two, plus headroom")
     p.add_argument("--out", required=True, help="output directory")
     return p.parse_args(argv)
 
 
-def _set_prompts(source: str, limit: int, offset: int, max_chars: int, tokenizer):
+def _set_prompts(source: str, limit: int, max_chars: int, tokenizer, role: str = "test",
+                 skip: int = 0):
+    """Prompts of one set: `source`'s `role` split (`bench.default_split`), after `skip`."""
     from bita_jax.data.prompts import load_prompts
     from bita_jax.eval import bench
 
-    texts = load_prompts(source, bench.default_split(source), offset + limit, max_chars)[offset:]
+    split = bench.default_split(source, role)
+    texts = load_prompts(source, split, skip + limit, max_chars)[skip:]
     if not texts:
-        raise ValueError(f"no prompts from {source!r} (split {bench.default_split(source)})")
+        raise ValueError(f"no prompts from {source!r} (split {split})")
     return texts, bench.encode_prompts(tokenizer, texts, raw=source == "humaneval")
 
 
@@ -83,12 +95,16 @@ def main(argv=None) -> int:
         loaded, bita_params, bcfg = llm.loaded, llm.bita_params, llm.bita_config
         trees = [bench.make_tree(n.strip(), bcfg.num_masks) for n in args.trees.split(",")
                  if n.strip()]
-        sets = {s: _set_prompts(s, args.limit, 0, args.max_prompt_chars, loaded.tokenizer)
+        sets = {s: _set_prompts(s, args.limit, args.max_prompt_chars, loaded.tokenizer)
                 for s in sources}
         calibration = None
         if not args.no_select:
-            calibration = _set_prompts(sources[0], args.calibration, args.limit,
-                                       args.max_prompt_chars, loaded.tokenizer)[1]
+            # disjoint from the timed set: another split, or (one split) the prompts after it
+            same = bench.default_split(sources[0], "selection") == \
+                bench.default_split(sources[0], "test")
+            calibration = _set_prompts(sources[0], args.calibration, args.max_prompt_chars,
+                                       loaded.tokenizer, role="selection",
+                                       skip=args.limit if same else 0)[1]
         check = Generator(loaded.cfg, loaded.params, max_cache=args.max_cache)
         for _, ids in list(sets.values()) + [([], calibration or [])]:
             for p in ids:  # fail fast, before compiling
@@ -110,6 +126,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     config = {"model": loaded.name, "adapter": args.adapter, "num_masks": bcfg.num_masks,
               "sets": sources, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
+              "splits": {s: bench.default_split(s, "test") for s in sources},
+              "calibration_split": None if calibration is None else
+              bench.default_split(sources[0], "selection"),
               "trees": [t.name for t in trees], "prompt_lookup": None if args.no_hf else
               args.prompt_lookup, "repeats": args.repeats, **bench.environment()}
     if hf is not None:

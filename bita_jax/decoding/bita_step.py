@@ -95,6 +95,21 @@ def verify_greedy(pred, drafts, lay: Layout):
     return jnp.where(best_depth > 0, best + 1, 0).astype(jnp.int32), best_depth.astype(jnp.int32)
 
 
+def node_key(rng, level: int, j: int):
+    """The key of the acceptance draw for child `j` at tree level `level`.
+
+    Two `fold_in`s: no two (level, j) pairs fold in the same data, however many children a node
+    has (a single `fold_in(rng, level * 64 + j)` gave level 0 child 64 and level 1 child 0 the
+    same key). Levels fold in from 1, so the bonus draw (`bonus_key`, 0) shares no input either.
+    """
+    return jax.random.fold_in(jax.random.fold_in(rng, level + 1), j)
+
+
+def bonus_key(rng):
+    """The key of the bonus-token draw of `verify_sampling`."""
+    return jax.random.fold_in(rng, 0)
+
+
 def verify_sampling(logits, drafts, lay: Layout, sp: SamplingParams, rng):
     """Exact speculative sampling over the tree (recursive rejection, SpecInfer / EAGLE style).
 
@@ -126,7 +141,7 @@ def verify_sampling(logits, drafts, lay: Layout, sp: SamplingParams, rng):
             tok = jnp.take_along_axis(node_tokens, jnp.maximum(child, 0)[:, None], axis=1)[:, 0]
             valid = walking & ~moved & (child >= 0) & (tok >= 0)
             tok = jnp.maximum(tok, 0)
-            u = jax.random.uniform(jax.random.fold_in(rng, level * 64 + j), (b,))
+            u = jax.random.uniform(node_key(rng, level, j), (b,))
             accept = valid & (u * jnp.sum(p, axis=-1) < p[rows, tok])
             reject = valid & ~accept
             p = jnp.where(accept[:, None], probs[rows, jnp.maximum(child, 0)],
@@ -136,7 +151,7 @@ def verify_sampling(logits, drafts, lay: Layout, sp: SamplingParams, rng):
             moved = moved | accept
         depth = depth + moved
         walking = walking & moved
-    bonus = jax.random.categorical(jax.random.fold_in(rng, 10_000), jnp.log(p), axis=-1)
+    bonus = jax.random.categorical(bonus_key(rng), jnp.log(p), axis=-1)
     return cur, depth, bonus.astype(jnp.int32)
 
 

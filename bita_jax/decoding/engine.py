@@ -216,7 +216,12 @@ class Engine:
         self.cfg, self.params = cfg, params
         self.eos_ids = tuple(int(e) for e in (eos_ids if eos_ids is not None
                                               else cfg.eos_token_ids))
-        self.max_cache = max_cache or cfg.max_position_embeddings
+        context = cfg.max_position_embeddings
+        if max_cache is not None and not 1 <= max_cache <= context:
+            raise GenerationError(f"max-cache {max_cache} must be between 1 and the model's "
+                                  f"context length {context}")
+        # Bounds prompt + max-new-tokens; the cache is sized per request (`shapes`).
+        self.max_cache = max_cache or context
         self._compile_seconds = 0.0
 
     # -- what a decoding method supplies --------------------------------------------------------

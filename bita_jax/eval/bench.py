@@ -68,9 +68,22 @@ def default_candidates(num_masks: int) -> list[str]:
     return out
 
 
-def default_split(source: str) -> str:
-    """ShareGPT: the held-out split (never trained on); other sources: every prompt."""
-    return "heldout" if source == "sharegpt" else "all"
+SPLIT_ROLES = ("selection", "test")
+# The named sources the shipped adapter was distilled from (train/distill.py's default).
+TRAINED_SOURCES = ("sharegpt", "code-alpaca", "alpaca-seeds")
+
+
+def default_split(source: str, role: str = "selection") -> str:
+    """The prompt split a tool reads by default (`bita_jax.data.prompts`).
+
+    A source of the training recipe (`TRAINED_SOURCES`): a part of its held-out split (never
+    trained on): `selection` for choosing trees and adapters (`infer/bench.py`, the report's
+    calibration), `test` for headline numbers only (the report's timed sets). Other sources
+    (HumanEval, files) were not trained on: every prompt.
+    """
+    if role not in SPLIT_ROLES:
+        raise ValueError(f"role must be one of {', '.join(SPLIT_ROLES)}, got {role!r}")
+    return role if source in TRAINED_SOURCES else "all"
 
 
 def encode_prompts(tokenizer, texts: Sequence[str], raw: bool) -> list[list[int]]:
@@ -146,7 +159,7 @@ def run_bench(cfg: ModelConfig, params, bita_params, trees: Sequence[Tree],
       prompts: token ids per prompt (batch 1 each).
       max_new_tokens: cap per prompt.
       texts: the prompts' text, recorded (first 80 chars) in the rows.
-      max_cache: cache slots (default: the model's context length).
+      max_cache: the longest prompt + max_new_tokens accepted (default: the model's context).
       repeats: runs per prompt and engine (engines take turns); the fastest run is kept.
       log: progress lines.
 

@@ -3,6 +3,13 @@
 A `ModelConfig` is static (hashable): it goes into `jax.jit` as a static argument and decides
 every shape. Build one with `ModelConfig.from_hf_config` from a HF `config.json` dict (or a
 `transformers.PretrainedConfig`), never by hand-parsing in callers.
+
+Sliding-window attention (Mistral v0.1: `sliding_window` 4096, `max_position_embeddings` 32768) is
+not implemented as a window: a token attends to at most W tokens (itself included), which for a
+sequence of at most W tokens is every token before it, so full attention is exact there. The
+config therefore caps `max_position_embeddings` at the window, and the cache bound (prompt +
+max-new-tokens <= the context length) refuses longer requests with a one-line error. Configs with
+`sliding_window: null` (Mistral v0.2 and later) keep their full context.
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ class ModelConfig:
       parallel_attn: Falcon: attention and MLP read the same normed input and are summed.
       new_decoder_architecture: Falcon-40B/180B: grouped KV with ln_attn / ln_mlp.
       num_ln_in_parallel_attn: Falcon new arch: 2 norms (ln_attn, ln_mlp) or 1 (input_layernorm).
-      max_position_embeddings: the model's trained context length.
+      max_position_embeddings: the longest sequence this config runs exactly: the model's
+        trained context length, capped at its sliding window when it has one.
       bos_token_id: BOS id or None.
       eos_token_ids: ids that end generation.
       dtype: compute/storage dtype of the frozen base ("float32", "bfloat16", "float16").
@@ -155,6 +163,21 @@ def _rope_scaling(hf: Mapping[str, Any]):
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in scaling.items()))
 
 
+def _context_length(hf: Mapping[str, Any]) -> int:
+    """`max_position_embeddings`, capped at `sliding_window` when the config sets one.
+
+    Within W tokens a sliding window of W sees every earlier token, so full attention is exact up
+    to W tokens and only there (see the module docstring).
+    """
+    context = int(hf.get("max_position_embeddings", 2048))
+    window = hf.get("sliding_window")
+    if window is None:
+        return context
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ConfigError(f"sliding_window must be a positive integer or null, got {window!r}")
+    return min(context, window)
+
+
 def _llama_from_hf(hf: Mapping[str, Any], dtype: str) -> ModelConfig:
     hidden = int(hf["hidden_size"])
     heads = int(hf["num_attention_heads"])
@@ -173,7 +196,7 @@ def _llama_from_hf(hf: Mapping[str, Any], dtype: str) -> ModelConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", False)),
         mlp_bias=bool(hf.get("mlp_bias", False)),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        max_position_embeddings=_context_length(hf),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_eos_tuple(hf.get("eos_token_id")),
         dtype=dtype,
