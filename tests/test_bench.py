@@ -16,7 +16,8 @@ CFG = ModelConfig(arch="llama", vocab_size=97, hidden_size=32, intermediate_size
                   num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256,
                   eos_token_ids=(96,))
 PROMPTS = [[5, 17, 33, 2, 80], [44], [9, 10, 11]]
-TREES = ["upper-triangle:3-pruned"]  # one tree: each BiTA engine costs a ~10 s compile
+# Two trees, so that selection has a choice; each BiTA engine costs a ~10 s compile.
+TREES = ["upper-triangle:3-pruned", "chain@1"]
 MAX_NEW = 40
 
 
@@ -48,17 +49,29 @@ def test_results_json_and_lossless(setup, tmp_path):
                     "greedy_tokens_per_second", "seconds", "steps", "new_tokens"):
             assert key in s, (name, key)
         assert s["identical"] == s["prompts"] == len(PROMPTS)  # lossless
-        assert s["tokens_per_step"] >= 1.0 and s["speedup"] > 0
+        rows = [r["trees"][name] for r in data["rows"]]
+        greedy_rows = [r["greedy"] for r in data["rows"]]
+        assert s["steps"] == sum(r["steps"] for r in rows)
+        assert s["new_tokens"] == sum(r["new_tokens"] for r in rows)
+        assert s["seconds"] == pytest.approx(sum(r["seconds"] for r in rows))
+        assert s["greedy_seconds"] == pytest.approx(sum(r["seconds"] for r in greedy_rows))
+        # the prefill's token is no step's: tokens/step = (new tokens - prompts) / steps
+        assert s["tokens_per_step"] == pytest.approx((s["new_tokens"] - len(PROMPTS)) / s["steps"])
+        assert s["speedup"] == pytest.approx(s["greedy_seconds"] / s["seconds"])
+        assert s["tokens_per_second"] == pytest.approx(s["new_tokens"] / s["seconds"])
+        for r in rows:
+            assert r["tokens_per_step"] == pytest.approx((r["new_tokens"] - 1) / r["steps"])
     assert data["greedy"]["summary"]["tokens_per_step"] == 1.0
     assert len(data["rows"]) == len(PROMPTS)
     row = data["rows"][0]
     assert row["greedy"]["tokens"] and "tokens" not in row["trees"][TREES[0]]
     assert all(r["trees"][n]["identical"] for r in data["rows"] for n in TREES)
     assert data["trees"]["upper-triangle:3-pruned"]["step_tokens"] == 1 + 6 + 3 * 3
+    assert data["trees"]["chain@1"]["step_tokens"] == 1 + 1 + 2 * 1
     table = bench.markdown_table(results)
     assert table.count("\n") == 2 + len(TREES) and "| plain greedy |" in table
     # The construction makes drafting work: the check below is not about 1 token per step.
-    assert results["trees"][TREES[0]]["summary"]["tokens_per_step"] > 1.2
+    assert results["trees"]["upper-triangle:3-pruned"]["summary"]["tokens_per_step"] > 1.2
 
 
 def test_replay_predicts_real_decoding(setup):
@@ -148,16 +161,39 @@ def test_tree_names():
     assert bench.default_candidates(1)[0] == "chain"  # no chain@D below one mask
     assert bench.make_tree("chain", 3).layout.num_tokens == 1 + 3 + 4 * 3
     assert bench.make_tree("chain@2", 3).layout.num_tokens == 1 + 2 + 3 * 2
-    assert bench.default_split("sharegpt") == "heldout" and bench.default_split("x.jsonl") == "all"
+    # trained-on sources: the held-out half for the role; others were never trained on: all
+    assert bench.default_split("sharegpt") == "selection"
+    assert bench.default_split("code-alpaca", "test") == "test"
+    assert bench.default_split("humaneval", "test") == bench.default_split("x.jsonl") == "all"
+    with pytest.raises(ValueError, match="role must be one of selection, test"):
+        bench.default_split("sharegpt", "heldout")
 
 
 def test_step_seconds_and_select_tree(setup):
+    """The chosen tree is the candidate with the highest predicted tokens/s, and each prediction
+    is what its parts say: replay of the measured statistics (== the bench's real decoding),
+    the independent estimate, and the measured step times."""
     params, bp, trees, results = setup
     greedy = [r["greedy"]["tokens"] for r in results["rows"]]
     sel = bench.select_tree(CFG, params, bp, trees, PROMPTS, MAX_NEW, greedy_tokens=greedy,
                             timing_steps=4, repeats=1)
-    assert sel.chosen.tree in TREES
-    assert all(0 < p.step_ms < 1e4 and p.ar_step_ms > 0 for p in sel.predictions)
+    assert [p.tree for p in sel.predictions] == TREES
+    best = max(sel.predictions, key=lambda p: p.tokens_per_second)
+    assert sel.chosen is best
+    assert len({p.tokens_per_second for p in sel.predictions}) == len(TREES)  # a real choice
+    for t, p in zip(trees, sel.predictions):
+        assert p.step_tokens == t.layout.num_tokens
+        tokens, steps = tree_select.replay(t, sel.stats)
+        assert p.tokens_per_step == p.tokens_per_step_replay == tokens / steps
+        measured = results["trees"][t.name]["summary"]["tokens_per_step"]
+        assert p.tokens_per_step == pytest.approx(measured), t.name
+        assert p.tokens_per_step_independent == pytest.approx(
+            tree_select.predicted_tokens_per_step(t, sel.stats, "independent"))
+        assert 0 < p.step_ms < 1e4 and 0 < p.ar_step_ms < 1e4
+        assert p.tokens_per_second == pytest.approx(1e3 * p.tokens_per_step / p.step_ms)
+        assert p.speedup == pytest.approx(p.tokens_per_step * p.ar_step_ms / p.step_ms)
+    assert len({p.ar_step_ms for p in sel.predictions}) == 1  # one greedy timing for all
     d = sel.to_dict()
-    assert d["chosen"] == sel.chosen.tree and len(d["stats"]["top1"]) == 3
+    assert d["chosen"] == best.tree and len(d["stats"]["top1"]) == 3
+    assert [q["tree"] for q in d["predictions"]] == TREES
     json.dumps(d)

@@ -54,7 +54,8 @@ def test_dry_run_reproduces_official_counts():
         assert mem["total_estimate"] == (mem["base_params"] + mem["bita_params_grads_adam"]
                                          + mem["activations_estimate"])
         assert 0 < mem["base_params"] <= 2 * base  # bf16, split over the model axis
-    assert round(100 * 4_206_592 / 6_738_415_616, 3) == 0.062  # the paper's 0.062%
+        if name == "llama2-7b":  # what the report prints rounds to the paper's 0.062%
+            assert round(report["trainable_percent"], 3) == 0.062, report["trainable_percent"]
 
 
 def test_count_formula():

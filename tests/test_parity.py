@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
@@ -17,19 +16,17 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
-from transformers import FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import FalconConfig
 
 from bita_jax import models
 from bita_jax.checkpoints import hf as hf_checkpoint
 from bita_jax.checkpoints.hf import CheckpointError, load_hf_checkpoint
 from bita_jax.models.config import ConfigError
+from tests.hf_models import FALCON, V, make_hf, save
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # fp32 logits; never relax: a failure is a bug
-V = 160
 
-LLAMA = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-             num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
                "rope_theta": 10000.0}
@@ -41,8 +38,6 @@ LLAMA_CASES = {
     "kv2_llama3": dict(num_key_value_heads=2, rope_scaling=LLAMA3_ROPE),
 }
 
-FALCON = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=128, alibi=False)
 FALCON_CASES = {
     "7b_mqa_parallel": dict(multi_query=True, parallel_attn=True, new_decoder_architecture=False,
                             bias=False),
@@ -53,37 +48,6 @@ FALCON_CASES = {
     "sequential_mha": dict(parallel_attn=False, multi_query=False, new_decoder_architecture=False,
                            bias=True, tie_word_embeddings=False),
 }
-
-
-def _randomize(hf_model, seed):
-    """Weights large enough that a layout bug moves the logits far beyond TOL."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in hf_model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name or ".ln_" in name:
-                p.copy_(1.0 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            elif "embed" in name or "word_embeddings" in name:
-                p.copy_(0.5 * noise)
-            else:
-                p.copy_(noise / math.sqrt(p.shape[1]))
-    return hf_model
-
-
-def _make_hf(arch, overrides, seed=0):
-    torch.manual_seed(seed)
-    if arch == "llama":
-        config = LlamaConfig(**{**LLAMA, **overrides}, attn_implementation="eager")
-        return _randomize(LlamaForCausalLM(config), seed).eval()
-    config = FalconConfig(**{**FALCON, **overrides}, attn_implementation="eager")
-    return _randomize(FalconForCausalLM(config), seed).eval()
-
-
-def _save(hf_model, path, **kwargs):
-    hf_model.save_pretrained(str(path), safe_serialization=True, **kwargs)
-    return str(path)
 
 
 def _tokens(seed=0, b=2, t=12):
@@ -121,8 +85,8 @@ def _assert_tree_equal(a, b):
 
 @pytest.mark.parametrize("case", sorted(LLAMA_CASES))
 def test_llama_parity(case, tmp_path):
-    hf_model = _make_hf("llama", LLAMA_CASES[case])
-    cfg, params = load_hf_checkpoint(_save(hf_model, tmp_path))
+    hf_model = make_hf("llama", LLAMA_CASES[case])
+    cfg, params = load_hf_checkpoint(save(hf_model, tmp_path))
     assert cfg.arch == "llama" and cfg.num_kv_heads == hf_model.config.num_key_value_heads
     assert cfg.tie_word_embeddings == ("lm_head" not in params)
     assert cfg.rope_theta == LLAMA_CASES[case].get("rope_theta", 10000.0)
@@ -134,8 +98,8 @@ def test_llama_parity(case, tmp_path):
 
 @pytest.mark.parametrize("case", sorted(FALCON_CASES))
 def test_falcon_parity(case, tmp_path):
-    hf_model = _make_hf("falcon", FALCON_CASES[case])
-    cfg, params = load_hf_checkpoint(_save(hf_model, tmp_path))
+    hf_model = make_hf("falcon", FALCON_CASES[case])
+    cfg, params = load_hf_checkpoint(save(hf_model, tmp_path))
     assert cfg.arch == "falcon"
     _assert_parity(hf_model, cfg, params)
 
@@ -144,8 +108,8 @@ def test_falcon_qkv_layouts_split_per_head(tmp_path):
     """Each head's q/k/v rows land in the right (head, D) slot, for the three fused layouts."""
     for case, (n_q, n_kv) in {"7b_mqa_parallel": (4, 1), "new_arch_kv2": (4, 2),
                               "sequential_mha": (4, 4)}.items():
-        hf_model = _make_hf("falcon", FALCON_CASES[case])
-        cfg, params = load_hf_checkpoint(_save(hf_model, tmp_path / case))
+        hf_model = make_hf("falcon", FALCON_CASES[case])
+        cfg, params = load_hf_checkpoint(save(hf_model, tmp_path / case))
         d, g = cfg.head_dim, n_q // n_kv
         w = hf_model.transformer.h[1].self_attention.query_key_value.weight.detach().numpy()
         if case == "sequential_mha":  # [N, 3, D]
@@ -164,9 +128,9 @@ def test_falcon_qkv_layouts_split_per_head(tmp_path):
 
 
 def test_sharded_checkpoint_loads_identically(tmp_path):
-    hf_model = _make_hf("llama", LLAMA_CASES["kv2_untied"], seed=3)
-    single = _save(hf_model, tmp_path / "single")
-    sharded = _save(hf_model, tmp_path / "sharded", max_shard_size="20KB")
+    hf_model = make_hf("llama", LLAMA_CASES["kv2_untied"], seed=3)
+    single = save(hf_model, tmp_path / "single")
+    sharded = save(hf_model, tmp_path / "sharded", max_shard_size="20KB")
     assert not os.path.exists(os.path.join(sharded, "model.safetensors"))
     with open(os.path.join(sharded, "model.safetensors.index.json")) as f:
         assert len(set(json.load(f)["weight_map"].values())) > 1
@@ -178,12 +142,12 @@ def test_sharded_checkpoint_loads_identically(tmp_path):
 
 
 def test_bf16_checkpoint(tmp_path):
-    hf_model = _make_hf("falcon", FALCON_CASES["new_arch_kv2_bias"], seed=4)
+    hf_model = make_hf("falcon", FALCON_CASES["new_arch_kv2_bias"], seed=4)
     with torch.no_grad():  # bf16-representable weights; the fp32 model stays the reference
         for p in hf_model.parameters():
             p.copy_(p.bfloat16().float())
     # A bf16 copy for saving: `.to(bfloat16)` also rounds the rotary inv_freq buffer.
-    path = _save(copy.deepcopy(hf_model).to(torch.bfloat16), tmp_path)
+    path = save(copy.deepcopy(hf_model).to(torch.bfloat16), tmp_path)
     file = os.path.join(path, "model.safetensors")
     with safe_open(file, framework="numpy") as f:
         key = "transformer.h.0.self_attention.query_key_value.weight"
@@ -201,18 +165,6 @@ def test_bf16_checkpoint(tmp_path):
     _assert_parity(hf_model, cfg32, p32)
 
 
-def test_shardings_place_leaves(tmp_path):
-    hf_model = _make_hf("llama", LLAMA_CASES["kv1_tied"], seed=5)
-    path = _save(hf_model, tmp_path)
-    cfg, ref = load_hf_checkpoint(path)
-    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
-    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shardings = jax.tree.map(lambda _: spec, models.abstract_params(cfg))
-    _, params = load_hf_checkpoint(path, shardings=shardings)
-    assert all(x.sharding == spec for x in jax.tree.leaves(params))
-    _assert_tree_equal(ref, params)
-
-
 _SHARDED_LOAD = textwrap.dedent("""
     import sys, jax, numpy as np
     from bita_jax import models
@@ -226,11 +178,14 @@ _SHARDED_LOAD = textwrap.dedent("""
         for rules in (sharding.DEFAULT_RULES, sharding.FSDP_RULES):
             shardings = sharding.param_shardings(cfg, mesh, rules)
             _, params = hf_checkpoint.load_hf_checkpoint(path, shardings=shardings)
+            assert jax.tree.structure(params) == jax.tree.structure(ref)
+            assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(ref))
             split = 0
-            for (kp, r), x in zip(jax.tree_util.tree_leaves_with_path(ref),
-                                  jax.tree.leaves(params)):
+            for (kp, r), x, want in zip(jax.tree_util.tree_leaves_with_path(ref),
+                                        jax.tree.leaves(params), jax.tree.leaves(shardings)):
                 r = np.asarray(r)
                 assert x.dtype == r.dtype and x.shape == r.shape, kp
+                assert x.sharding.is_equivalent_to(want, x.ndim), (kp, x.sharding, want)
                 for shard in x.addressable_shards:  # each device holds exactly its part
                     np.testing.assert_array_equal(np.asarray(shard.data), r[shard.index],
                                                   err_msg=str(kp))
@@ -243,9 +198,9 @@ _SHARDED_LOAD = textwrap.dedent("""
 def test_sharded_load_on_8_devices(tmp_path):
     """Each device's shard, read straight from the memory-mapped safetensors, equals that part
     of the host-assembled load: LLaMA and Falcon (fused QKV), one file and several."""
-    llama = _save(_make_hf("llama", LLAMA_CASES["kv4_bias"], seed=8), tmp_path / "llama",
+    llama = save(make_hf("llama", LLAMA_CASES["kv4_bias"], seed=8), tmp_path / "llama",
                   max_shard_size="20KB")
-    falcon = _save(_make_hf("falcon", FALCON_CASES["new_arch_kv2_bias"], seed=9),
+    falcon = save(make_hf("falcon", FALCON_CASES["new_arch_kv2_bias"], seed=9),
                    tmp_path / "falcon")
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=8",
@@ -262,7 +217,7 @@ def test_sharded_load_on_8_devices(tmp_path):
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    return _save(_make_hf("llama", LLAMA_CASES["kv2_untied"], seed=7),
+    return save(make_hf("llama", LLAMA_CASES["kv2_untied"], seed=7),
                  tmp_path_factory.mktemp("llama"))
 
 

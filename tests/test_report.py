@@ -1,6 +1,7 @@
 """The speed report on a tiny random LLaMA: HF greedy and prompt lookup (transformers), our
 greedy and BiTA trees side by side; identical outputs, step histograms, tables, JSON and plots."""
 
+import itertools
 import json
 import pathlib
 
@@ -11,7 +12,7 @@ from bita_jax import models
 from bita_jax.checkpoints.hf import load_hf_checkpoint
 from bita_jax.checkpoints.loading import LoadedModel
 from bita_jax.eval import bench, plots, report
-from tests.test_parity import _make_hf, _save
+from tests.hf_models import make_hf, save
 
 PROMPTS = {"chat": [[5, 17, 33, 2, 80, 5, 17], [44, 3]], "code": [[9, 10, 11, 9, 10]]}
 MAX_NEW = 12
@@ -20,8 +21,8 @@ TREES = ["chain@1", "chain"]
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    path = _save(_make_hf("llama", {"num_key_value_heads": 2}, seed=4),
-                 tmp_path_factory.mktemp("hf"))
+    path = save(make_hf("llama", {"num_key_value_heads": 2}, seed=4),
+                tmp_path_factory.mktemp("hf"))
     cfg, params = load_hf_checkpoint(path)
     loaded = LoadedModel("tiny", cfg, params, None, pathlib.Path(path))
     bp = models.init_bita_params(cfg, models.BitaConfig(num_masks=3), jax.random.key(1))
@@ -44,11 +45,18 @@ def test_every_engine_is_measured_and_identical(run):
     for set_name, res in rep["sets"].items():
         n = len(PROMPTS[set_name])
         assert len(res["rows"]) == n
+        seconds = {name: sum(r["engines"][name]["seconds"] for r in res["rows"])
+                   for name in res["summary"]}
         for name, s in res["summary"].items():
             # our greedy equals HF greedy on these weights, and every engine equals both
             assert s["identical_ours"] == s["identical_hf"] == n, (set_name, name)
             assert s["new_tokens"] == n * MAX_NEW and s["seconds"] > 0
-            assert s["tokens_per_step"] >= 1.0 and s["speedup_vs_hf"] > 0
+            # the summary is its rows' totals; the prefill's token is no step's
+            assert s["seconds"] == pytest.approx(seconds[name])
+            assert s["steps"] == sum(r["engines"][name]["steps"] for r in res["rows"])
+            assert s["tokens_per_step"] == pytest.approx((s["new_tokens"] - n) / s["steps"])
+            assert s["speedup_vs_hf"] == pytest.approx(seconds[report.HF_GREEDY] / s["seconds"])
+            assert s["speedup_vs_ours"] == pytest.approx(seconds[report.OURS] / s["seconds"])
         assert res["summary"][report.HF_GREEDY]["tokens_per_step"] == 1.0
         assert res["summary"][report.HF_GREEDY]["steps"] == n * (MAX_NEW - 1)  # hook-counted
         assert res["summary"][report.OURS]["speedup_vs_ours"] == 1.0
@@ -75,3 +83,28 @@ def test_markdown_json_and_plots(run, tmp_path):
                                        "step_time_vs_tokens_per_step.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+
+
+def test_plot_texts_fit_and_do_not_overlap(run, tmp_path, monkeypatch):
+    """Every title, axis label, annotation and legend entry of the report plots lies inside its
+    figure, and no two overlap (one prompt set: the narrowest figure)."""
+    import matplotlib.pyplot as plt
+
+    rep, _ = run
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figures report_plots closes
+    plots.report_plots(dict(rep, sets=dict(list(rep["sets"].items())[:1])), tmp_path)
+    assert len(figures) == 3
+    for fig in figures:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        texts = list(fig.texts)  # the suptitle
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            texts += [ax.title, ax.xaxis.label, ax.yaxis.label, *ax.texts,
+                      *(legend.get_texts() if legend else [])]
+        boxes = [t.get_window_extent(renderer) for t in texts if t.get_text().strip()]
+        frame = fig.bbox
+        assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0
+                   and b.y1 <= frame.y1 for b in boxes)
+        assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))

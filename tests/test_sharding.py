@@ -58,12 +58,30 @@ def test_rules_cover_every_logical_name(key, rules):
     assert jax.tree.structure(specs) == jax.tree.structure(models.abstract_params(cfg))
 
 
-def test_default_rules_table():
-    table = dict(sharding.DEFAULT_RULES)
-    assert table == {"layers": None, "vocab": "model", "embed": None, "heads": "model",
-                     "kv_heads": "model", "head_dim": None, "mlp": "model", "norm": None,
-                     "batch": "data", "length": None}
-    assert dict(sharding.FSDP_RULES) == {**table, "embed": "data"}
+@pytest.mark.parametrize("key", sorted(CONFIGS))
+def test_fsdp_differs_from_default_exactly_in_embed_dims(key):
+    """Per parameter and dimension: FSDP shards the dims named 'embed' over 'data', where the
+    default rules replicate them, and agrees with the default everywhere else."""
+    cfg = CONFIGS[key]
+    names = jax.tree.leaves(models.logical_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    default, fsdp = (jax.tree.leaves(sharding.param_specs(cfg, MESH_8, rules),
+                                     is_leaf=lambda x: isinstance(x, P))
+                     for rules in (sharding.DEFAULT_RULES, sharding.FSDP_RULES))
+    assert len(names) == len(default) == len(fsdp)
+    embed_dims = 0
+    for leaf_names, d, f in zip(names, default, fsdp):
+        assert len(d) == len(f) == len(leaf_names)
+        for name, d_axis, f_axis in zip(leaf_names, d, f):
+            if name == "embed":
+                embed_dims += 1
+                assert (d_axis, f_axis) == (None, "data"), (leaf_names, d, f)
+            else:
+                assert d_axis == f_axis, (leaf_names, d, f)
+    assert embed_dims >= 6  # embedding, attention, MLP (and head) kernels all have one
+    # Activations: the batch dim over 'data' under both tables, nothing else sharded.
+    for rules in (sharding.DEFAULT_RULES, sharding.FSDP_RULES):
+        assert sharding.logical_to_spec(("batch", "length", None), None, MESH_8, rules) == P(
+            "data", None, None)
 
 
 def test_large_params_get_model_axis_specs():
