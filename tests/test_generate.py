@@ -76,11 +76,16 @@ def test_decode_loop_compiles_once_per_bucket(params):
     gen = Generator(cfg, params)
     gen.generate([[1, 2, 3]], 10)
     gen.generate([[4, 5, 6, 7, 8, 9]], 20)  # same prompt bucket (16), same output bucket (64)
-    gen.generate([[9] * 11], 33, SamplingParams.make(0.7, 5, 0.9), seed=4)  # knobs are traced
     assert TRACES[("ar", cfg)] == 1
     assert sum(k[0] == cfg for k in EXECUTABLES) == 2  # one prefill, one decode loop
-    gen.generate([[1] * 17], 10)  # next prompt bucket (32): a new compile
+    # Sampling compiles its own pair once (greedy executables hold no sampling code); its knobs
+    # are traced: other temperatures, top-k, top-p and seeds reuse it.
+    gen.generate([[9] * 11], 33, SamplingParams.make(0.7, 5, 0.9), seed=4)
+    gen.generate([[9] * 3], 12, SamplingParams.make(1.3, 0, 0.5), seed=5)
     assert TRACES[("ar", cfg)] == 2
+    assert sum(k[0] == cfg for k in EXECUTABLES) == 4
+    gen.generate([[1] * 17], 10)  # next prompt bucket (32): a new compile
+    assert TRACES[("ar", cfg)] == 3
 
 
 def test_streaming_matches_one_shot(params):

@@ -20,8 +20,8 @@ from bita_jax.models import kv_cache
 from bita_jax.models.config import ModelConfig
 
 
-def ar_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: SamplingParams, rng, *,
-               capacity: int, out_slots: int, eos_ids: tuple[int, ...]) -> DecodeState:
+def ar_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: SamplingParams | None,
+               rng, *, capacity: int, out_slots: int, eos_ids: tuple[int, ...]) -> DecodeState:
     """Runs the prompts [B, Tp] (right-padded, lengths [B]) and emits the first token."""
     cache, first, _, rng = engine.prefill(cfg, params, prompt, prompt_len, sp, rng,
                                           capacity=capacity)
@@ -29,9 +29,10 @@ def ar_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: Sampli
                               eos_ids=eos_ids, step_tokens=1)
 
 
-def ar_step(cfg: ModelConfig, params, state: DecodeState, max_new, sp: SamplingParams,
+def ar_step(cfg: ModelConfig, params, state: DecodeState, max_new, sp: SamplingParams | None,
             eos_ids: tuple[int, ...]) -> DecodeState:
-    """One plain decoding step: feed `last`, commit its KV, emit one token per live row."""
+    """One plain decoding step: feed `last`, commit its KV, emit one token per live row
+    (greedy when `sp` is None)."""
     b = state.last.shape[0]
     hidden, block_kv = models.forward(cfg, params, state.last[:, None],
                                       state.cache.length[:, None], np.ones((1, 1), bool),

@@ -58,8 +58,9 @@ def next_drafts(cfg: ModelConfig, params, hidden, lay: Layout, group_rows, shift
     return jnp.where(level < lay.num_masks, tokens, NO_DRAFT)
 
 
-def bita_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: SamplingParams, rng, *,
-                 capacity: int, out_slots: int, eos_ids: tuple[int, ...], tree: Tree) -> BitaState:
+def bita_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: SamplingParams | None,
+                 rng, *, capacity: int, out_slots: int, eos_ids: tuple[int, ...],
+                 tree: Tree) -> BitaState:
     """Prompts [B, Tp] plus one mask group after each prompt: first token and first drafts."""
     base_params, bita_params = params
     lay = tree.layout

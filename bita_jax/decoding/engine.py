@@ -130,7 +130,7 @@ class Tail:
     mask: np.ndarray
 
 
-def prefill(cfg: ModelConfig, base_params, prompt, prompt_len, sp: SamplingParams, rng, *,
+def prefill(cfg: ModelConfig, base_params, prompt, prompt_len, sp: SamplingParams | None, rng, *,
             capacity: int, tail: Tail | None = None, bita_params=None):
     """Runs the prompts [B, Tp] (right-padded, lengths [B]) into a fresh cache of `capacity`
     slots and samples the first token.
@@ -234,7 +234,8 @@ class Engine:
         return dict(eos_ids=self.eos_ids)
 
     def prefill_fn(self) -> Callable[..., DecodeState]:
-        """`fn(params, prompt, lens, max_new, sp, rng, capacity, out_slots, **static_args)`."""
+        """`fn(params, prompt, lens, max_new, sp, rng, capacity, out_slots, **static_args)`;
+        `sp` is None for greedy decoding."""
         raise NotImplementedError
 
     def decode_fn(self) -> Callable[..., DecodeState]:
@@ -259,8 +260,8 @@ class Engine:
         return tp, tp + out_slots + HEADROOM, out_slots
 
     def _executable(self, name, fn, *args, **static):
-        key = (self.cfg, type(self).__name__, name, tuple(static.items()), tuple(
-            (a.shape, str(a.dtype)) for a in jax.tree.leaves(args) if hasattr(a, "shape")))
+        key = (self.cfg, type(self).__name__, name, tuple(static.items()), jax.tree.structure(args),
+               tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args) if hasattr(a, "shape")))
         if key not in EXECUTABLES:
             t0 = time.perf_counter()
             EXECUTABLES[key] = jax.jit(fn, static_argnames=tuple(static)).lower(
@@ -282,6 +283,9 @@ class Engine:
             prompt[i, : len(p)] = p
         lens = np.asarray([len(p) for p in prompts], np.int32)
         max_new = np.full((b,), max_new_tokens, np.int32)
+        # Greedy passes no sampling knobs: its executables hold no sampling code (BiTA's exact
+        # rejection sampling doubles a step's compile time). Sampled knobs stay traced values.
+        sp = sp if float(sp.temperature) > 0 else None
         params = self.run_params()
         args = (params, prompt, lens, max_new, sp, jax.random.key(seed))
         static = dict(capacity=capacity, out_slots=out_slots, **self.static_args())

@@ -53,10 +53,17 @@ def filtered_logits(logits: jnp.ndarray, sp: SamplingParams) -> jnp.ndarray:
     return jnp.where(x < cutoff, MASKED, x)
 
 
-def sample(logits: jnp.ndarray, rng: jax.Array, sp: SamplingParams) -> jnp.ndarray:
-    """Picks one token per row of logits [B, V] -> [B] int32 (greedy when temperature <= 0)."""
+def sample(logits: jnp.ndarray, rng: jax.Array, sp: SamplingParams | None) -> jnp.ndarray:
+    """Picks one token per row of logits [B, V] -> [B] int32.
+
+    `sp` None is greedy and compiles nothing else; otherwise greedy when temperature <= 0 (a
+    traced choice: both branches are compiled).
+    """
     def greedy(_):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    if sp is None:
+        return greedy(None)
 
     def draw(_):
         return jax.random.categorical(rng, filtered_logits(logits, sp), axis=-1).astype(jnp.int32)
