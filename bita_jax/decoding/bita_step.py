@@ -6,7 +6,8 @@ verification walks the tree: a node is accepted when it equals the base model's 
 parent and all its ancestors were accepted; the deepest accepted node (or the root) is the
 endpoint. The step emits the accepted tokens plus one bonus token (argmax at the endpoint), commits
 the KV of the root and the accepted nodes into contiguous cache slots with a fixed-shape gather,
-and takes the next drafts from the mask group hanging off the endpoint (top-k per level).
+and takes the next drafts from the mask group hanging off the endpoint (top-k per level). A tree
+with a retrieval branch (`+lookup:L`) fills that branch from the row's own history (`lookup.py`).
 Every accepted or bonus token is the base model's own argmax given exactly the tokens before it,
 so the output equals plain greedy decoding token for token.
 
@@ -24,27 +25,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from bita_jax import models
-from bita_jax.decoding import engine
+from bita_jax.decoding import engine, lookup
 from bita_jax.decoding.engine import HEADROOM, DecodeState, GenerationError
 from bita_jax.decoding.sampling import SamplingParams, filtered_logits
 from bita_jax.decoding.tree import Layout, Tree
 from bita_jax.models import kv_cache
 from bita_jax.models.config import ModelConfig
 
-NO_DRAFT = -1  # a placeholder node token: never equals a prediction, fed as token 0
+NO_DRAFT = lookup.NO_DRAFT
 
 
 @flax.struct.dataclass
 class BitaState(DecodeState):
-    """`DecodeState` plus drafts: [B, Nn] the tree's node tokens for the next step."""
+    """`DecodeState` plus drafts: [B, Nn] the tree's node tokens for the next step, and history:
+    [B, S] every token by position (prompt and output; [B, 0] without a lookup branch)."""
 
     drafts: jnp.ndarray
+    history: jnp.ndarray
 
 
-def next_drafts(cfg: ModelConfig, params, hidden, lay: Layout, group_rows, shift):
+def next_drafts(cfg: ModelConfig, params, hidden, lay: Layout, group_rows, shift,
+                retrieved=None):
     """Draft tokens [B, Nn] of the next tree from one mask group per row.
 
-    hidden: [B, T, E]; group_rows: [B, M] rows of the chosen group; shift: [B] mask offset.
+    hidden: [B, T, E]; group_rows: [B, M] rows of the chosen group; shift: [B] mask offset;
+    retrieved: [B, L] the lookup branch's tokens (when the tree has one).
     """
     base_params, _ = params
     rows = jnp.take_along_axis(hidden, group_rows[:, :, None], axis=1)  # [B, M, E]
@@ -53,9 +58,20 @@ def next_drafts(cfg: ModelConfig, params, hidden, lay: Layout, group_rows, shift
     level = lay.node_level[None, :] + shift[:, None]  # [B, Nn] which mask drafts each node
     picked = jnp.take_along_axis(top, jnp.minimum(level, lay.num_masks - 1)[:, :, None], axis=1)
     # picked: [B, Nn, R] -> the node's rank
-    tokens = jnp.take_along_axis(picked, jnp.broadcast_to(lay.node_rank, level.shape)[:, :, None],
-                                 axis=2)[:, :, 0]
-    return jnp.where(level < lay.num_masks, tokens, NO_DRAFT)
+    rank = jnp.broadcast_to(np.maximum(lay.node_rank, 0), level.shape)
+    tokens = jnp.take_along_axis(picked, rank[:, :, None], axis=2)[:, :, 0]
+    tokens = jnp.where(level < lay.num_masks, tokens, NO_DRAFT)
+    if lay.lookup_nodes:
+        tokens = jnp.where(lay.node_rank < 0, jnp.take(retrieved, lay.node_level, axis=1), tokens)
+    return tokens
+
+
+def retrieve(tree: Tree, history, newest):
+    """The lookup branch's tokens [B, L] (None without one), from history [B, S] up to position
+    newest [B]."""
+    if not tree.lookup:
+        return None
+    return lookup.lookup_drafts(history, newest, tree.lookup, tree.lookup_ngram)
 
 
 def bita_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: SamplingParams | None,
@@ -71,10 +87,14 @@ def bita_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: Samp
     cache, first, mask_hidden, rng = engine.prefill(cfg, base_params, prompt, prompt_len, sp, rng,
                                                     capacity=capacity, tail=tail,
                                                     bita_params=bita_params)
+    history = (lookup.init_history(prompt, prompt_len, first, capacity) if tree.lookup
+               else jnp.zeros((b, 0), jnp.int32))
     group_rows = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, m))
-    drafts = next_drafts(cfg, params, mask_hidden, lay, group_rows, jnp.zeros((b,), jnp.int32))
+    drafts = next_drafts(cfg, params, mask_hidden, lay, group_rows, jnp.zeros((b,), jnp.int32),
+                         retrieve(tree, history, prompt_len))
     return engine.first_state(BitaState, cache, first, rng, max_new, out_slots=out_slots,
-                              eos_ids=eos_ids, step_tokens=m + 1, drafts=drafts)
+                              eos_ids=eos_ids, step_tokens=lay.max_depth + 1, drafts=drafts,
+                              history=history)
 
 
 def verify_greedy(pred, drafts, lay: Layout):
@@ -135,7 +155,7 @@ def verify_sampling(logits, drafts, lay: Layout, sp: SamplingParams, rng):
     walking = jnp.ones((b,), bool)
     depth = jnp.zeros((b,), jnp.int32)
     node_tokens = jnp.concatenate([jnp.full((b, 1), NO_DRAFT, jnp.int32), drafts], axis=1)
-    for level in range(lay.num_masks):
+    for level in range(lay.max_depth):
         moved = jnp.zeros((b,), bool)
         for j in range(lay.children.shape[1]):
             child = jnp.take(lay.children[:, j], cur)  # [B]
@@ -188,17 +208,23 @@ def bita_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new,
     else:
         endpoint, depth, bonus = jax.lax.cond(sp.temperature > 0, sampled, greedy, None)
     bonus = bonus[:, None]
-    path = jnp.take(lay.path_rows, endpoint, axis=0)  # [B, M + 1] rows root..endpoint
-    accepted_tokens = jnp.take_along_axis(tokens, path[:, 1:], axis=1)  # [B, M]
-    j = jnp.arange(lay.num_masks + 1)[None, :]
+    path = jnp.take(lay.path_rows, endpoint, axis=0)  # [B, D + 1] rows root..endpoint
+    accepted_tokens = jnp.take_along_axis(tokens, path[:, 1:], axis=1)  # [B, D]
+    j = jnp.arange(lay.max_depth + 1)[None, :]
     emitted = jnp.where(j < depth[:, None],
                         jnp.concatenate([accepted_tokens, bonus], axis=1), bonus)
     live = ~state.done
-    cache = kv_cache.commit(state.cache, block_kv, path, jnp.where(live, depth + 1, 0))
+    count = jnp.where(live, depth + 1, 0)
+    cache = kv_cache.commit(state.cache, block_kv, path, count)
+    history = state.history
+    if tree.lookup:
+        history = lookup.append(history, n, emitted, count)
     drafts = next_drafts(cfg, params, hidden, lay, jnp.take(lay.group_rows, jnp.take(
-        lay.endpoint_group, endpoint), axis=0), jnp.take(lay.endpoint_shift, endpoint))
+        lay.endpoint_group, endpoint), axis=0), jnp.take(lay.endpoint_shift, endpoint),
+                         retrieve(tree, history, cache.length))
     state = state.replace(cache=cache, steps=state.steps + 1, row_steps=state.row_steps + live,
-                          rng=rng, drafts=jnp.where(live[:, None], drafts, state.drafts))
+                          rng=rng, drafts=jnp.where(live[:, None], drafts, state.drafts),
+                          history=history)
     state, count = engine.emit(state, emitted, depth + 1, max_new, eos_ids)
     return engine.count_step(state, count, live)
 
@@ -213,9 +239,10 @@ class BitaGenerator(engine.Engine):
         if tree.num_masks > masks:
             raise GenerationError(f"tree {tree.name!r} needs {tree.num_masks} masks but the "
                                   f"adapter has {masks}: build the tree for M={masks}")
-        if tree.num_masks + 1 > HEADROOM:  # a step commits up to M + 1 slots past the length
-            raise GenerationError(f"trees deeper than {HEADROOM - 1} need more cache headroom "
-                                  f"(M={tree.num_masks})")
+        depth = tree.layout.max_depth
+        if depth + 1 > HEADROOM:  # a step commits up to D + 1 slots past the length
+            raise GenerationError(f"tree {tree.name!r} is {depth} nodes deep: trees deeper than "
+                                  f"{HEADROOM - 1} need more cache headroom")
         self.bita_params, self.tree = bita_params, tree
 
     def run_params(self):

@@ -32,7 +32,7 @@ from bita_jax.decoding.sampling import SamplingParams, sample
 from bita_jax.models import kv_cache
 from bita_jax.models.config import ModelConfig
 
-HEADROOM = 8  # cache slots past the last committed token that a fixed-size block write may touch
+HEADROOM = 16  # cache slots past the last committed token that a fixed-size block write may touch
 
 # Compiled executables, shared by every engine: key = (cfg, engine, function, static args, shapes).
 EXECUTABLES: dict = {}

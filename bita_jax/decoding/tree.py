@@ -21,6 +21,12 @@ Templates:
   full            every path up to depth M with ranks < K at every level (small K only).
   FILE.json       a JSON list of paths, e.g. [[0], [1], [0, 0]].
 
+A `+lookup:L[:N]` suffix (e.g. `chain@1+lookup:4`) adds a retrieval branch: a chain of L nodes
+under the root whose tokens come from prompt lookup (`lookup.py`: the continuation of the latest
+earlier occurrence of the last N <= 3 tokens), not from the masks. Its nodes are paths of rank
+LOOKUP (-1) and come after the mask nodes; they are verified in the same forward and anchor mask
+groups like any node, so the next drafts hang off a lookup endpoint too.
+
 Pruned layouts hang mask groups only under the root and under nodes that have children; a
 childless last-accepted node reuses its parent's group, shifted by one mask (mask k + 1 of the
 parent predicts what mask k of the child would have). Still lossless: drafts never decide the
@@ -37,6 +43,8 @@ import pathlib
 import numpy as np
 
 Path = tuple[int, ...]
+LOOKUP = -1  # the rank of a retrieval-branch node (its token comes from prompt lookup)
+DEFAULT_NGRAM = 3
 
 
 class TreeError(ValueError):
@@ -97,17 +105,19 @@ def named_tree(name: str, num_masks: int) -> tuple[Path, ...]:
 class Layout:
     """Numpy buffers of one step (built once; constants under jit).
 
-    Row indices are into the step's T tokens. Let Nn = nodes, G = groups, M = masks, X = M + 1.
+    Row indices are into the step's T tokens. Let Nn = nodes (mask nodes, then the lookup
+    branch), G = groups, M = masks, D = the deepest node's depth, X = D + 1.
       num_tokens: T.                     mask: [T, T] bool, row t sees column u.
       offsets: [T] position minus the cache length.
       node_parent_row: [Nn] the row whose prediction a node's token must match.
-      node_depth: [Nn] 1.. ; node_level: [Nn] depth - 1; node_rank: [Nn].
+      node_depth: [Nn] 1.. ; node_level: [Nn] depth - 1; node_rank: [Nn] (LOOKUP: lookup node).
       ancestors: [Nn, Nn] float, ancestors[i, j] = 1 if node j is node i or an ancestor of it.
       path_rows: [1 + Nn, X] rows root..endpoint for each endpoint row (padded by repetition).
       group_rows: [G, M] rows of each group's masks; mask_ids: [G * M] mask index k per mask row.
       endpoint_group: [1 + Nn] group drafting the next tree when that row is the last accepted.
       endpoint_shift: [1 + Nn] mask shift for that group (0 own group, 1 parent's group).
-      max_rank: largest rank + 1 (top-k width needed).
+      max_rank: largest mask-node rank + 1 (top-k width needed); max_depth: D.
+      lookup_nodes: L, the retrieval branch's length (0: none).
       children: [1 + Nn, C] child node rows of each row in rank order, -1 padded (sampling).
     """
 
@@ -128,6 +138,8 @@ class Layout:
     endpoint_shift: np.ndarray
     max_rank: int
     children: np.ndarray
+    max_depth: int
+    lookup_nodes: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,16 +150,25 @@ class Tree:
     num_masks: int
     pruned: bool = False
     name: str = "custom"
+    lookup: int = 0  # L: nodes of the retrieval branch
+    lookup_ngram: int = DEFAULT_NGRAM  # N: the longest n-gram the lookup matches
 
     def __post_init__(self):
         _validate(self.paths, self.num_masks)
+        if self.lookup < 0 or self.lookup_ngram < 1:
+            raise TreeError(f"bad lookup branch (lookup={self.lookup}, "
+                            f"ngram={self.lookup_ngram}): use +lookup:L[:N] with L >= 1, N >= 1")
 
     @classmethod
     def make(cls, name: str, num_masks: int, pruned: bool = False) -> Tree:
-        """`NAME[-pruned][@D]`; `@D` builds the tree for D <= num_masks of the adapter's masks
-        (a mask only sees earlier masks of its group, so dropping the last ones changes nothing
-        else and makes the step smaller)."""
-        spec, (base, at, depth) = name, name.rpartition("@")
+        """`NAME[-pruned][@D][+lookup:L[:N]]`; `@D` builds the tree for D <= num_masks of the
+        adapter's masks (a mask only sees earlier masks of its group, so dropping the last ones
+        changes nothing else and makes the step smaller); `+lookup:L[:N]` adds a retrieval
+        branch of L nodes matching n-grams of up to N tokens."""
+        spec = name
+        name, plus, extra = name.partition("+")
+        lookup, ngram = (_parse_lookup(extra, spec) if plus else (0, DEFAULT_NGRAM))
+        base, at, depth = name.rpartition("@")
         if at and depth.isdigit():
             if not 1 <= int(depth) <= num_masks:
                 raise TreeError(f"tree {spec!r} needs {depth} masks but the adapter has "
@@ -157,11 +178,22 @@ class Tree:
         if name.endswith("-pruned"):
             name, pruned = name[: -len("-pruned")], True
         return cls(named_tree(name, num_masks), num_masks, pruned,
-                   spec if "@" in spec else name + ("-pruned" if pruned else ""))
+                   spec if ("@" in spec or plus) else name + ("-pruned" if pruned else ""),
+                   lookup, ngram)
 
     @property
     def layout(self) -> Layout:
-        return _build_layout(self.paths, self.num_masks, self.pruned)
+        return _build_layout(self.paths, self.num_masks, self.pruned, self.lookup)
+
+
+def _parse_lookup(extra: str, spec: str) -> tuple[int, int]:
+    kind, _, args = extra.partition(":")
+    parts = args.split(":") if args else []
+    if (kind != "lookup" or not 1 <= len(parts) <= 2 or not all(x.isdigit() for x in parts)
+            or min(int(x) for x in parts) < 1):
+        raise TreeError(f"bad tree {spec!r}: the only extra branch is +lookup:L or "
+                        f"+lookup:L:N (L >= 1 lookup nodes, n-grams of up to N >= 1 tokens)")
+    return int(parts[0]), int(parts[1]) if len(parts) == 2 else DEFAULT_NGRAM
 
 
 def _validate(paths: tuple[Path, ...], num_masks: int):
@@ -182,8 +214,11 @@ def _validate(paths: tuple[Path, ...], num_masks: int):
 
 
 @functools.lru_cache(maxsize=64)
-def _build_layout(paths: tuple[Path, ...], num_masks: int, pruned: bool) -> Layout:
-    nodes = sorted(paths, key=lambda p: (len(p), p))  # level by level, rank within a level
+def _build_layout(paths: tuple[Path, ...], num_masks: int, pruned: bool, lookup: int = 0
+                  ) -> Layout:
+    # Mask nodes level by level, rank within a level; then the lookup branch, root downwards.
+    nodes = (sorted(paths, key=lambda p: (len(p), p))
+             + [(LOOKUP,) * d for d in range(1, lookup + 1)])
     nn_ = len(nodes)
     row_of = {(): 0, **{p: 1 + i for i, p in enumerate(nodes)}}
     has_children = {p[:-1] for p in nodes}
@@ -210,7 +245,8 @@ def _build_layout(paths: tuple[Path, ...], num_masks: int, pruned: bool) -> Layo
             mask[r, chain_rows(a)] = True
             mask[r, base: base + k + 1] = True
             offsets[r] = len(a) + 1 + k
-    x = m + 1
+    max_depth = max(len(p) for p in nodes)
+    x = max_depth + 1
     path_rows = np.zeros((1 + nn_, x), np.int32)
     endpoint_group = np.zeros((1 + nn_,), np.int32)
     endpoint_shift = np.zeros((1 + nn_,), np.int32)
@@ -235,13 +271,13 @@ def _build_layout(paths: tuple[Path, ...], num_masks: int, pruned: bool) -> Layo
         ancestors=ancestors, path_rows=path_rows, group_rows=group_rows,
         mask_ids=np.tile(np.arange(m, dtype=np.int32), len(anchors)),
         endpoint_group=endpoint_group, endpoint_shift=endpoint_shift,
-        max_rank=max(p[-1] for p in nodes) + 1,
-        children=_children(nodes, row_of))
+        max_rank=max(p[-1] for p in paths) + 1,
+        children=_children(nodes, row_of), max_depth=max_depth, lookup_nodes=lookup)
 
 
 def _children(nodes: list[Path], row_of: dict) -> np.ndarray:
     kids: dict[Path, list[int]] = {(): []}
-    for p in nodes:  # nodes are sorted, so siblings come in rank order
+    for p in nodes:  # siblings come in rank order (a lookup node after the mask nodes)
         kids.setdefault(p[:-1], []).append(row_of[p])
     width = max(len(v) for v in kids.values())
     table = np.full((1 + len(nodes), width), -1, np.int32)

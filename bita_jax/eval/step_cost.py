@@ -1,0 +1,181 @@
+"""What a decode step costs on this machine, beside the floor of reading every weight once.
+
+    rows = measure(cfg, params, bita_params, trees, tokens=(1, 2, 4, 8, 16, 32, 52))
+    print(markdown_table(rows))
+
+Three kinds of row, all measured in one run, engines taking turns over `repeats` rounds (the
+fastest round is kept, since this box's single runs swing by about 15%):
+
+  floor    jitted matrix-vector products over every weight matrix of the model (the same
+           bytes a decode step reads, nothing else): one row, and T rows.
+  forward  one cached forward of T new tokens under a causal block mask (after `context`
+           cached tokens), the LM head on every row, the argmax, the cache commit: the step
+           cost for any T.
+  decode   the real decode loop of plain greedy (T = 1) and of each BiTA tree (T = its step
+           tokens): `lax.while_loop` steps with the tree mask, cache commit, the LM head only on
+           the rows it needs, drafting; ms per step over `steps` steps.
+
+Each timed call runs `loops` forwards (or products) inside one jitted `fori_loop`, so dispatch
+is not timed; the decode rows time whole loops of real steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bita_jax import models
+from bita_jax.decoding import engine
+from bita_jax.decoding.ar import Generator
+from bita_jax.decoding.bita_step import BitaGenerator
+from bita_jax.decoding.sampling import SamplingParams
+from bita_jax.decoding.tree import Tree
+from bita_jax.models import kv_cache
+from bita_jax.models.config import ModelConfig
+
+TOKENS = (1, 2, 4, 8, 16, 32, 52)
+
+
+@dataclasses.dataclass
+class CostRow:
+    """kind: floor | forward | decode; name: what ran; tokens: T (rows per product, step
+    tokens); ms: the fastest time per call of one forward / step / set of products."""
+
+    kind: str
+    name: str
+    tokens: int
+    ms: float
+
+
+def weight_bytes(params) -> int:
+    """Bytes of every weight matrix (leaves with 2+ dims): what a decode step must read."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params) if x.ndim >= 2)
+
+
+def _matrices(params) -> list[jnp.ndarray]:
+    """Every weight leaf as a stack of matrices [N, K, F] (K = the input dim: the first dim of a
+    kernel, the last of the [V, E] embedding, which the tied LM head multiplies transposed)."""
+    out = []
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        if x.ndim < 2:
+            continue
+        name = jax.tree_util.keystr(path)
+        if "embed" in name:  # [V, E]: logits = h @ E^T
+            out.append(x.T[None])
+        else:
+            out.append(x.reshape(-1, *x.shape[-2:]))
+    return out
+
+
+def floor_fn(params, rows: int, loops: int) -> Callable[[], jax.Array]:
+    """A call that runs `loops` rounds of [rows, K] x [K, F] products over every weight."""
+    mats = _matrices(params)
+
+    @jax.jit
+    def run(mats):
+        def body(i, acc):
+            total = acc
+            for m in mats:
+                x = jnp.full((rows, m.shape[1]), 1e-3, m.dtype) + acc.astype(m.dtype)
+                y = jnp.einsum("rk,nkf->nrf", x, m, preferred_element_type=jnp.float32)
+                total = total + y[0, 0, 0] * 1e-9
+            return total
+
+        return jax.lax.fori_loop(0, loops, body, jnp.float32(0))
+
+    return lambda: run(mats)
+
+
+def forward_fn(cfg: ModelConfig, params, tokens: int, context: int, loops: int,
+               bita_params=None) -> Callable[[], jax.Array]:
+    """A call that runs `loops` cached forwards of `tokens` new tokens after `context` cached
+    ones (batch 1): causal block mask, LM head on every row, argmax, the rows written into the
+    cache (which stays at `context` tokens, sized as for a 128-token request)."""
+    capacity = engine.bucket(context) + 128 + engine.HEADROOM
+    mask = engine.causal_mask(tokens)
+
+    @jax.jit
+    def run(params, cache):
+        def body(i, carry):
+            cache, last = carry
+            ids = jnp.broadcast_to(last, (1, tokens))
+            positions = cache.length[:, None] + jnp.arange(tokens)[None, :]
+            hidden, block_kv = models.forward(cfg, params, ids, positions, mask, cache,
+                                              bita_params)
+            pred = jnp.argmax(models.lm_logits(cfg, params, hidden), axis=-1).astype(jnp.int32)
+            src = jnp.broadcast_to(jnp.arange(tokens), (1, tokens))
+            cache = kv_cache.commit(cache, block_kv, src, jnp.zeros((1,), jnp.int32))
+            return cache, pred[0, -1]
+
+        cache, last = jax.lax.fori_loop(0, loops, body, (cache, jnp.int32(1)))
+        return last
+
+    cache = kv_cache.init_cache(cfg, 1, capacity)
+    cache = cache.replace(length=jnp.full((1,), context, jnp.int32))
+    return lambda: run(params, cache)
+
+
+def decode_fn(gen: engine.Engine, prompt: Sequence[int], steps: int,
+              step_tokens: int = 1) -> Callable[[], jax.Array]:
+    """A call that runs `steps` real decode steps of `gen` (an engine built with no EOS ids,
+    emitting at most `step_tokens` per step) after the prefill of `prompt`."""
+    start, decode = gen.prepare([list(prompt)], steps * step_tokens + 1, SamplingParams.greedy())
+    state = start()
+    return lambda: decode(state, steps).steps
+
+
+def _time(fn: Callable[[], jax.Array]) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t0
+
+
+def measure(cfg: ModelConfig, params, bita_params=None, trees: Sequence[Tree] = (),
+            tokens: Sequence[int] = TOKENS, context: int = 300, loops: int = 8, steps: int = 32,
+            repeats: int = 3, log: Callable[[str], None] = print) -> list[CostRow]:
+    """Times floors, forwards and real decode steps side by side (see the module docstring).
+
+    Returns one `CostRow` per measurement, ms per forward / step / round of products.
+    """
+    calls: list[tuple[CostRow, Callable[[], jax.Array], int]] = []
+    for t in sorted({1, *tokens}):
+        calls.append((CostRow("floor", f"matvec x{t}", t, 0.0), floor_fn(params, t, loops), loops))
+    for t in tokens:
+        calls.append((CostRow("forward", f"forward T={t}", t, 0.0),
+                      forward_fn(cfg, params, t, context, loops), loops))
+    prompt = (np.arange(context) % 1000 + 100).tolist()
+    calls.append((CostRow("decode", "plain greedy", 1, 0.0),
+                  decode_fn(Generator(cfg, params, eos_ids=()), prompt, steps), steps))
+    for tree in trees:
+        gen = BitaGenerator(cfg, params, bita_params, tree, eos_ids=())
+        calls.append((CostRow("decode", tree.name, tree.layout.num_tokens, 0.0),
+                      decode_fn(gen, prompt, steps, tree.layout.max_depth + 1), steps))
+    best = [float("inf")] * len(calls)
+    log(f"compiling and warming {len(calls)} measurements ...")
+    for _, fn, _ in calls:
+        _time(fn)
+    for r in range(repeats):
+        for i, (_, fn, n) in enumerate(calls):
+            best[i] = min(best[i], _time(fn) / n)
+        log(f"  round {r + 1}/{repeats} done")
+    rows = []
+    for (row, _, _), secs in zip(calls, best):
+        rows.append(dataclasses.replace(row, ms=secs * 1e3))
+    return rows
+
+
+def markdown_table(rows: Sequence[CostRow]) -> str:
+    """Step cost against T, relative to the 1-token forward and to the 1-row floor."""
+    one = {r.kind: r.ms for r in rows if r.tokens == 1 and r.kind in ("floor", "forward")}
+    lines = ["| kind | what | T | ms | x 1-token forward | x 1-row floor |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        rel = r.ms / one["forward"] if "forward" in one else float("nan")
+        lines.append(f"| {r.kind} | {r.name} | {r.tokens} | {r.ms:.1f} | {rel:.2f} | "
+                     f"{r.ms / one['floor']:.2f} |")
+    return "\n".join(lines)
