@@ -24,7 +24,7 @@ import jax
 
 from bita_jax.checkpoints import loading
 from bita_jax.decoding import ar, bita_step
-from bita_jax.decoding.engine import Engine, GenerationResult
+from bita_jax.decoding.engine import Engine, GenerationResult, decode_layout
 from bita_jax.decoding.sampling import SamplingParams
 from bita_jax.decoding.tree import Tree, auto_tree_name
 from bita_jax.models.bita_params import BitaConfig
@@ -81,8 +81,9 @@ class LLM:
                  adapter: str = "none", max_cache: int | None = None):
         if (bita_params is None) != (tree is None):
             raise ValueError("BiTA params and a tree go together: pass both or neither")
-        self.loaded = loaded
-        self.name, self.cfg, self.params = loaded.name, loaded.cfg, loaded.params
+        # Decoding's layout (per-layer arrays on CPU), kept once: the engines reuse it.
+        self.loaded = dataclasses.replace(loaded, params=decode_layout(loaded.params))
+        self.name, self.cfg, self.params = loaded.name, loaded.cfg, self.loaded.params
         self.tokenizer = loaded.tokenizer
         self.bita_params, self.bita_config, self.tree = bita_params, bita_config, tree
         self.adapter = adapter

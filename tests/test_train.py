@@ -190,6 +190,11 @@ def test_exported_adapter_loads_and_rejects_another_model(full_run):
         jax.tree.map(lambda x: x + 1.0, params0))}  # same shapes, other weights
     with pytest.raises(models.AdapterError, match="fingerprint"):
         models.load_adapter(full_run / "adapter", cfg, other)
+    # the base loaded in bfloat16 is the same checkpoint: the adapter loads onto it
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params0)
+    assert loading.weights_fingerprint(bf16) == same["fingerprint"]
+    models.load_adapter(full_run / "adapter", cfg, {**same, "fingerprint": loading.
+                                                    weights_fingerprint(bf16)})
     wider = cfg.replace(hidden_size=64, head_dim=16)
     with pytest.raises(models.AdapterError, match="hidden_size"):
         models.load_adapter(full_run / "adapter", wider,

@@ -47,13 +47,18 @@ class LoadedModel:
 
 
 def weights_fingerprint(params) -> str:
-    """A short hash of a few base weights: tells two models with equal shapes apart."""
+    """A short hash of a few base weights: tells two models with equal shapes apart.
+
+    The weights are rounded to bfloat16 first, so a checkpoint has one fingerprint whether it
+    is loaded in float32 or bfloat16 (an adapter trained on one runs on the other)."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     h = hashlib.sha256()
     for leaf in jax.tree.leaves(params)[:4]:
-        h.update(np.asarray(jax.device_get(leaf.reshape(-1)[:256]), np.float32).tobytes())
+        head = leaf.reshape(-1)[:256].astype(jnp.bfloat16).astype(jnp.float32)
+        h.update(np.asarray(jax.device_get(head), np.float32).tobytes())
     return h.hexdigest()[:16]
 
 

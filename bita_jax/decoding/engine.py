@@ -39,6 +39,13 @@ EXECUTABLES: dict = {}
 TRACES = collections.Counter()  # traces of each decode loop, keyed by (kind, cfg[, tree])
 
 
+def decode_layout(params):
+    """The base params as decoding runs them: on CPU one subtree per layer
+    (`models.unstack_layers`: the unrolled forward reads each weight in place, where the layer
+    scan's weight slices cost a third or more of a step here), elsewhere as given."""
+    return models.unstack_layers(params) if jax.default_backend() == "cpu" else params
+
+
 class GenerationError(ValueError):
     """Bad generation request (e.g. prompt + max-new-tokens longer than the cache)."""
 
@@ -155,7 +162,7 @@ def prefill(cfg: ModelConfig, base_params, prompt, prompt_len, sp: SamplingParam
         mask = mask.at[:, tp:, :tp].set(jnp.broadcast_to(sees_prompt, (b, x, tp)))
     hidden, block_kv = models.forward(cfg, base_params, tokens, positions, mask, None, bita_params)
     last_hidden = jnp.take_along_axis(hidden, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
-    cache = kv_cache.init_cache(cfg, b, capacity)
+    cache = kv_cache.init_cache(cfg, b, capacity, per_layer=models.is_unstacked(base_params))
     cache = kv_cache.commit(cache, block_kv, jnp.broadcast_to(jnp.arange(tp), (b, tp)), prompt_len)
     rng, key = jax.random.split(rng)
     first = sample(models.lm_logits(cfg, base_params, last_hidden), key, sp)
@@ -213,7 +220,7 @@ class Engine:
 
     def __init__(self, cfg: ModelConfig, params, eos_ids: Sequence[int] | None = None,
                  max_cache: int | None = None):
-        self.cfg, self.params = cfg, params
+        self.cfg, self.params = cfg, decode_layout(params)
         self.eos_ids = tuple(int(e) for e in (eos_ids if eos_ids is not None
                                               else cfg.eos_token_ids))
         context = cfg.max_position_embeddings

@@ -52,38 +52,53 @@ class CostRow:
     ms: float
 
 
+def _weight_leaves(params):
+    """(name, per-layer arrays) of every weight matrix: leaves under `layers` are stacked
+    [L, ...] (under `layers_0`, ... they are not) and are matrices when a layer's slice has 2+
+    dims; norm scales are skipped."""
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        name = jax.tree_util.keystr(path)
+        stacked = getattr(path[0], "key", None) == "layers"
+        if x.ndim - stacked >= 2:
+            yield name, (list(x) if stacked else [x])
+
+
 def weight_bytes(params) -> int:
-    """Bytes of every weight matrix (leaves with 2+ dims): what a decode step must read."""
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params) if x.ndim >= 2)
+    """Bytes of every weight matrix: what a decode step must read."""
+    return sum(m.size * m.dtype.itemsize for _, ms in _weight_leaves(params) for m in ms)
 
 
 def _matrices(params) -> list[jnp.ndarray]:
-    """Every weight leaf as a stack of matrices [N, K, F] (K = the input dim: the first dim of a
-    kernel, the last of the [V, E] embedding, which the tied LM head multiplies transposed)."""
+    """Every weight matrix as its own [K, F] array (K = the input dim): one per layer and
+    projection (q/k/v [E, N, D] -> [E, N * D], o [N, D, E] -> [N * D, E]), and the [V, E]
+    embedding transposed (the tied LM head's h @ E^T). Copies made once, outside timed calls."""
     out = []
-    for path, x in jax.tree_util.tree_leaves_with_path(params):
-        if x.ndim < 2:
-            continue
-        name = jax.tree_util.keystr(path)
-        if "embed" in name:  # [V, E]: logits = h @ E^T
-            out.append(x.T[None])
-        else:
-            out.append(x.reshape(-1, *x.shape[-2:]))
+    for name, ms in _weight_leaves(params):
+        for m in ms:
+            if "embed" in name:
+                m = m.T
+            elif "o_proj" in name:
+                m = m.reshape(-1, m.shape[-1])
+            else:
+                m = m.reshape(m.shape[0], -1)
+            out.append(jnp.asarray(m))
     return out
 
 
 def floor_fn(params, rows: int, loops: int) -> Callable[[], jax.Array]:
-    """A call that runs `loops` rounds of [rows, K] x [K, F] products over every weight."""
+    """A call that runs `loops` rounds of [rows, K] x [K, F] products, one per weight matrix
+    (fp32 accumulation), and nothing else."""
     mats = _matrices(params)
 
     @jax.jit
     def run(mats):
         def body(i, acc):
+            x = jnp.full((rows, max(m.shape[0] for m in mats)), 1e-3, jnp.float32) + acc
             total = acc
             for m in mats:
-                x = jnp.full((rows, m.shape[1]), 1e-3, m.dtype) + acc.astype(m.dtype)
-                y = jnp.einsum("rk,nkf->nrf", x, m, preferred_element_type=jnp.float32)
-                total = total + y[0, 0, 0] * 1e-9
+                y = jnp.dot(x[:, : m.shape[0]].astype(m.dtype), m,
+                            preferred_element_type=jnp.float32)
+                total = total + y[0, 0] * 1e-9
             return total
 
         return jax.lax.fori_loop(0, loops, body, jnp.float32(0))
@@ -115,7 +130,7 @@ def forward_fn(cfg: ModelConfig, params, tokens: int, context: int, loops: int,
         cache, last = jax.lax.fori_loop(0, loops, body, (cache, jnp.int32(1)))
         return last
 
-    cache = kv_cache.init_cache(cfg, 1, capacity)
+    cache = kv_cache.init_cache(cfg, 1, capacity, per_layer=models.is_unstacked(params))
     cache = cache.replace(length=jnp.full((1,), context, jnp.int32))
     return lambda: run(params, cache)
 

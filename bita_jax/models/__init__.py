@@ -5,9 +5,10 @@
     logits = models.lm_logits(cfg, base_params, hidden)
 
 Modules: `config` (ModelConfig), `layers` (norms, RoPE, block attention), `llama` and `falcon`
-(decoder blocks), `causal_lm` (the scanned model and its functional API), `kv_cache` (the static
-cache, passed in and returned), `bita_params` (the trainable prefix and mask embeddings) and
-`adapter` (those params on disk). Nothing here imports another layer of bita_jax.
+(decoder blocks), `causal_lm` (the model, scanned or unrolled, and its functional API),
+`kv_cache` (the static cache, passed in and returned), `bita_params` (the trainable prefix and
+mask embeddings) and `adapter` (those params on disk). Nothing here imports another layer of
+bita_jax.
 """
 
 from bita_jax.models.adapter import AdapterError, load_adapter, save_adapter
@@ -24,8 +25,10 @@ from bita_jax.models.causal_lm import (
     count_params,
     forward,
     init_params,
+    is_unstacked,
     lm_logits,
     logical_axes,
+    unstack_layers,
 )
 from bita_jax.models.config import IDENTITY_FIELDS, ConfigError, ModelConfig
 from bita_jax.models.kv_cache import KVCache, init_cache
@@ -33,6 +36,6 @@ from bita_jax.models.kv_cache import KVCache, init_cache
 __all__ = [
     "IDENTITY_FIELDS", "AdapterError", "BitaConfig", "ConfigError", "KVCache", "ModelConfig",
     "Params", "abstract_params", "count_params", "count_trainable", "forward", "init_bita_params",
-    "init_cache", "init_params", "lm_logits", "load_adapter", "logical_axes", "param_shapes",
-    "prefix_dropout", "save_adapter",
+    "init_cache", "init_params", "is_unstacked", "lm_logits", "load_adapter", "logical_axes",
+    "param_shapes", "prefix_dropout", "save_adapter", "unstack_layers",
 ]

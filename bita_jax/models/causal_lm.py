@@ -28,9 +28,15 @@ Params = dict[str, Any]
 
 
 class CausalLM(nn.Module):
-    """Embedding, L scanned blocks, final norm, LM head (tied or not)."""
+    """Embedding, L blocks, final norm, LM head (tied or not).
+
+    The blocks are one `nn.scan` over params stacked [L, ...] under `layers` (training, sharding,
+    checkpoints), or, with `unrolled`, L separate blocks whose params are `layers_0`, ...,
+    `layers_{L-1}` (`unstack_layers`): decoding on CPU, where the scan's per-layer weight slices
+    cost about as much again as the products themselves."""
 
     cfg: ModelConfig
+    unrolled: bool = False
 
     def setup(self):
         cfg, dt = self.cfg, self.cfg.jnp_dtype
@@ -39,10 +45,13 @@ class CausalLM(nn.Module):
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                         ("vocab", "embed")))
         block = {"llama": LlamaBlock, "falcon": FalconBlock}[cfg.arch]
-        self.layers = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast), length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+        if self.unrolled:
+            self.blocks = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+        else:
+            self.layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(0, nn.broadcast), length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         norm = RMSNorm if cfg.arch == "llama" else LayerNorm
         self.final_norm = norm(cfg.norm_eps, dt)
         if not cfg.tie_word_embeddings:
@@ -69,8 +78,15 @@ class CausalLM(nn.Module):
             block_mask = jnp.broadcast_to(block_mask, (tokens.shape[0],) + block_mask.shape)
         ctx = AttnContext(cos, sin, cache_len, block_mask, is_mask if bita is not None else None,
                           cache_visible)
-        x, block_kv = self.layers(x, layer_inputs, ctx)
-        return self.final_norm(x), block_kv
+        if not self.unrolled:
+            x, block_kv = self.layers(x, layer_inputs, ctx)
+            return self.final_norm(x), block_kv
+        kvs = []
+        for i, blk in enumerate(self.blocks):  # cache: stacked [L, ...] or L-tuples
+            x, kv = blk(x, {k: (v[0][i], v[1][i]) if k == "cache" else v[i]
+                            for k, v in layer_inputs.items()}, ctx)
+            kvs.append(kv)
+        return self.final_norm(x), jax.tree.map(lambda *a: jnp.stack(a), *kvs)
 
     def logits(self, hidden):
         """hidden [..., E] -> fp32 logits [..., V]."""
@@ -103,13 +119,35 @@ def forward(cfg: ModelConfig, base_params: Params, tokens, positions, block_mask
     """
     cache_kv = (cache.k, cache.v) if cache is not None else None
     cache_len = cache.length if cache is not None else None
-    return CausalLM(cfg).apply({"params": base_params}, tokens, positions, block_mask, cache_kv,
-                               cache_len, bita_params, cache_visible)
+    return CausalLM(cfg, is_unstacked(base_params)).apply(
+        {"params": base_params}, tokens, positions, block_mask, cache_kv, cache_len, bita_params,
+        cache_visible)
+
+
+def is_unstacked(base_params: Params) -> bool:
+    """Whether the params hold one subtree per layer (`unstack_layers`)."""
+    return "layers" not in base_params and "layers_0" in base_params
+
+
+def unstack_layers(base_params: Params) -> Params:
+    """The params with `layers` [L, ...] split into `layers_0` ... `layers_{L-1}`: separate
+    arrays (copies, made once) that `forward` runs as L unrolled blocks. Same numbers, same
+    outputs; on CPU a decode step reads each weight once instead of slicing it out of the
+    stack first."""
+    if is_unstacked(base_params):
+        return base_params
+    out = {k: v for k, v in base_params.items() if k != "layers"}
+    stacked = base_params["layers"]
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: jnp.array(a[i]), stacked)
+    return out
 
 
 def lm_logits(cfg: ModelConfig, base_params: Params, hidden):
     """hidden [..., E] -> fp32 logits [..., V]. Call it only on the rows you need."""
-    return CausalLM(cfg).apply({"params": base_params}, hidden, method=CausalLM.logits)
+    return CausalLM(cfg, is_unstacked(base_params)).apply({"params": base_params}, hidden,
+                                                          method=CausalLM.logits)
 
 
 def _init_boxed(cfg: ModelConfig, rng):

@@ -1,10 +1,12 @@
 """A static-capacity KV cache of committed real tokens, passed in and returned (no hidden state).
 
-Layout: k, v [L, B, S, K, D]; length [B] int32 committed slots per row. A forward returns the
-block's keys/values [L, B, T, K, D]; `commit` gathers the accepted block rows (a fixed number
-A of them, per row) and writes them at each row's length, then advances the length by the
-number really accepted. Slots at or beyond `length` are never visible, so the garbage that a
-fixed-size write leaves past the accepted rows is harmless and is overwritten later.
+Layout: k, v [L, B, S, K, D] (or, for unstacked params, tuples of L arrays [B, S, K, D]: each
+layer's cache its own buffer, updated in place); length [B] int32 committed slots per row. A
+forward returns the block's keys/values [L, B, T, K, D]; `commit` gathers the accepted block
+rows (a fixed number A of them, per row) and writes them at each row's length, then advances the
+length by the number really accepted. Slots at or beyond `length` are never visible, so the
+garbage that a fixed-size write leaves past the accepted rows is harmless and is overwritten
+later.
 """
 
 from __future__ import annotations
@@ -18,22 +20,28 @@ from bita_jax.models.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-    """k, v: [L, B, S, K, D]; length: [B] int32."""
+    """k, v: [L, B, S, K, D] or L-tuples of [B, S, K, D]; length: [B] int32."""
 
-    k: jnp.ndarray
-    v: jnp.ndarray
+    k: jnp.ndarray | tuple[jnp.ndarray, ...]
+    v: jnp.ndarray | tuple[jnp.ndarray, ...]
     length: jnp.ndarray
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1] if isinstance(self.k, tuple) else self.k.shape[2]
 
 
-def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> KVCache:
-    """An empty cache of `capacity` slots per row."""
-    shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=None,
+               per_layer: bool = False) -> KVCache:
+    """An empty cache of `capacity` slots per row (one buffer per layer with `per_layer`)."""
+    shape = (batch, capacity, cfg.num_kv_heads, cfg.head_dim)
     dtype = dtype or cfg.jnp_dtype
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+    length = jnp.zeros((batch,), jnp.int32)
+    if per_layer:
+        return KVCache(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                       tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)), length)
+    shape = (cfg.num_layers, *shape)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), length)
 
 
 def commit(cache: KVCache, block_kv, src: jnp.ndarray, num: jnp.ndarray) -> KVCache:
@@ -57,8 +65,16 @@ def commit(cache: KVCache, block_kv, src: jnp.ndarray, num: jnp.ndarray) -> KVCa
         return jax.lax.dynamic_update_slice(dst, rows.astype(dst.dtype), (0, start, 0, 0))
 
     write_rows = jax.vmap(write, in_axes=(1, 1, 0), out_axes=1)
+    length = cache.length + num.astype(jnp.int32)
+    if isinstance(cache.k, tuple):  # per-layer buffers [B, S, K, D]
+        def write_layers(dst, rows):
+            return tuple(write_rows(d[None], r[None], cache.length)[0]
+                         for d, r in zip(dst, rows))
+
+        return KVCache(write_layers(cache.k, take(k_blk)), write_layers(cache.v, take(v_blk)),
+                       length)
     return KVCache(
         k=write_rows(cache.k, take(k_blk), cache.length),
         v=write_rows(cache.v, take(v_blk), cache.length),
-        length=cache.length + num.astype(jnp.int32),
+        length=length,
     )

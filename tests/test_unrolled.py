@@ -1,0 +1,53 @@
+"""The unrolled layout (one params subtree and one cache buffer per layer, what decoding runs on
+CPU) computes what the scanned, stacked layout computes: hidden states, block keys/values, the
+committed cache, and greedy decoding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bita_jax import models
+from bita_jax.decoding.engine import causal_mask, decode_layout
+from bita_jax.models import kv_cache
+from tests.test_decode import FALCON, LLAMA
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, FALCON], ids=["llama", "falcon"])
+def test_unrolled_forward_and_cache_equal_the_scanned_ones(cfg):
+    params = jax.tree.map(lambda x: 3 * x, models.init_params(cfg, jax.random.key(0)))
+    flat = models.unstack_layers(params)
+    assert models.is_unstacked(flat) and not models.is_unstacked(params)
+    assert sorted(k for k in flat if k.startswith("layers_")) == sorted(
+        f"layers_{i}" for i in range(cfg.num_layers))
+    for a, b in zip(jax.tree.leaves(flat["layers_1"]), jax.tree.leaves(params["layers"])):
+        np.testing.assert_array_equal(a, b[1])
+    bp = models.init_bita_params(cfg, models.BitaConfig(num_masks=2, init_std=1.0),
+                                 jax.random.key(1))
+    prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+    caches = {}
+    for name, p in (("stacked", params), ("unrolled", flat)):
+        cache = kv_cache.init_cache(cfg, 2, 32, per_layer=models.is_unstacked(p))
+        pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+        _, kv = models.forward(cfg, p, prompt, pos, causal_mask(9))
+        cache = kv_cache.commit(cache, kv, jnp.broadcast_to(jnp.arange(9), (2, 9)),
+                                jnp.asarray([9, 6]))
+        tokens = jnp.asarray([[5, 7, cfg.vocab_size, cfg.vocab_size + 1]] * 2, jnp.int32)
+        hidden, kv = models.forward(cfg, p, tokens, cache.length[:, None] + jnp.arange(4),
+                                    causal_mask(4), cache, bp)
+        cache = kv_cache.commit(cache, kv, jnp.asarray([[0, 1]] * 2), jnp.asarray([2, 1]))
+        caches[name] = (hidden, kv, models.lm_logits(cfg, p, hidden), cache)
+    (h0, kv0, l0, c0), (h1, kv1, l1, c1) = caches["stacked"], caches["unrolled"]
+    np.testing.assert_allclose(h1, h0, atol=1e-5)
+    np.testing.assert_allclose(l1, l0, atol=1e-4)
+    for a, b in zip(kv1, kv0):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert isinstance(c1.k, tuple) and len(c1.k) == cfg.num_layers and c1.capacity == c0.capacity
+    np.testing.assert_array_equal(c1.length, c0.length)
+    np.testing.assert_allclose(jnp.stack(c1.k), c0.k, atol=1e-5)
+    np.testing.assert_allclose(jnp.stack(c1.v), c0.v, atol=1e-5)
+
+
+def test_decoding_uses_the_unrolled_layout_on_cpu():
+    params = models.init_params(LLAMA, jax.random.key(0))
+    assert models.is_unstacked(decode_layout(params)) == (jax.default_backend() == "cpu")
