@@ -126,7 +126,8 @@ def forward(cfg: ModelConfig, base_params: Params, tokens, positions, block_mask
 
 def is_unstacked(base_params: Params) -> bool:
     """Whether the params hold one subtree per layer (`unstack_layers`)."""
-    return "layers" not in base_params and "layers_0" in base_params
+    return isinstance(base_params, dict) and "layers" not in base_params and (
+        "layers_0" in base_params)
 
 
 def unstack_layers(base_params: Params) -> Params:
@@ -134,8 +135,8 @@ def unstack_layers(base_params: Params) -> Params:
     arrays (copies, made once) that `forward` runs as L unrolled blocks. Same numbers, same
     outputs; on CPU a decode step reads each weight once instead of slicing it out of the
     stack first."""
-    if is_unstacked(base_params):
-        return base_params
+    if not isinstance(base_params, dict) or "layers" not in base_params:
+        return base_params  # already unstacked (or not params at all: returned as given)
     out = {k: v for k, v in base_params.items() if k != "layers"}
     stacked = base_params["layers"]
     num_layers = jax.tree.leaves(stacked)[0].shape[0]
