@@ -81,8 +81,10 @@ class LLM:
                  adapter: str = "none", max_cache: int | None = None):
         if (bita_params is None) != (tree is None):
             raise ValueError("BiTA params and a tree go together: pass both or neither")
-        # Decoding's layout (per-layer arrays on CPU), kept once: the engines reuse it.
-        self.loaded = dataclasses.replace(loaded, params=decode_layout(loaded.params))
+        # Decoding's layout (unrolled on CPU), kept once: the engines reuse it. The fingerprint
+        # is the checkpoint's, taken before the layout changes.
+        self.loaded = dataclasses.replace(loaded, params=decode_layout(loaded.params),
+                                          fingerprint=loaded.identity()["fingerprint"])
         self.name, self.cfg, self.params = loaded.name, loaded.cfg, self.loaded.params
         self.tokenizer = loaded.tokenizer
         self.bita_params, self.bita_config, self.tree = bita_params, bita_config, tree

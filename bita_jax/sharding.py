@@ -48,7 +48,7 @@ DEFAULT_RULES: Rules = (
     ("head_dim", None),
     ("mlp", "model"),
     ("norm", None),
-    # activations and KV cache: [B, T, ...], cache [L, B, S, K, D]
+    # activations and KV cache: [B, T, ...], cache [L, B, K, S, D]
     ("batch", "data"),
     ("length", None),  # T query tokens / S cache slots
 )

@@ -1,6 +1,6 @@
-"""The unrolled layout (one params subtree and one cache buffer per layer, what decoding runs on
-CPU) computes what the scanned, stacked layout computes: hidden states, block keys/values, the
-committed cache, and greedy decoding."""
+"""The unrolled layout (one params subtree and one cache buffer per layer, kernels stored
+transposed: what decoding runs on CPU) computes what the scanned, stacked layout computes: hidden
+states, block keys/values, logits and the committed cache."""
 
 import jax
 import jax.numpy as jnp
@@ -16,18 +16,32 @@ from tests.test_decode import FALCON, LLAMA
 @pytest.mark.parametrize("cfg", [LLAMA, FALCON], ids=["llama", "falcon"])
 def test_unrolled_forward_and_cache_equal_the_scanned_ones(cfg):
     params = jax.tree.map(lambda x: 3 * x, models.init_params(cfg, jax.random.key(0)))
-    flat = models.unstack_layers(params)
-    assert models.is_unstacked(flat) and not models.is_unstacked(params)
+    flat = models.to_unrolled(params)
+    assert models.is_unrolled(flat) and not models.is_unrolled(params)
+    assert models.to_unrolled(flat) is flat
     assert sorted(k for k in flat if k.startswith("layers_")) == sorted(
         f"layers_{i}" for i in range(cfg.num_layers))
-    for a, b in zip(jax.tree.leaves(flat["layers_1"]), jax.tree.leaves(params["layers"])):
-        np.testing.assert_array_equal(a, b[1])
+    # Every kernel [*in, *out] is stored as one [F, K] matrix; the rest is copied as it is.
+    e, n, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    attn, stacked = flat["layers_1"]["attn"], params["layers"]["attn"]
+    assert attn["q_proj"]["kernel"].shape == (n * d, e)
+    assert attn["k_proj"]["kernel"].shape == (kv * d, e)
+    assert attn["o_proj"]["kernel"].shape == (e, n * d)
+    np.testing.assert_array_equal(attn["q_proj"]["kernel"],
+                                  stacked["q_proj"]["kernel"][1].reshape(e, n * d).T)
+    np.testing.assert_array_equal(attn["o_proj"]["kernel"],
+                                  stacked["o_proj"]["kernel"][1].reshape(n * d, e).T)
+    np.testing.assert_array_equal(flat["layers_1"]["mlp"]["up_proj"]["kernel"],
+                                  params["layers"]["mlp"]["up_proj"]["kernel"][1].T)
+    if not cfg.tie_word_embeddings:
+        np.testing.assert_array_equal(flat["lm_head"]["kernel"], params["lm_head"]["kernel"].T)
+    np.testing.assert_array_equal(flat["embed"]["embedding"], params["embed"]["embedding"])
     bp = models.init_bita_params(cfg, models.BitaConfig(num_masks=2, init_std=1.0),
                                  jax.random.key(1))
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
     caches = {}
     for name, p in (("stacked", params), ("unrolled", flat)):
-        cache = kv_cache.init_cache(cfg, 2, 32, per_layer=models.is_unstacked(p))
+        cache = kv_cache.init_cache(cfg, 2, 32, per_layer=models.is_unrolled(p))
         pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
         _, kv = models.forward(cfg, p, prompt, pos, causal_mask(9))
         cache = kv_cache.commit(cache, kv, jnp.broadcast_to(jnp.arange(9), (2, 9)),
@@ -50,4 +64,4 @@ def test_unrolled_forward_and_cache_equal_the_scanned_ones(cfg):
 
 def test_decoding_uses_the_unrolled_layout_on_cpu():
     params = models.init_params(LLAMA, jax.random.key(0))
-    assert models.is_unstacked(decode_layout(params)) == (jax.default_backend() == "cpu")
+    assert models.is_unrolled(decode_layout(params)) == (jax.default_backend() == "cpu")

@@ -39,11 +39,12 @@ class LoadedModel:
     params: Any
     tokenizer: Tokenizer
     source: pathlib.Path
+    fingerprint: str | None = None  # of the checkpoint's layout; None: computed from params
 
     def identity(self) -> dict:
         """What an adapter records about its base model, to refuse loading onto another one."""
         return {"name": self.name, **self.cfg.identity(),
-                "fingerprint": weights_fingerprint(self.params)}
+                "fingerprint": self.fingerprint or weights_fingerprint(self.params)}
 
 
 def weights_fingerprint(params) -> str:

@@ -44,17 +44,14 @@ class BitaState(DecodeState):
     history: jnp.ndarray
 
 
-def next_drafts(cfg: ModelConfig, params, hidden, lay: Layout, group_rows, shift,
-                retrieved=None):
+def next_drafts(logits, lay: Layout, group_rows, shift, retrieved=None):
     """Draft tokens [B, Nn] of the next tree from one mask group per row.
 
-    hidden: [B, T, E]; group_rows: [B, M] rows of the chosen group; shift: [B] mask offset;
-    retrieved: [B, L] the lookup branch's tokens (when the tree has one).
+    logits: [B, T, V] of the step's rows; group_rows: [B, M] rows of the chosen group; shift:
+    [B] mask offset; retrieved: [B, L] the lookup branch's tokens (when the tree has one).
     """
-    base_params, _ = params
-    rows = jnp.take_along_axis(hidden, group_rows[:, :, None], axis=1)  # [B, M, E]
-    logits = models.lm_logits(cfg, base_params, rows)  # [B, M, V]
-    top = jax.lax.top_k(logits, lay.max_rank)[1].astype(jnp.int32)  # [B, M, R]
+    rows = jnp.take_along_axis(logits, group_rows[:, :, None], axis=1)  # [B, M, V]
+    top = jax.lax.top_k(rows, lay.max_rank)[1].astype(jnp.int32)  # [B, M, R]
     level = lay.node_level[None, :] + shift[:, None]  # [B, Nn] which mask drafts each node
     picked = jnp.take_along_axis(top, jnp.minimum(level, lay.num_masks - 1)[:, :, None], axis=1)
     # picked: [B, Nn, R] -> the node's rank
@@ -90,8 +87,8 @@ def bita_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: Samp
     history = (lookup.init_history(prompt, prompt_len, first, capacity) if tree.lookup
                else jnp.zeros((b, 0), jnp.int32))
     group_rows = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, m))
-    drafts = next_drafts(cfg, params, mask_hidden, lay, group_rows, jnp.zeros((b,), jnp.int32),
-                         retrieve(tree, history, prompt_len))
+    drafts = next_drafts(models.lm_logits(cfg, base_params, mask_hidden), lay, group_rows,
+                         jnp.zeros((b,), jnp.int32), retrieve(tree, history, prompt_len))
     return engine.first_state(BitaState, cache, first, rng, max_new, out_slots=out_slots,
                               eos_ids=eos_ids, step_tokens=lay.max_depth + 1, drafts=drafts,
                               history=history)
@@ -192,7 +189,10 @@ def bita_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new,
     positions = n[:, None] + lay.offsets[None, :]
     hidden, block_kv = models.forward(cfg, base_params, tokens, positions, lay.mask,
                                       state.cache, bita_params)
-    node_logits = models.lm_logits(cfg, base_params, hidden[:, : 1 + nn_])  # [B, 1 + Nn, V]
+    # One LM head over every row (nodes and mask groups): the weight is read once, and on CPU
+    # (`layers.product_t`) extra rows cost little.
+    logits = models.lm_logits(cfg, base_params, hidden)  # [B, T, V]
+    node_logits = logits[:, : 1 + nn_]  # [B, 1 + Nn, V]
     rng, key = jax.random.split(state.rng)
 
     def greedy(_):
@@ -219,8 +219,8 @@ def bita_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new,
     history = state.history
     if tree.lookup:
         history = lookup.append(history, n, emitted, count)
-    drafts = next_drafts(cfg, params, hidden, lay, jnp.take(lay.group_rows, jnp.take(
-        lay.endpoint_group, endpoint), axis=0), jnp.take(lay.endpoint_shift, endpoint),
+    group_rows = jnp.take(lay.group_rows, jnp.take(lay.endpoint_group, endpoint), axis=0)
+    drafts = next_drafts(logits, lay, group_rows, jnp.take(lay.endpoint_shift, endpoint),
                          retrieve(tree, history, cache.length))
     state = state.replace(cache=cache, steps=state.steps + 1, row_steps=state.row_steps + live,
                           rng=rng, drafts=jnp.where(live[:, None], drafts, state.drafts),

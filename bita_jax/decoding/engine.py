@@ -40,10 +40,11 @@ TRACES = collections.Counter()  # traces of each decode loop, keyed by (kind, cf
 
 
 def decode_layout(params):
-    """The base params as decoding runs them: on CPU one subtree per layer
-    (`models.unstack_layers`: the unrolled forward reads each weight in place, where the layer
-    scan's weight slices cost a third or more of a step here), elsewhere as given."""
-    return models.unstack_layers(params) if jax.default_backend() == "cpu" else params
+    """The base params as decoding runs them: on CPU the unrolled layout (`models.to_unrolled`:
+    one subtree per layer, read in place where the layer scan's weight slices cost a third or
+    more of a step, and kernels stored transposed, so a step of 2 to 16 tokens costs little
+    more than one), elsewhere as given."""
+    return models.to_unrolled(params) if jax.default_backend() == "cpu" else params
 
 
 class GenerationError(ValueError):
@@ -162,7 +163,7 @@ def prefill(cfg: ModelConfig, base_params, prompt, prompt_len, sp: SamplingParam
         mask = mask.at[:, tp:, :tp].set(jnp.broadcast_to(sees_prompt, (b, x, tp)))
     hidden, block_kv = models.forward(cfg, base_params, tokens, positions, mask, None, bita_params)
     last_hidden = jnp.take_along_axis(hidden, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
-    cache = kv_cache.init_cache(cfg, b, capacity, per_layer=models.is_unstacked(base_params))
+    cache = kv_cache.init_cache(cfg, b, capacity, per_layer=models.is_unrolled(base_params))
     cache = kv_cache.commit(cache, block_kv, jnp.broadcast_to(jnp.arange(tp), (b, tp)), prompt_len)
     rng, key = jax.random.split(rng)
     first = sample(models.lm_logits(cfg, base_params, last_hidden), key, sp)

@@ -37,6 +37,7 @@ from bita_jax.decoding.sampling import SamplingParams
 from bita_jax.decoding.tree import Tree
 from bita_jax.models import kv_cache
 from bita_jax.models.config import ModelConfig
+from bita_jax.models.layers import product_t
 
 TOKENS = (1, 2, 4, 8, 16, 32, 52)
 
@@ -52,53 +53,33 @@ class CostRow:
     ms: float
 
 
-def _weight_leaves(params):
-    """(name, per-layer arrays) of every weight matrix: leaves under `layers` are stacked
-    [L, ...] (under `layers_0`, ... they are not) and are matrices when a layer's slice has 2+
-    dims; norm scales are skipped."""
-    for path, x in jax.tree_util.tree_leaves_with_path(params):
-        name = jax.tree_util.keystr(path)
-        stacked = getattr(path[0], "key", None) == "layers"
-        if x.ndim - stacked >= 2:
-            yield name, (list(x) if stacked else [x])
+def _matrices(params) -> list[jnp.ndarray]:
+    """Every weight matrix as one [F, K] array (K = the input dim), as the unrolled layout
+    stores them (`models.to_unrolled`; copies made once, outside timed calls): one per layer
+    and projection, and the [V, E] embedding (the tied LM head). Norm scales and biases are
+    skipped."""
+    return [x for x in jax.tree.leaves(models.to_unrolled(params)) if x.ndim == 2]
 
 
 def weight_bytes(params) -> int:
     """Bytes of every weight matrix: what a decode step must read."""
-    return sum(m.size * m.dtype.itemsize for _, ms in _weight_leaves(params) for m in ms)
-
-
-def _matrices(params) -> list[jnp.ndarray]:
-    """Every weight matrix as its own [K, F] array (K = the input dim): one per layer and
-    projection (q/k/v [E, N, D] -> [E, N * D], o [N, D, E] -> [N * D, E]), and the [V, E]
-    embedding transposed (the tied LM head's h @ E^T). Copies made once, outside timed calls."""
-    out = []
-    for name, ms in _weight_leaves(params):
-        for m in ms:
-            if "embed" in name:
-                m = m.T
-            elif "o_proj" in name:
-                m = m.reshape(-1, m.shape[-1])
-            else:
-                m = m.reshape(m.shape[0], -1)
-            out.append(jnp.asarray(m))
-    return out
+    return sum(m.size * m.dtype.itemsize for m in _matrices(params))
 
 
 def floor_fn(params, rows: int, loops: int) -> Callable[[], jax.Array]:
-    """A call that runs `loops` rounds of [rows, K] x [K, F] products, one per weight matrix
-    (fp32 accumulation), and nothing else."""
+    """A call that runs `loops` rounds of products of `rows` rows with every weight matrix, in
+    the form decoding uses on CPU (`layers.product_t`: W [F, K] @ x^T [K, rows]), and nothing
+    else."""
     mats = _matrices(params)
 
     @jax.jit
     def run(mats):
         def body(i, acc):
-            x = jnp.full((rows, max(m.shape[0] for m in mats)), 1e-3, jnp.float32) + acc
+            x = jnp.full((rows, max(m.shape[1] for m in mats)), 1e-3, jnp.float32) + acc
             total = acc
             for m in mats:
-                y = jnp.dot(x[:, : m.shape[0]].astype(m.dtype), m,
-                            preferred_element_type=jnp.float32)
-                total = total + y[0, 0] * 1e-9
+                y = product_t(m, x[:, : m.shape[1]].astype(m.dtype))
+                total = total + y[0, 0].astype(jnp.float32) * 1e-9
             return total
 
         return jax.lax.fori_loop(0, loops, body, jnp.float32(0))
@@ -130,7 +111,7 @@ def forward_fn(cfg: ModelConfig, params, tokens: int, context: int, loops: int,
         cache, last = jax.lax.fori_loop(0, loops, body, (cache, jnp.int32(1)))
         return last
 
-    cache = kv_cache.init_cache(cfg, 1, capacity, per_layer=models.is_unstacked(params))
+    cache = kv_cache.init_cache(cfg, 1, capacity, per_layer=models.is_unrolled(params))
     cache = cache.replace(length=jnp.full((1,), context, jnp.int32))
     return lambda: run(params, cache)
 

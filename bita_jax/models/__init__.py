@@ -25,10 +25,10 @@ from bita_jax.models.causal_lm import (
     count_params,
     forward,
     init_params,
-    is_unstacked,
+    is_unrolled,
     lm_logits,
     logical_axes,
-    unstack_layers,
+    to_unrolled,
 )
 from bita_jax.models.config import IDENTITY_FIELDS, ConfigError, ModelConfig
 from bita_jax.models.kv_cache import KVCache, init_cache
@@ -36,6 +36,6 @@ from bita_jax.models.kv_cache import KVCache, init_cache
 __all__ = [
     "IDENTITY_FIELDS", "AdapterError", "BitaConfig", "ConfigError", "KVCache", "ModelConfig",
     "Params", "abstract_params", "count_params", "count_trainable", "forward", "init_bita_params",
-    "init_cache", "init_params", "is_unstacked", "lm_logits", "load_adapter", "logical_axes",
-    "param_shapes", "prefix_dropout", "save_adapter", "unstack_layers",
+    "init_cache", "init_params", "is_unrolled", "lm_logits", "load_adapter", "logical_axes",
+    "param_shapes", "prefix_dropout", "save_adapter", "to_unrolled",
 ]

@@ -12,6 +12,7 @@ keys/values are bit-identical to the base model's.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 from bita_jax.models.config import ModelConfig
 from bita_jax.models.falcon import FalconBlock
 from bita_jax.models.kv_cache import KVCache
-from bita_jax.models.layers import AttnContext, LayerNorm, RMSNorm, dense, rope_tables
+from bita_jax.models.layers import AttnContext, LayerNorm, RMSNorm, dense, product_t, rope_tables
 from bita_jax.models.llama import LlamaBlock
 
 Params = dict[str, Any]
@@ -32,8 +33,10 @@ class CausalLM(nn.Module):
 
     The blocks are one `nn.scan` over params stacked [L, ...] under `layers` (training, sharding,
     checkpoints), or, with `unrolled`, L separate blocks whose params are `layers_0`, ...,
-    `layers_{L-1}` (`unstack_layers`): decoding on CPU, where the scan's per-layer weight slices
-    cost about as much again as the products themselves."""
+    `layers_{L-1}` with every projection kernel stored transposed (`to_unrolled`): decoding on
+    CPU, where the scan's per-layer weight slices cost about as much again as the products
+    themselves, and products of 2 to 16 rows cost 2 to 4x one row unless the weight is the left
+    operand (`layers.product_t`)."""
 
     cfg: ModelConfig
     unrolled: bool = False
@@ -46,7 +49,8 @@ class CausalLM(nn.Module):
                                                         ("vocab", "embed")))
         block = {"llama": LlamaBlock, "falcon": FalconBlock}[cfg.arch]
         if self.unrolled:
-            self.blocks = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+            self.blocks = [block(cfg, transposed=True, name=f"layers_{i}")
+                           for i in range(cfg.num_layers)]
         else:
             self.layers = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -55,7 +59,8 @@ class CausalLM(nn.Module):
         norm = RMSNorm if cfg.arch == "llama" else LayerNorm
         self.final_norm = norm(cfg.norm_eps, dt)
         if not cfg.tie_word_embeddings:
-            self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), ("vocab",), False, dt, None)
+            self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), ("vocab",), False, dt, None,
+                                 transposed=self.unrolled)
 
     def __call__(self, tokens, positions, block_mask, cache_kv=None, cache_len=None, bita=None,
                  cache_visible=None):
@@ -92,6 +97,10 @@ class CausalLM(nn.Module):
         """hidden [..., E] -> fp32 logits [..., V]."""
         if self.cfg.tie_word_embeddings:
             table = self.embed.embedding
+            if self.unrolled:  # the table [V, E] is already a transposed kernel
+                flat = hidden.reshape(-1, hidden.shape[-1]).astype(table.dtype)
+                logits = product_t(table, flat).reshape(*hidden.shape[:-1], -1)
+                return logits.astype(jnp.float32)
             return jnp.einsum("...e,ve->...v", hidden, table, preferred_element_type=jnp.float32)
         return self.lm_head(hidden).astype(jnp.float32)
 
@@ -119,35 +128,53 @@ def forward(cfg: ModelConfig, base_params: Params, tokens, positions, block_mask
     """
     cache_kv = (cache.k, cache.v) if cache is not None else None
     cache_len = cache.length if cache is not None else None
-    return CausalLM(cfg, is_unstacked(base_params)).apply(
+    return CausalLM(cfg, is_unrolled(base_params)).apply(
         {"params": base_params}, tokens, positions, block_mask, cache_kv, cache_len, bita_params,
         cache_visible)
 
 
-def is_unstacked(base_params: Params) -> bool:
-    """Whether the params hold one subtree per layer (`unstack_layers`)."""
+def is_unrolled(base_params: Params) -> bool:
+    """Whether the params are in the unrolled layout (`to_unrolled`)."""
     return isinstance(base_params, dict) and "layers" not in base_params and (
         "layers_0" in base_params)
 
 
-def unstack_layers(base_params: Params) -> Params:
-    """The params with `layers` [L, ...] split into `layers_0` ... `layers_{L-1}`: separate
-    arrays (copies, made once) that `forward` runs as L unrolled blocks. Same numbers, same
-    outputs; on CPU a decode step reads each weight once instead of slicing it out of the
-    stack first."""
+# Projections whose kernel contracts two input dims ([N, D, E]); the others contract one.
+_TWO_INPUT_DIMS = ("o_proj",)
+
+
+def _transposed_kernel(path, kernel):
+    """A kernel [*in, *out] as one [F, K] matrix (a physical copy in row-major order)."""
+    n_in = 2 if any(getattr(k, "key", None) in _TWO_INPUT_DIMS for k in path) else 1
+    k = math.prod(kernel.shape[:n_in])
+    return jnp.transpose(jnp.reshape(kernel, (k, -1)))
+
+
+def to_unrolled(base_params: Params) -> Params:
+    """The params in the unrolled layout that decoding runs on CPU: `layers` [L, ...] split
+    into `layers_0` ... `layers_{L-1}`, and every projection kernel [*in, *out] (and an untied
+    LM head) stored transposed as one [F, K] matrix. Copies, made once; the same numbers, so
+    the forward's outputs equal the scanned layout's up to the rounding of another product
+    order (tests/test_unrolled.py)."""
     if not isinstance(base_params, dict) or "layers" not in base_params:
-        return base_params  # already unstacked (or not params at all: returned as given)
-    out = {k: v for k, v in base_params.items() if k != "layers"}
+        return base_params  # already unrolled (or not params at all: returned as given)
+
+    def relayout(tree):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, a: _transposed_kernel(path, a)
+            if getattr(path[-1], "key", None) == "kernel" else jnp.array(a), tree)
+
+    out = {k: relayout(v) for k, v in base_params.items() if k != "layers"}
     stacked = base_params["layers"]
     num_layers = jax.tree.leaves(stacked)[0].shape[0]
     for i in range(num_layers):
-        out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: jnp.array(a[i]), stacked)
+        out[f"layers_{i}"] = relayout(jax.tree.map(lambda a, i=i: a[i], stacked))
     return out
 
 
 def lm_logits(cfg: ModelConfig, base_params: Params, hidden):
     """hidden [..., E] -> fp32 logits [..., V]. Call it only on the rows you need."""
-    return CausalLM(cfg, is_unstacked(base_params)).apply({"params": base_params}, hidden,
+    return CausalLM(cfg, is_unrolled(base_params)).apply({"params": base_params}, hidden,
                                                           method=CausalLM.logits)
 
 

@@ -21,20 +21,22 @@ class FalconMLP(nn.Module):
     """GELU MLP: dense_4h_to_h(gelu(dense_h_to_4h(x))); [B, T, E] -> [B, T, E]."""
 
     cfg: ModelConfig
+    transposed: bool = False  # kernels stored [F, K] (`DenseT`)
 
     @nn.compact
     def __call__(self, x):
-        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        cfg, dt, tr = self.cfg, self.cfg.jnp_dtype, self.transposed
         f, bias = cfg.intermediate_size, cfg.mlp_bias
-        h = dense(f, ("embed", "mlp"), ("mlp",), bias, dt, "up_proj")(x)
-        return dense(cfg.hidden_size, ("mlp", "embed"), ("embed",), bias, dt, "down_proj")(
-            jax.nn.gelu(h, approximate=False))
+        h = dense(f, ("embed", "mlp"), ("mlp",), bias, dt, "up_proj", transposed=tr)(x)
+        return dense(cfg.hidden_size, ("mlp", "embed"), ("embed",), bias, dt, "down_proj",
+                     transposed=tr)(jax.nn.gelu(h, approximate=False))
 
 
 class FalconBlock(nn.Module):
     """One Falcon layer, written for `nn.scan`: (x, layer_inputs) -> (x, (k, v))."""
 
     cfg: ModelConfig
+    transposed: bool = False  # kernels stored [F, K] (`DenseT`)
 
     @nn.compact
     def __call__(self, x, layer: dict, ctx: AttnContext):
@@ -45,9 +47,9 @@ class FalconBlock(nn.Module):
             mlp_in = LayerNorm(cfg.norm_eps, dt, name="ln_mlp")(x)
         else:
             attn_in = mlp_in = LayerNorm(cfg.norm_eps, dt, name="input_layernorm")(x)
-        attn_out, kv = Attention(cfg, name="attn")(attn_in, ctx, layer.get("cache"),
-                                                   layer.get("prefix"))
-        mlp = FalconMLP(cfg, name="mlp")
+        attn_out, kv = Attention(cfg, self.transposed, name="attn")(
+            attn_in, ctx, layer.get("cache"), layer.get("prefix"))
+        mlp = FalconMLP(cfg, self.transposed, name="mlp")
         if cfg.new_decoder_architecture or cfg.parallel_attn:
             return (mlp(mlp_in) + attn_out) + x, kv  # HF's summation order
         h = x + attn_out

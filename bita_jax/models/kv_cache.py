@@ -1,12 +1,14 @@
 """A static-capacity KV cache of committed real tokens, passed in and returned (no hidden state).
 
-Layout: k, v [L, B, S, K, D] (or, for unstacked params, tuples of L arrays [B, S, K, D]: each
-layer's cache its own buffer, updated in place); length [B] int32 committed slots per row. A
-forward returns the block's keys/values [L, B, T, K, D]; `commit` gathers the accepted block
-rows (a fixed number A of them, per row) and writes them at each row's length, then advances the
-length by the number really accepted. Slots at or beyond `length` are never visible, so the
-garbage that a fixed-size write leaves past the accepted rows is harmless and is overwritten
-later.
+Layout: k, v [L, B, K, S, D], heads-major (or, for unrolled params, tuples of L arrays
+[B, K, S, D]: each layer's cache its own buffer, updated in place); length [B] int32 committed
+slots per row. Heads-major keeps each kv head's slots contiguous, so attention over the cache is
+one [rows, D] x [D, S] product per head with no transpose of the cache (on CPU that halves its
+cost against [B, S, K, D]). A forward returns the block's keys/values [L, B, T, K, D]; `commit`
+gathers the accepted block rows (a fixed number A of them, per row) and writes them at each
+row's length, then advances the length by the number really accepted. Slots at or beyond
+`length` are never visible, so the garbage that a fixed-size write leaves past the accepted rows
+is harmless and is overwritten later.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from bita_jax.models.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-    """k, v: [L, B, S, K, D] or L-tuples of [B, S, K, D]; length: [B] int32."""
+    """k, v: [L, B, K, S, D] or L-tuples of [B, K, S, D]; length: [B] int32."""
 
     k: jnp.ndarray | tuple[jnp.ndarray, ...]
     v: jnp.ndarray | tuple[jnp.ndarray, ...]
@@ -28,13 +30,13 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.k[0].shape[1] if isinstance(self.k, tuple) else self.k.shape[2]
+        return self.k[0].shape[2] if isinstance(self.k, tuple) else self.k.shape[3]
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=None,
                per_layer: bool = False) -> KVCache:
     """An empty cache of `capacity` slots per row (one buffer per layer with `per_layer`)."""
-    shape = (batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
     dtype = dtype or cfg.jnp_dtype
     length = jnp.zeros((batch,), jnp.int32)
     if per_layer:
@@ -58,15 +60,15 @@ def commit(cache: KVCache, block_kv, src: jnp.ndarray, num: jnp.ndarray) -> KVCa
     """
     k_blk, v_blk = block_kv
 
-    def take(x):  # [L, B, T, K, D] -> [L, B, A, K, D]
-        return jnp.take_along_axis(x, src[None, :, :, None, None], axis=2)
+    def take(x):  # [L, B, T, K, D] -> [L, B, K, A, D]
+        return jnp.swapaxes(jnp.take_along_axis(x, src[None, :, :, None, None], axis=2), 2, 3)
 
-    def write(dst, rows, start):  # [L, S, K, D], [L, A, K, D], scalar
-        return jax.lax.dynamic_update_slice(dst, rows.astype(dst.dtype), (0, start, 0, 0))
+    def write(dst, rows, start):  # [L, K, S, D], [L, K, A, D], scalar
+        return jax.lax.dynamic_update_slice(dst, rows.astype(dst.dtype), (0, 0, start, 0))
 
     write_rows = jax.vmap(write, in_axes=(1, 1, 0), out_axes=1)
     length = cache.length + num.astype(jnp.int32)
-    if isinstance(cache.k, tuple):  # per-layer buffers [B, S, K, D]
+    if isinstance(cache.k, tuple):  # per-layer buffers [B, K, S, D]
         def write_layers(dst, rows):
             return tuple(write_rows(d[None], r[None], cache.length)[0]
                          for d, r in zip(dst, rows))

@@ -69,11 +69,47 @@ class LayerNorm(nn.Module):
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
-def dense(features, kernel_axes, bias_axes, use_bias, dtype, name, axis=-1):
-    """A `DenseGeneral` whose kernel (and bias) declare logical sharding axes."""
+def dense(features, kernel_axes, bias_axes, use_bias, dtype, name, axis=-1, transposed=False):
+    """A projection over the trailing input dims `axis`: a `DenseGeneral` whose kernel [*in,
+    *features] (and bias) declare logical sharding axes, or, with `transposed`, a `DenseT`."""
+    if transposed:
+        return DenseT(features, axis, use_bias, dtype, name=name)
     return nn.DenseGeneral(
         features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=dtype,
         kernel_init=_param_init(kernel_axes), bias_init=_zeros_init(bias_axes), name=name)
+
+
+def product_t(kernel_t, x2):
+    """x2 [R, K] times kernel_t [F, K] (a kernel stored transposed) -> [R, F], computed as
+    kernel_t @ x2^T. The optimization barrier keeps XLA from rewriting the transposed product
+    back into x2 @ kernel_t^T: on XLA CPU the [F, R] form costs about the same for R = 2 to 16
+    rows as for one (the weight streams through once), where the [R, F] form costs 2 to 4x
+    (docs/benchmarks.md, "Transposed kernels")."""
+    return jax.lax.optimization_barrier(jnp.dot(kernel_t, x2.T)).T
+
+
+class DenseT(nn.Module):
+    """`DenseGeneral` with its kernel stored transposed, as one [F, K] matrix (F = prod of
+    `features`, K = prod of the input dims `axis`, which are trailing): what decoding runs on
+    CPU (`causal_lm.to_unrolled`). Same products, one matrix per projection."""
+
+    features: int | tuple[int, ...]
+    axis: int | tuple[int, ...]
+    use_bias: bool
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        n_in = 1 if isinstance(self.axis, int) else len(self.axis)
+        lead, inner = x.shape[:-n_in], x.shape[-n_in:]
+        kernel = self.param("kernel", nn.initializers.normal(0.02),
+                            (math.prod(features), math.prod(inner)), self.dtype)
+        y = product_t(kernel, x.reshape(-1, math.prod(inner)).astype(self.dtype))
+        y = y.reshape(*lead, *features)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, features, self.dtype)
+        return y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,14 +184,16 @@ class _Part(NamedTuple):
     o: jnp.ndarray  # [B, K, G, T, D] sum of exp(score - m) * v
 
 
-def _part(q, k, v, visible) -> _Part:
-    """Unnormalised softmax statistics of q [B,T,K,G,D] against k, v [B,S,K,D]."""
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+def _part(q, k, v, visible, heads_major: bool = False) -> _Part:
+    """Unnormalised softmax statistics of q [B,T,K,G,D] against k, v [B,S,K,D] (or, with
+    `heads_major`, the cache's [B,K,S,D])."""
+    kv = "bksd" if heads_major else "bskd"
+    s = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32)
     s = jnp.where(visible, s, MASKED)
     m = jnp.max(s, axis=-1)
     p = jnp.exp(s - m[..., None])
     denom = jnp.sum(p, axis=-1)
-    o = jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32))
+    o = jnp.einsum(f"bkgts,{kv}->bkgtd", p, v.astype(jnp.float32))
     return _Part(m, denom, o)
 
 
@@ -172,7 +210,7 @@ def block_attention(q, k_blk, v_blk, ctx: AttnContext, k_cache=None, v_cache=Non
       q: [B, T, N, D] rotated queries.
       k_blk, v_blk: [B, T, K, D] keys (rotated) and values of the new tokens.
       ctx: the `AttnContext`.
-      k_cache, v_cache: [B, S, K, D] or None.
+      k_cache, v_cache: [B, K, S, D] (the cache is heads-major) or None.
       prefix: [P, 2, N, D] post-RoPE prefix keys/values of this layer (or per sample,
         [B, P, 2, N, D]), or None.
 
@@ -188,9 +226,9 @@ def block_attention(q, k_blk, v_blk, ctx: AttnContext, k_cache=None, v_cache=Non
         if ctx.cache_visible is not None:
             visible = ctx.cache_visible[:, None, None, :, :]  # [B, 1, 1, T, S]
         else:
-            s_slots = k_cache.shape[1]
+            s_slots = k_cache.shape[2]
             visible = (jnp.arange(s_slots)[None, :] < ctx.cache_len[:, None])[:, None, None, None]
-        part = _merge(_part(qg, k_cache, v_cache, visible), part)
+        part = _merge(_part(qg, k_cache, v_cache, visible, heads_major=True), part)
     out = part.o / part.denom[..., None]
     if prefix is not None:
         if prefix.ndim == 4:
@@ -216,6 +254,7 @@ class Attention(nn.Module):
     """Multi-head / grouped-query / multi-query attention with RoPE (LLaMA and Falcon)."""
 
     cfg: ModelConfig
+    transposed: bool = False  # kernels stored [F, K] (`DenseT`)
 
     @nn.compact
     def __call__(self, x, ctx: AttnContext, cache_kv=None, prefix=None):
@@ -223,17 +262,17 @@ class Attention(nn.Module):
         cfg = self.cfg
         dt = cfg.jnp_dtype
         n, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        bias = cfg.attention_bias
+        bias, tr = cfg.attention_bias, self.transposed
         q = dense((n, d), ("embed", "heads", "head_dim"), ("heads", "head_dim"), bias, dt,
-                  "q_proj")(x)
+                  "q_proj", transposed=tr)(x)
         k = dense((kv, d), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), bias, dt,
-                  "k_proj")(x)
+                  "k_proj", transposed=tr)(x)
         v = dense((kv, d), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), bias, dt,
-                  "v_proj")(x)
+                  "v_proj", transposed=tr)(x)
         q = apply_rope(q, ctx.cos, ctx.sin)
         k = apply_rope(k, ctx.cos, ctx.sin)
         k_cache, v_cache = cache_kv if cache_kv is not None else (None, None)
         out = block_attention(q, k, v, ctx, k_cache, v_cache, prefix)
         out = dense(cfg.hidden_size, ("heads", "head_dim", "embed"), ("embed",), bias, dt, "o_proj",
-                    axis=(-2, -1))(out)
+                    axis=(-2, -1), transposed=tr)(out)
         return out, (k, v)

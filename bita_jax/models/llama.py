@@ -16,30 +16,33 @@ class LlamaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); [B, T, E] -> [B, T, E]."""
 
     cfg: ModelConfig
+    transposed: bool = False  # kernels stored [F, K] (`DenseT`)
 
     @nn.compact
     def __call__(self, x):
-        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        cfg, dt, tr = self.cfg, self.cfg.jnp_dtype, self.transposed
         f, bias = cfg.intermediate_size, cfg.mlp_bias
-        gate = dense(f, ("embed", "mlp"), ("mlp",), bias, dt, "gate_proj")(x)
-        up = dense(f, ("embed", "mlp"), ("mlp",), bias, dt, "up_proj")(x)
-        return dense(cfg.hidden_size, ("mlp", "embed"), ("embed",), bias, dt, "down_proj")(
-            jax.nn.silu(gate) * up)
+        gate = dense(f, ("embed", "mlp"), ("mlp",), bias, dt, "gate_proj", transposed=tr)(x)
+        up = dense(f, ("embed", "mlp"), ("mlp",), bias, dt, "up_proj", transposed=tr)(x)
+        return dense(cfg.hidden_size, ("mlp", "embed"), ("embed",), bias, dt, "down_proj",
+                     transposed=tr)(jax.nn.silu(gate) * up)
 
 
 class LlamaBlock(nn.Module):
     """One LLaMA layer, written for `nn.scan`: (x, layer_inputs) -> (x, (k, v))."""
 
     cfg: ModelConfig
+    transposed: bool = False  # kernels stored [F, K] (`DenseT`)
 
     @nn.compact
     def __call__(self, x, layer: dict, ctx: AttnContext):
         """x [B, T, E]; layer holds this layer's 'cache' (k, v) and 'prefix' [P, 2, N, D] or
         [B, P, 2, N, D] if any."""
         cfg, dt = self.cfg, self.cfg.jnp_dtype
-        attn_out, kv = Attention(cfg, name="attn")(
+        attn_out, kv = Attention(cfg, self.transposed, name="attn")(
             RMSNorm(cfg.norm_eps, dt, name="attn_norm")(x), ctx, layer.get("cache"),
             layer.get("prefix"))
         h = x + attn_out
-        h = h + LlamaMLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(h))
+        mlp_in = RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(h)
+        h = h + LlamaMLP(cfg, self.transposed, name="mlp")(mlp_in)
         return h, kv

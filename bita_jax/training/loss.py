@@ -40,7 +40,9 @@ def mask_logits(cfg: ModelConfig, spec: SampleSpec, bita_params, base_params, ba
     mask_tokens = jnp.broadcast_to(jnp.asarray(mask_ids(spec, cfg.vocab_size)), group_anchor.shape)
     mask_pos = group_anchor + jnp.asarray(mask_offsets(spec))
     visible = jnp.arange(tr, dtype=jnp.int32)[None, None, :] < group_anchor[:, :, None]
-    cache = KVCache(k_real, v_real, jnp.zeros((b,), jnp.int32))
+    # [L, B, T, K, D] -> the cache's heads-major [L, B, K, T, D]
+    cache = KVCache(jnp.swapaxes(k_real, 2, 3), jnp.swapaxes(v_real, 2, 3),
+                    jnp.zeros((b,), jnp.int32))
     hidden, _ = models.forward(cfg, base_params, mask_tokens, mask_pos,
                               jnp.asarray(group_mask(spec)), cache=cache,
                               bita_params=bita_params, cache_visible=visible)
