@@ -79,13 +79,23 @@ def dense(features, kernel_axes, bias_axes, use_bias, dtype, name, axis=-1, tran
         kernel_init=_param_init(kernel_axes), bias_init=_zeros_init(bias_axes), name=name)
 
 
+# Row tile of XLA CPU's [F, R] product kernel: above one tile, a partial tile costs more than
+# a full one (9 to 15 rows about 1.3x 16 rows), so rows are padded to a multiple of it.
+ROW_TILE = 8
+
+
 def product_t(kernel_t, x2):
     """x2 [R, K] times kernel_t [F, K] (a kernel stored transposed) -> [R, F], computed as
     kernel_t @ x2^T. The optimization barrier keeps XLA from rewriting the transposed product
-    back into x2 @ kernel_t^T: on XLA CPU the [F, R] form costs about the same for R = 2 to 16
-    rows as for one (the weight streams through once), where the [R, F] form costs 2 to 4x
-    (docs/benchmarks.md, "Transposed kernels")."""
-    return jax.lax.optimization_barrier(jnp.dot(kernel_t, x2.T)).T
+    back into x2 @ kernel_t^T: on XLA CPU the [F, R] form costs about 1.5x one row for R = 2 to
+    8 rows and 2x for 16 (the weight streams through once), where the [R, F] form costs 2 to 5x
+    (docs/benchmarks.md, "Transposed kernels"). More than `ROW_TILE` rows are padded to a
+    multiple of it; each output row depends on its own input row only."""
+    rows = x2.shape[0]
+    padded = rows if rows <= ROW_TILE else -(-rows // ROW_TILE) * ROW_TILE
+    if padded != rows:
+        x2 = jnp.pad(x2, ((0, padded - rows), (0, 0)))
+    return jax.lax.optimization_barrier(jnp.dot(kernel_t, x2.T)).T[:rows]
 
 
 class DenseT(nn.Module):
