@@ -53,24 +53,28 @@ class CostRow:
     ms: float
 
 
-def _matrices(params) -> list[jnp.ndarray]:
-    """Every weight matrix as one [F, K] array (K = the input dim), as the unrolled layout
-    stores them (`models.to_unrolled`; copies made once, outside timed calls): one per layer
-    and projection, and the [V, E] embedding (the tied LM head). Norm scales and biases are
-    skipped."""
-    return [x for x in jax.tree.leaves(models.to_unrolled(params)) if x.ndim == 2]
+def weight_matrices(params) -> list[jnp.ndarray]:
+    """Every weight matrix a step multiplies by, as one [F, K] array (K = the input dim), as
+    the unrolled layout stores them (`models.to_unrolled`; copies made once, outside timed
+    calls): one per layer and projection, and the LM head (the [V, E] embedding when tied; an
+    untied model's embedding is only gathered from, so it is left out). Norm scales and biases
+    are skipped."""
+    flat = models.to_unrolled(params)
+    if "lm_head" in flat:
+        flat = {k: v for k, v in flat.items() if k != "embed"}
+    return [x for x in jax.tree.leaves(flat) if x.ndim == 2]
 
 
 def weight_bytes(params) -> int:
     """Bytes of every weight matrix: what a decode step must read."""
-    return sum(m.size * m.dtype.itemsize for m in _matrices(params))
+    return sum(m.size * m.dtype.itemsize for m in weight_matrices(params))
 
 
 def floor_fn(params, rows: int, loops: int) -> Callable[[], jax.Array]:
     """A call that runs `loops` rounds of products of `rows` rows with every weight matrix, in
     the form decoding uses on CPU (`layers.product_t`: W [F, K] @ x^T [K, rows]), and nothing
     else."""
-    mats = _matrices(params)
+    mats = weight_matrices(params)
 
     @jax.jit
     def run(mats):

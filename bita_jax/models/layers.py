@@ -88,8 +88,8 @@ def product_t(kernel_t, x2):
     """x2 [R, K] times kernel_t [F, K] (a kernel stored transposed) -> [R, F], computed as
     kernel_t @ x2^T. The optimization barrier keeps XLA from rewriting the transposed product
     back into x2 @ kernel_t^T: on XLA CPU the [F, R] form costs about 1.5x one row for R = 2 to
-    8 rows and 2x for 16 (the weight streams through once), where the [R, F] form costs 2 to 5x
-    (docs/benchmarks.md, "Transposed kernels"). More than `ROW_TILE` rows are padded to a
+    8 rows and 1.8x for 16 (the weight streams through once), where the [R, F] form costs 1.9
+    to 4.7x (docs/benchmarks.md, "Transposed kernels"). More than `ROW_TILE` rows are padded to a
     multiple of it; each output row depends on its own input row only."""
     rows = x2.shape[0]
     padded = rows if rows <= ROW_TILE else -(-rows // ROW_TILE) * ROW_TILE
