@@ -29,14 +29,15 @@ import numpy as np
 
 from bita_jax import models
 from bita_jax.decoding.sampling import SamplingParams, sample
-from bita_jax.models import kv_cache
+from bita_jax.models import kv_cache, layers
 from bita_jax.models.config import ModelConfig
 
 HEADROOM = 16  # cache slots past the last committed token that a fixed-size block write may touch
 
 # Compiled executables, shared by every engine: key = (cfg, engine, function, static args, shapes).
 EXECUTABLES: dict = {}
-TRACES = collections.Counter()  # traces of each decode loop, keyed by (kind, cfg[, tree])
+TRACES = collections.Counter()  # traces of each decode loop, keyed by (kind, cfg[, tree]),
+# and of the prefill, keyed by ("prefill", cfg)
 
 
 def decode_layout(params):
@@ -115,6 +116,28 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
+# Prompts longer than this many tokens are prefilled chunk by chunk (`prefill`).
+PREFILL_CHUNK = 256
+
+
+def prompt_bucket(n: int) -> int:
+    """The padded prompt length Tp for a prompt of n tokens: a power of two (at least 16) up
+    to `PREFILL_CHUNK`; above, the next of 2^k and 1.5 * 2^k that is a multiple of the chunk
+    (1024, 1536, 2048, 3072, ...). The prefill runs only the chunks the prompt needs, so
+    padding costs at most one chunk of compute; coarse buckets keep compiles few."""
+    if n <= PREFILL_CHUNK:
+        return bucket(n)
+    return min(size for k in range(64) for size in (1 << k, 3 << k)
+               if size % PREFILL_CHUNK == 0 and size >= n)
+
+
+def cache_slots(n: int) -> int:
+    """The cache capacity S for n slots: n itself up to one attention block, else the next
+    multiple of `layers.CACHE_BLOCK`, so attention reads only the blocks that hold tokens."""
+    block = layers.CACHE_BLOCK
+    return n if n <= block else -(-n // block) * block
+
+
 def causal_mask(t: int) -> np.ndarray:
     """[T, T] bool lower triangle."""
     return np.tril(np.ones((t, t), bool))
@@ -143,9 +166,36 @@ def prefill(cfg: ModelConfig, base_params, prompt, prompt_len, sp: SamplingParam
     """Runs the prompts [B, Tp] (right-padded, lengths [B]) into a fresh cache of `capacity`
     slots and samples the first token.
 
+    Prompts of up to `PREFILL_CHUNK` tokens go through one forward (with the tail, if any).
+    Longer ones (Tp a multiple of the chunk, see `prompt_bucket`) go chunk by chunk through the
+    cached forward that decoding uses, as many chunks as the longest prompt needs (a traced
+    count, so one compile serves every length of a bucket); the tail then runs as one more
+    cached forward, not committed.
+
     Returns:
       (cache, first [B] int32, tail_hidden [B, X, E] or None, rng).
     """
+    TRACES[("prefill", cfg)] += 1
+    b, tp = prompt.shape
+    cache = kv_cache.init_cache(cfg, b, capacity, per_layer=models.is_unrolled(base_params))
+    if tp > PREFILL_CHUNK:
+        cache, last_hidden = _chunked_prefill(cfg, base_params, prompt, prompt_len, cache)
+        tail_hidden = None
+        if tail is not None:
+            positions = prompt_len[:, None] + jnp.asarray(tail.offsets)[None, :]
+            tail_hidden, _ = models.forward(cfg, base_params, tail.tokens, positions, tail.mask,
+                                            cache, bita_params)
+    else:
+        last_hidden, tail_hidden, cache = _one_shot_prefill(cfg, base_params, prompt, prompt_len,
+                                                            cache, tail, bita_params)
+    rng, key = jax.random.split(rng)
+    first = sample(models.lm_logits(cfg, base_params, last_hidden), key, sp)
+    return cache, first, tail_hidden, rng
+
+
+def _one_shot_prefill(cfg, base_params, prompt, prompt_len, cache, tail, bita_params):
+    """The whole padded prompt (and the tail) in one forward: (last_hidden [B, E],
+    tail_hidden [B, X, E] or None, cache)."""
     b, tp = prompt.shape
     positions = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (b, tp))
     if tail is None:
@@ -163,11 +213,35 @@ def prefill(cfg: ModelConfig, base_params, prompt, prompt_len, sp: SamplingParam
         mask = mask.at[:, tp:, :tp].set(jnp.broadcast_to(sees_prompt, (b, x, tp)))
     hidden, block_kv = models.forward(cfg, base_params, tokens, positions, mask, None, bita_params)
     last_hidden = jnp.take_along_axis(hidden, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
-    cache = kv_cache.init_cache(cfg, b, capacity, per_layer=models.is_unrolled(base_params))
     cache = kv_cache.commit(cache, block_kv, jnp.broadcast_to(jnp.arange(tp), (b, tp)), prompt_len)
-    rng, key = jax.random.split(rng)
-    first = sample(models.lm_logits(cfg, base_params, last_hidden), key, sp)
-    return cache, first, (None if tail is None else hidden[:, tp:]), rng
+    return last_hidden, (None if tail is None else hidden[:, tp:]), cache
+
+
+def _chunked_prefill(cfg, base_params, prompt, prompt_len, cache):
+    """The prompts [B, Tp] in chunks of `PREFILL_CHUNK` tokens through the cached forward, up
+    to the longest prompt: (cache holding every prompt, last_hidden [B, E] of each prompt's
+    last token). A row whose prompt ended runs the later chunks too, but commits none of it."""
+    b = prompt.shape[0]
+    chunk = PREFILL_CHUNK
+    mask = causal_mask(chunk)
+
+    def run_chunk(i, carry):
+        cache, last_hidden = carry
+        start = i * chunk
+        tokens = jax.lax.dynamic_slice_in_dim(prompt, start, chunk, axis=1)
+        positions = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
+        hidden, block_kv = models.forward(cfg, base_params, tokens, positions, mask, cache)
+        real = jnp.clip(prompt_len - start, 0, chunk)
+        cache = kv_cache.commit(cache, block_kv, jnp.broadcast_to(jnp.arange(chunk), (b, chunk)),
+                                real)
+        last = prompt_len - 1 - start  # the last prompt token's index in this chunk, if there
+        here = jnp.take_along_axis(hidden, jnp.clip(last, 0, chunk - 1)[:, None, None], axis=1)
+        last_hidden = jnp.where(((last >= 0) & (last < chunk))[:, None], here[:, 0], last_hidden)
+        return cache, last_hidden
+
+    chunks = (jnp.max(prompt_len) + chunk - 1) // chunk
+    last_hidden = jnp.zeros((b, cfg.hidden_size), cfg.jnp_dtype)
+    return jax.lax.fori_loop(0, chunks, run_chunk, (cache, last_hidden))
 
 
 def first_state(state_type: type[DecodeState], cache, first, rng, max_new, *, out_slots: int,
@@ -263,12 +337,13 @@ class Engine:
                 f"prompt ({longest} tokens) + max-new-tokens ({max_new_tokens}) = "
                 f"{longest + max_new_tokens} exceeds the cache size {self.max_cache}; "
                 "shorten the prompt or lower --max-new-tokens")
-        tp = bucket(longest)
+        tp = prompt_bucket(longest)
         out_slots = bucket(max_new_tokens, 64)
-        return tp, tp + out_slots + HEADROOM, out_slots
+        return tp, cache_slots(tp + out_slots + HEADROOM), out_slots
 
     def _executable(self, name, fn, *args, **static):
         key = (self.cfg, type(self).__name__, name, tuple(static.items()), jax.tree.structure(args),
+               (PREFILL_CHUNK, layers.CACHE_BLOCK),
                tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args) if hasattr(a, "shape")))
         if key not in EXECUTABLES:
             t0 = time.perf_counter()
@@ -299,7 +374,7 @@ class Engine:
         static = dict(capacity=capacity, out_slots=out_slots, **self.static_args())
         prefill_fn = self.prefill_fn()
         prefill_exe = self._executable("prefill", prefill_fn, *args, **static)
-        state_shape = jax.eval_shape(lambda *a: prefill_fn(*a, **static), *args)
+        state_shape = prefill_exe.out_info  # the first DecodeState, as shapes (no new trace)
         decode_args = (params, state_shape, max_new, sp, np.int32(0))
         decode_exe = self._executable("decode", self.decode_fn(), *decode_args,
                                       **self.static_args())

@@ -96,7 +96,7 @@ def forward_fn(cfg: ModelConfig, params, tokens: int, context: int, loops: int,
     """A call that runs `loops` cached forwards of `tokens` new tokens after `context` cached
     ones (batch 1): causal block mask, LM head on every row, argmax, the rows written into the
     cache (which stays at `context` tokens, sized as for a 128-token request)."""
-    capacity = engine.bucket(context) + 128 + engine.HEADROOM
+    capacity = engine.cache_slots(engine.bucket(context) + 128 + engine.HEADROOM)
     mask = engine.causal_mask(tokens)
 
     @jax.jit

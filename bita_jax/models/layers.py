@@ -213,6 +213,38 @@ def _merge(a: _Part, b: _Part) -> _Part:
     return _Part(m, a.denom * sa + b.denom * sb, a.o * sa[..., None] + b.o * sb[..., None])
 
 
+# Slots per block of the cache that attention reads in turn (`_filled_cache_part`).
+CACHE_BLOCK = 512
+
+
+def _filled_cache_part(qg, k_cache, v_cache, cache_len) -> _Part:
+    """Softmax statistics of q [B, T, K, G, D] over the filled slots of a heads-major cache
+    [B, K, S, D] (slot < cache_len [B]).
+
+    A cache of more than `CACHE_BLOCK` slots (a multiple of it, as the decode engine sizes it)
+    is read block by block up to the longest row's length, merged with an online softmax, so a
+    step costs what the cache holds, not its capacity. Other caches are read in one piece."""
+    s_slots = k_cache.shape[2]
+    if s_slots <= CACHE_BLOCK or s_slots % CACHE_BLOCK:
+        visible = (jnp.arange(s_slots)[None, :] < cache_len[:, None])[:, None, None, None]
+        return _part(qg, k_cache, v_cache, visible, heads_major=True)
+    b, t, kv, g, _ = qg.shape
+
+    def read_block(i, part):
+        start = i * CACHE_BLOCK
+        k = jax.lax.dynamic_slice_in_dim(k_cache, start, CACHE_BLOCK, axis=2)
+        v = jax.lax.dynamic_slice_in_dim(v_cache, start, CACHE_BLOCK, axis=2)
+        slots = start + jnp.arange(CACHE_BLOCK)
+        visible = (slots[None, :] < cache_len[:, None])[:, None, None, None]
+        return _merge(part, _part(qg, k, v, visible, heads_major=True))
+
+    empty = _Part(jnp.full((b, kv, g, t), MASKED, jnp.float32),
+                  jnp.zeros((b, kv, g, t), jnp.float32),
+                  jnp.zeros((b, kv, g, t, qg.shape[-1]), jnp.float32))
+    blocks = (jnp.max(cache_len) + CACHE_BLOCK - 1) // CACHE_BLOCK
+    return jax.lax.fori_loop(0, blocks, read_block, empty)
+
+
 def block_attention(q, k_blk, v_blk, ctx: AttnContext, k_cache=None, v_cache=None, prefix=None):
     """Attention of T new tokens over cache, block and (mask rows only) the BiTA prefix.
 
@@ -235,10 +267,10 @@ def block_attention(q, k_blk, v_blk, ctx: AttnContext, k_cache=None, v_cache=Non
     if k_cache is not None:
         if ctx.cache_visible is not None:
             visible = ctx.cache_visible[:, None, None, :, :]  # [B, 1, 1, T, S]
+            cache_part = _part(qg, k_cache, v_cache, visible, heads_major=True)
         else:
-            s_slots = k_cache.shape[2]
-            visible = (jnp.arange(s_slots)[None, :] < ctx.cache_len[:, None])[:, None, None, None]
-        part = _merge(_part(qg, k_cache, v_cache, visible, heads_major=True), part)
+            cache_part = _filled_cache_part(qg, k_cache, v_cache, ctx.cache_len)
+        part = _merge(cache_part, part)
     out = part.o / part.denom[..., None]
     if prefix is not None:
         if prefix.ndim == 4:

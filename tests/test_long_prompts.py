@@ -1,0 +1,176 @@
+"""Long prompts: the chunked prefill and the block-by-block read of the cache equal the one-piece
+forward (fp32 logits at 1e-4), decoding after them is token-identical, and the prefill compiles
+once for every prompt length of a bucket.
+
+Small chunk and block sizes (8 prompt tokens, 16 cache slots) make tiny prompts cross many
+boundaries; the production sizes only change how many."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bita_jax import models
+from bita_jax.decoding import engine
+from bita_jax.decoding.ar import Generator
+from bita_jax.decoding.bita_step import BitaGenerator
+from bita_jax.decoding.tree import Tree
+from bita_jax.models import kv_cache, layers
+from bita_jax.models.config import ModelConfig
+
+TOL = 1e-4  # fp32 logits
+CONFIGS = {
+    "llama_gqa": ModelConfig(
+        arch="llama", vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=16, attention_bias=True,
+        max_position_embeddings=512),
+    "falcon_new_arch": ModelConfig(
+        arch="falcon", vocab_size=89, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=16, new_decoder_architecture=True,
+        parallel_attn=True, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+        max_position_embeddings=512),
+}
+PROMPT_LENS = (29, 13, 8, 1)  # 4 chunks, 2, exactly 1, part of 1
+
+
+@pytest.fixture(autouse=True)
+def _fp32_matmuls():
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
+def _sizes(monkeypatch, chunk: int, block: int):
+    monkeypatch.setattr(engine, "PREFILL_CHUNK", chunk)
+    monkeypatch.setattr(layers, "CACHE_BLOCK", block)
+
+
+def _setup(name: str, seed: int = 0):
+    """Params with O(1) activations (x3 the init), so that a wrong mask shows far beyond TOL."""
+    cfg = CONFIGS[name]
+    params = jax.tree.map(lambda x: 3 * x, models.init_params(cfg, jax.random.key(seed)))
+    bita = jax.tree.map(lambda x: 3 * x, models.init_bita_params(
+        cfg, models.BitaConfig(num_masks=3), jax.random.key(seed + 1)))
+    return cfg, params, bita
+
+
+def _prompts(cfg: ModelConfig, lens, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, cfg.vocab_size, n).tolist() for n in lens]
+
+
+def _prefill_and_next_logits(cfg, params, bita, prompts, capacity=96):
+    """engine.prefill of the prompts (with a 3-mask tail when `bita`), then one more token per
+    row through the cache: (cache, next-token logits [B, V], tail logits [B, 3, V] or None)."""
+    b = len(prompts)
+    tp = engine.prompt_bucket(max(len(p) for p in prompts))
+    prompt = np.zeros((b, tp), np.int32)
+    for i, p in enumerate(prompts):
+        prompt[i, :len(p)] = p
+    lens = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    tail = None
+    if bita is not None:
+        masks = jnp.broadcast_to(cfg.vocab_size + jnp.arange(3, dtype=jnp.int32), (b, 3))
+        tail = engine.Tail(masks, np.arange(3, dtype=np.int32), engine.causal_mask(3))
+    cache, _, tail_hidden, _ = engine.prefill(cfg, params, jnp.asarray(prompt), lens, None,
+                                              jax.random.key(0), capacity=capacity, tail=tail,
+                                              bita_params=bita)
+    nxt = jnp.full((b, 1), 7, jnp.int32)
+    hidden, _ = models.forward(cfg, params, nxt, lens[:, None], np.ones((1, 1), bool), cache)
+    tail_logits = None if tail_hidden is None else models.lm_logits(cfg, params, tail_hidden)
+    return cache, models.lm_logits(cfg, params, hidden[:, 0]), tail_logits
+
+
+@pytest.mark.parametrize("with_bita", [False, True], ids=["base", "bita"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_chunked_prefill_equals_one_shot(name, with_bita, monkeypatch):
+    cfg, params, bita = _setup(name)
+    bita = bita if with_bita else None
+    prompts = _prompts(cfg, PROMPT_LENS)
+    want_cache, want, want_tail = _prefill_and_next_logits(cfg, params, bita, prompts)
+    _sizes(monkeypatch, chunk=8, block=16)
+    assert engine.prompt_bucket(29) == 32  # 4 chunks of 8
+    cache, got, got_tail = _prefill_and_next_logits(cfg, params, bita, prompts)
+
+    np.testing.assert_array_equal(np.asarray(cache.length), PROMPT_LENS)
+    assert np.abs(np.asarray(want)).max() > 1.0
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=TOL)
+    for row, n in enumerate(PROMPT_LENS):  # every committed key and value
+        for got_kv, want_kv in ((cache.k, want_cache.k), (cache.v, want_cache.v)):
+            np.testing.assert_allclose(np.asarray(got_kv)[:, row, :, :n],
+                                       np.asarray(want_kv)[:, row, :, :n], rtol=0, atol=TOL)
+    if with_bita:
+        np.testing.assert_allclose(np.asarray(got_tail), np.asarray(want_tail), rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_cache_read_by_blocks_equals_one_piece(name, monkeypatch):
+    """A forward of a 3-token tree block over a 64-slot cache: read in blocks of 16 up to the
+    longest row (ragged rows: 0, 5, 16 and 37 filled slots) equals the one-piece read."""
+    cfg, params, _ = _setup(name, seed=4)
+    rng = np.random.default_rng(5)
+    lens = jnp.asarray([37, 5, 16, 0], jnp.int32)
+    shape = (cfg.num_layers, 4, cfg.num_kv_heads, 64, cfg.head_dim)
+    cache = kv_cache.KVCache(jnp.asarray(rng.standard_normal(shape), jnp.float32),
+                             jnp.asarray(rng.standard_normal(shape), jnp.float32), lens)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 3)), jnp.int32)
+    mask = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1]], bool)  # a root and two children
+    positions = lens[:, None] + jnp.asarray([0, 1, 1])[None]
+
+    def logits():
+        hidden, _ = models.forward(cfg, params, tokens, positions, mask, cache)
+        return np.asarray(models.lm_logits(cfg, params, hidden))
+
+    want = logits()  # 64 slots <= the default block: one piece
+    _sizes(monkeypatch, chunk=engine.PREFILL_CHUNK, block=16)
+    got = logits()
+    assert np.abs(want).max() > 1.0
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_decoding_after_chunked_prefill_is_unchanged(name, monkeypatch):
+    """Greedy and BiTA (three trees) after a chunked prefill, over a cache read in blocks, give
+    the token ids of today's one-piece path, alone and as one ragged batch."""
+    cfg, params, bita = _setup(name, seed=2)
+    prompts = _prompts(cfg, (7, 8, 9, 17, 40), seed=3)
+    want = Generator(cfg, params).generate(prompts, 40).tokens
+    _sizes(monkeypatch, chunk=8, block=16)
+    greedy = Generator(cfg, params)
+    assert [greedy.generate([p], 40).tokens[0] for p in prompts] == want
+    assert greedy.generate(prompts, 40).tokens == want
+    for tree in ("chain", "upper-triangle:3", "upper-triangle:2+lookup:3"):
+        got = BitaGenerator(cfg, params, bita, Tree.make(tree, 3)).generate(prompts, 40)
+        assert got.tokens == want, tree
+        accepted = sum(n for hist in got.step_hist for n in hist[2:])
+        assert accepted > 0, tree  # steps that emitted 2 or more tokens: drafts were used
+
+
+def test_prefill_compiles_once_for_many_lengths(monkeypatch):
+    cfg, params, bita = _setup("llama_gqa", seed=6)
+    _sizes(monkeypatch, chunk=8, block=16)
+    monkeypatch.setattr(engine, "EXECUTABLES", {})  # nothing compiled by earlier tests
+    lens = range(33, 49)  # one prompt bucket: 48 tokens, 6 chunks
+    assert {engine.prompt_bucket(n) for n in lens} == {48}
+    prompts = _prompts(cfg, lens, seed=7)
+    for gen, kind in ((Generator(cfg, params), "plain"),
+                      (BitaGenerator(cfg, params, bita, Tree.make("chain", 3)), "bita")):
+        before = engine.TRACES[("prefill", cfg)]
+        for p in prompts:
+            gen.generate([p], 5)
+        assert engine.TRACES[("prefill", cfg)] - before == 1, kind
+
+
+def test_prompt_buckets_and_cache_slots():
+    chunk, block = engine.PREFILL_CHUNK, layers.CACHE_BLOCK
+    assert [engine.prompt_bucket(n) for n in (1, 17, chunk)] == [16, 32, chunk]
+    assert engine.prompt_bucket(chunk + 1) == 2 * chunk
+    assert engine.prompt_bucket(2 * chunk + 1) == 3 * chunk  # 1.5 x a power of two
+    assert engine.prompt_bucket(3 * chunk + 1) == 4 * chunk
+    assert engine.prompt_bucket(6 * chunk + 1) == 8 * chunk
+    for n in range(chunk + 1, 20 * chunk, 97):  # a multiple of the chunk, padding < 1/3 (+1)
+        size = engine.prompt_bucket(n)
+        assert size % chunk == 0 and n <= size < 1.5 * n + chunk
+    assert engine.cache_slots(block) == block and engine.cache_slots(block - 5) == block - 5
+    assert engine.cache_slots(block + 1) == 2 * block
