@@ -162,6 +162,27 @@ def test_prefill_compiles_once_for_many_lengths(monkeypatch):
         assert engine.TRACES[("prefill", cfg)] - before == 1, kind
 
 
+def test_chunked_prefill_pads_a_prompt_width_off_the_chunk(monkeypatch):
+    """Callers other than the engine may pass any width: 29 slots run as 4 chunks of 8."""
+    cfg, params, _ = _setup("llama_gqa", seed=8)
+    prompts = _prompts(cfg, PROMPT_LENS, seed=9)
+    b, tp = len(prompts), max(PROMPT_LENS)
+    prompt = np.zeros((b, tp), np.int32)
+    for i, p in enumerate(prompts):
+        prompt[i, :len(p)] = p
+    lens = jnp.asarray(PROMPT_LENS, jnp.int32)
+
+    def first_tokens(capacity):
+        return np.asarray(engine.prefill(cfg, params, jnp.asarray(prompt), lens, None,
+                                         jax.random.key(0), capacity=capacity)[1])
+
+    want = first_tokens(64)
+    _sizes(monkeypatch, chunk=8, block=16)
+    np.testing.assert_array_equal(first_tokens(64), want)
+    with pytest.raises(ValueError, match="needs a cache of at least 32 slots"):
+        first_tokens(30)
+
+
 def test_prompt_buckets_and_cache_slots():
     chunk, block = engine.PREFILL_CHUNK, layers.CACHE_BLOCK
     assert [engine.prompt_bucket(n) for n in (1, 17, chunk)] == [16, 32, chunk]

@@ -221,8 +221,13 @@ def _chunked_prefill(cfg, base_params, prompt, prompt_len, cache):
     """The prompts [B, Tp] in chunks of `PREFILL_CHUNK` tokens through the cached forward, up
     to the longest prompt: (cache holding every prompt, last_hidden [B, E] of each prompt's
     last token). A row whose prompt ended runs the later chunks too, but commits none of it."""
-    b = prompt.shape[0]
     chunk = PREFILL_CHUNK
+    b, tp = prompt.shape
+    if tp % chunk:  # engine shapes are multiples of the chunk (`prompt_bucket`); others padded
+        prompt = jnp.pad(prompt, ((0, 0), (0, chunk - tp % chunk)))
+    if prompt.shape[1] > cache.capacity:  # a chunk's fixed-size write must stay in the cache
+        raise ValueError(f"a chunked prefill of {tp} prompt slots needs a cache of at least "
+                         f"{prompt.shape[1]} slots, got {cache.capacity}")
     mask = causal_mask(chunk)
 
     def run_chunk(i, carry):
