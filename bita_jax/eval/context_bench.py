@@ -125,8 +125,8 @@ def measure_floors(params, repeats: int = 3) -> Floors:
     flops = 2 * 256 * sum(m.shape[0] * m.shape[1] for m in mats)
     big, small = step_cost.floor_fn(params, 256, 1), step_cost.floor_fn(params, 1, 8)
     jax.block_until_ready((big(), small()))
-    t_big = min(_time(big) for _ in range(repeats))
-    t_small = min(_time(small) for _ in range(repeats)) / 8
+    t_big = min(step_cost.time_call(big) for _ in range(repeats))
+    t_small = min(step_cost.time_call(small) for _ in range(repeats)) / 8
     return Floors(flops / t_big, step_cost.weight_bytes(params) / t_small)
 
 
@@ -146,12 +146,6 @@ def step_bytes(cfg, params, n: int) -> float:
     itemsize = np.dtype(cfg.jnp_dtype).itemsize
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * n * itemsize
     return step_cost.weight_bytes(params) + kv
-
-
-def _time(fn) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - t0
 
 
 def run_context_bench(llm, prompts: dict[int, list[int]], max_new_tokens: int = 128,
@@ -203,11 +197,11 @@ def _row(llm, n, ids, name, got: Run, best: dict[str, Run], floors: Floors) -> d
     if OURS in best:
         row["identical_to_ours"] = got.tokens == best[OURS].tokens
     if HF in best:
-        hf_run_ = best[HF]
-        row["ttft_vs_hf"] = got.ttft / hf_run_.ttft
-        hf_decode = (len(hf_run_.tokens) - 1) / hf_run_.decode_seconds
+        hf_best = best[HF]
+        row["ttft_vs_hf"] = got.ttft / hf_best.ttft
+        hf_decode = (len(hf_best.tokens) - 1) / hf_best.decode_seconds
         row["decode_speed_vs_hf"] = row["decode_tokens_per_s"] / hf_decode
-        row["identical_to_hf"] = got.tokens == hf_run_.tokens
+        row["identical_to_hf"] = got.tokens == hf_best.tokens
     return row
 
 

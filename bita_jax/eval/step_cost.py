@@ -129,7 +129,8 @@ def decode_fn(gen: engine.Engine, prompt: Sequence[int], steps: int,
     return lambda: decode(state, steps).steps
 
 
-def _time(fn: Callable[[], jax.Array]) -> float:
+def time_call(fn: Callable[[], jax.Array]) -> float:
+    """Seconds of one call of `fn`, until its result is ready."""
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
     return time.perf_counter() - t0
@@ -158,10 +159,10 @@ def measure(cfg: ModelConfig, params, bita_params=None, trees: Sequence[Tree] = 
     best = [float("inf")] * len(calls)
     log(f"compiling and warming {len(calls)} measurements ...")
     for _, fn, _ in calls:
-        _time(fn)
+        time_call(fn)
     for r in range(repeats):
         for i, (_, fn, n) in enumerate(calls):
-            best[i] = min(best[i], _time(fn) / n)
+            best[i] = min(best[i], time_call(fn) / n)
         log(f"  round {r + 1}/{repeats} done")
     rows = []
     for (row, _, _), secs in zip(calls, best):
