@@ -21,7 +21,9 @@ import os
 from collections.abc import Callable, Sequence
 
 import jax
+from jax.sharding import Mesh
 
+from bita_jax import sharding
 from bita_jax.checkpoints import loading
 from bita_jax.decoding import ar, bita_step
 from bita_jax.decoding.engine import Engine, GenerationResult, decode_layout
@@ -78,12 +80,15 @@ class LLM:
 
     def __init__(self, loaded: loading.LoadedModel, bita_params=None,
                  bita_config: BitaConfig | None = None, tree: Tree | None = None,
-                 adapter: str = "none", max_cache: int | None = None):
+                 adapter: str = "none", max_cache: int | None = None, mesh: Mesh | None = None):
         if (bita_params is None) != (tree is None):
             raise ValueError("BiTA params and a tree go together: pass both or neither")
-        # Decoding's layout (unrolled on CPU), kept once: the engines reuse it. The fingerprint
-        # is the checkpoint's, taken before the layout changes.
-        self.loaded = dataclasses.replace(loaded, params=decode_layout(loaded.params),
+        # Decoding's layout (unrolled on CPU; on a mesh, the sharded params as loaded), kept
+        # once: the engines reuse it. The fingerprint is the checkpoint's, taken before the
+        # layout changes.
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        params = loaded.params if self.mesh is not None else decode_layout(loaded.params)
+        self.loaded = dataclasses.replace(loaded, params=params,
                                           fingerprint=loaded.identity()["fingerprint"])
         self.name, self.cfg, self.params = loaded.name, loaded.cfg, self.loaded.params
         self.tokenizer = loaded.tokenizer
@@ -106,10 +111,11 @@ class LLM:
         if use_bita not in self._engines:
             if use_bita:
                 self._engines[True] = bita_step.BitaGenerator(
-                    self.cfg, self.params, self.bita_params, self.tree, max_cache=self.max_cache)
+                    self.cfg, self.params, self.bita_params, self.tree, max_cache=self.max_cache,
+                    mesh=self.mesh)
             else:
                 self._engines[False] = ar.Generator(self.cfg, self.params,
-                                                    max_cache=self.max_cache)
+                                                    max_cache=self.max_cache, mesh=self.mesh)
         return self._engines[use_bita]
 
     def encode(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:
@@ -202,8 +208,26 @@ class _TextStream:
                         self.on_text(piece, i)
 
 
+def load_base(model: str | os.PathLike = loading.DEFAULT_MODEL, dtype: str = "float32",
+              mesh: Mesh | str | None = None) -> tuple[loading.LoadedModel, Mesh | None]:
+    """The base model, loaded straight into its shards on `mesh` (a `Mesh`, its command-line
+    form `data=D,model=N`, or None: one device); returns (model, the mesh or None).
+
+    Raises:
+      ValueError: a malformed mesh, or one that does not cover the devices.
+      ModelLoadError, ConfigError: as `loading.load_model`.
+    """
+    if isinstance(mesh, str):
+        mesh = sharding.parse_mesh(mesh)
+    if mesh is None or mesh.size == 1:
+        return loading.load_model(model, dtype=dtype), None
+    # each device reads only its own shards
+    shardings = sharding.param_shardings(loading.model_config(model, dtype), mesh)
+    return loading.load_model(model, dtype=dtype, shardings=shardings), mesh
+
+
 def load(model: str | os.PathLike = loading.DEFAULT_MODEL, adapter: str | os.PathLike | None =
-         "default", tree: str = "auto", dtype: str = "float32", mesh=None,
+         "default", tree: str = "auto", dtype: str = "float32", mesh: Mesh | str | None = None,
          max_cache: int | None = None) -> LLM:
     """Loads a base model and its BiTA adapter, ready to generate.
 
@@ -217,7 +241,11 @@ def load(model: str | os.PathLike = loading.DEFAULT_MODEL, adapter: str | os.Pat
         a template (`upper-triangle[:K]`, `chain`, `full[:K]`, with `-pruned` and `@D`), or a
         JSON file of paths.
       dtype: the base model's compute dtype, `float32` (equals HF transformers) or `bfloat16`.
-      mesh: a `jax.sharding.Mesh` to decode on; only a one-device mesh is supported so far.
+      mesh: where to decode: None (one device), a `jax.sharding.Mesh` with axes ('data',
+        'model'), or its command-line form `data=D,model=N` (`sharding.parse_mesh`). On a mesh
+        the checkpoint loads straight into its shards (the logical-axis rules of
+        `sharding.DEFAULT_RULES`), BiTA params are replicated, the KV cache is split by batch
+        rows and kv heads, and a batch is padded to the 'data' size.
       max_cache: the longest prompt + max_new_tokens accepted (default and upper limit: the
         model's context length); the cache itself is sized per request.
 
@@ -226,18 +254,14 @@ def load(model: str | os.PathLike = loading.DEFAULT_MODEL, adapter: str | os.Pat
       AdapterError: a missing, corrupt or mismatched adapter.
       TreeError: an unknown tree, or one deeper than the adapter's masks.
     """
-    if mesh is not None and mesh.size > 1:
-        raise NotImplementedError(
-            f"decoding on a {mesh.size}-device mesh is not supported yet: pass mesh=None (one "
-            "device); training runs on meshes (train/train.py)")
-    loaded = loading.load_model(model, dtype=dtype)
+    loaded, mesh = load_base(model, dtype, mesh)
     spec = "none" if adapter is None else str(adapter)
     if spec == "default":  # the shipped adapter; plain decoding when none ships for this model
         shipped = loading.shipped_adapter(loaded)
         spec = "none" if shipped is None else str(shipped)
     if spec == "none":
-        return LLM(loaded, adapter="none", max_cache=max_cache)
+        return LLM(loaded, adapter="none", max_cache=max_cache, mesh=mesh)
     bita_params, bita_config, _ = loading.load_bita(spec, loaded)
     name = auto_tree_name(jax.default_backend()) if tree == "auto" else tree
     return LLM(loaded, bita_params, bita_config, Tree.make(name, bita_config.num_masks),
-               adapter=spec, max_cache=max_cache)
+               adapter=spec, max_cache=max_cache, mesh=mesh)

@@ -14,10 +14,22 @@ def quiet_jax_logs() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+_silent = False  # another process of a multi-process job prints (`only_main_process_prints`)
+
+
 def status(message: str, quiet: bool = False) -> None:
     """A progress line on stderr (stdout stays clean for text or JSON)."""
-    if not quiet:
+    if not quiet and not _silent:
         print(message, file=sys.stderr, flush=True)
+
+
+def only_main_process_prints(is_main: bool) -> None:
+    """In a job of several processes, all but the main one run silently: their stdout goes to
+    /dev/null and `status` lines are dropped (errors still reach stderr)."""
+    global _silent
+    if not is_main:
+        _silent = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 
 def run_main(main: Callable[[], int], interrupted: str = "interrupted") -> NoReturn:
@@ -57,3 +69,14 @@ def fail(error: BaseException, code: int = 2) -> int:
 
 
 quiet_jax_logs()
+
+
+MESH_HELP = ("decode on a device mesh: data=D,model=N (either may be left out: the other takes "
+             "the remaining devices; auto: data over every device). Default: one device. "
+             "Weights split over 'model' by the logical-axis rules, batch rows and the KV "
+             "cache over 'data' (and kv heads over 'model' where they divide)")
+
+
+def add_mesh_argument(parser) -> None:
+    """`--mesh data=D,model=N` on an entry point's argparse parser (default: one device)."""
+    parser.add_argument("--mesh", default=None, metavar="data=D,model=N", help=MESH_HELP)

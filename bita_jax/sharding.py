@@ -165,6 +165,44 @@ def make_mesh(data: int, model: int, devices: Sequence[jax.Device] | None = None
                          devices=devices)
 
 
+def mesh_sizes(text: str, num_devices: int) -> tuple[int, int]:
+    """(data, model) from the command-line form `data=D,model=N` for `num_devices` devices
+    (either may be left out: the other takes every remaining device; `""` or `auto`: data
+    over every device).
+
+    Raises:
+      ValueError: a malformed text, or sizes that do not divide the devices.
+    """
+    sizes: dict[str, int] = {}
+    if text.strip() not in ("", "auto"):
+        for part in text.split(","):
+            name, _, value = part.partition("=")
+            name = name.strip()
+            if name not in MESH_AXES or name in sizes or not value.strip().isdigit():
+                raise ValueError(f"bad mesh {text!r}: expected data=D,model=N (positive sizes, "
+                                 "each axis once), e.g. --mesh data=2,model=4")
+            sizes[name] = int(value)
+    n = num_devices
+    for name, other in (("data", "model"), ("model", "data")):
+        if name not in sizes:
+            given = sizes.get(other, 1)
+            if given < 1 or n % given:
+                raise ValueError(f"mesh {text!r}: {other}={given} does not divide the {n} "
+                                 f"devices; give both sizes, their product {n}")
+            sizes[name] = n // given
+    return sizes["data"], sizes["model"]
+
+
+def parse_mesh(text: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh of `mesh_sizes(text)` over `devices` (default: every device of the job).
+
+    Raises:
+      ValueError: a malformed text, or sizes whose product is not the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    return make_mesh(*mesh_sizes(text, len(devices)), devices)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Every device holds the whole array (BiTA params, scalars, tree buffers)."""
     return NamedSharding(mesh, PartitionSpec())

@@ -31,7 +31,13 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bita_jax.cli import fail, run_main, status  # noqa: E402
+from bita_jax.cli import (  # noqa: E402
+    add_mesh_argument,
+    fail,
+    only_main_process_prints,
+    run_main,
+    status,
+)
 
 
 def parse_args(argv=None):
@@ -64,23 +70,27 @@ def parse_args(argv=None):
                         "length); the cache itself is sized per request: prompt and output "
                         "rounded up to powers of two, plus headroom")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_mesh_argument(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import bita_jax
+    from bita_jax import distributed
     from bita_jax.data.prompts import load_prompts
     from bita_jax.decoding import Generator
     from bita_jax.eval import bench, tree_select
 
+    distributed.initialize()
+    only_main_process_prints(distributed.is_main_process())
     try:
         split = args.split or bench.default_split(args.prompts)
         texts = load_prompts(args.prompts, split, args.limit, args.max_prompt_chars)
         if not texts:
             raise ValueError(f"no prompts from {args.prompts!r} (split {split})")
         status(f"loading {args.model} and adapter {args.adapter} ...")
-        llm = bita_jax.load(args.model, adapter=args.adapter, dtype=args.dtype)
+        llm = bita_jax.load(args.model, adapter=args.adapter, dtype=args.dtype, mesh=args.mesh)
         if not llm.has_bita:
             raise ValueError(f"no adapter ({args.adapter!r}): pass --adapter DIR or random:SEED")
         bita_params, bcfg = llm.bita_params, llm.bita_config

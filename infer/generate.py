@@ -20,12 +20,18 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bita_jax.cli import fail, run_main, status  # noqa: E402
+from bita_jax.cli import (  # noqa: E402
+    add_mesh_argument,
+    fail,
+    only_main_process_prints,
+    run_main,
+    status,
+)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
+    p.add_argument("--prompt", help="the user message (or raw text with --raw)")
     p.add_argument("--model", default="smollm2-135m",
                    help="built-in name (smollm2-135m), HF model directory, or .gguf file")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -49,19 +55,75 @@ def parse_args(argv=None):
                         "upper-triangle on GPU/TPU; see docs/benchmarks.md)")
     p.add_argument("--compare", action="store_true",
                    help="also run plain greedy on the same prompt: times, speedup, identical ids")
-    return p.parse_args(argv)
+    add_mesh_argument(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="read no weights: print the per-device memory plan of decoding (base "
+                        "shard, KV cache, activation peak; fits on 16/80/141 GiB) for "
+                        "--devices, --batch, --context and --tree; --model may also be a "
+                        "YAML run config (configs/llama2-70b.yaml)")
+    p.add_argument("--devices", default="1,8,64",
+                   help="--dry-run: device counts to plan for (mesh: --mesh, else weights over "
+                        "up to 8 devices, the rest data parallel)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="--dry-run: rows decoded together (default: one per data shard)")
+    p.add_argument("--context", type=int, default=4096,
+                   help="--dry-run: prompt + new tokens per row (default 4096)")
+    args = p.parse_args(argv)
+    if args.prompt is None and not args.dry_run:
+        p.error("--prompt is required (or --dry-run for a memory plan)")
+    return args
+
+
+def dry_run(args) -> int:
+    """Prints the decoding memory plan as one JSON object (and a Markdown table on stderr)."""
+    from bita_jax import sharding
+    from bita_jax.checkpoints import loading
+    from bita_jax.decoding import memory_plan
+    from bita_jax.decoding.tree import Tree, auto_tree_name
+    from bita_jax.training import run_config
+
+    if args.model.endswith((".yaml", ".yml")):
+        tc = run_config.load_config(args.model)
+        cfg = loading.model_config(tc.model.name if tc.model.hf_config is None else None,
+                                   tc.model.dtype, tc.model.hf_config)
+    else:
+        cfg = loading.model_config(args.model, args.dtype)
+    tree = auto_tree_name("gpu") if args.tree == "auto" else args.tree
+    step_tokens = len(Tree.make(tree, 3).layout.offsets)  # with the paper's M = 3 masks
+    plans = []
+    for n in (int(d) for d in args.devices.split(",") if d.strip()):
+        data, model = (sharding.mesh_sizes(args.mesh, n) if args.mesh
+                       else memory_plan.default_mesh(n, cfg))
+        plans.append(memory_plan.decode_plan(cfg, data=data, model=model,
+                                             batch=args.batch or data, context=args.context,
+                                             step_tokens=step_tokens))
+    print(json.dumps({"model": args.model, "arch": cfg.arch, "dtype": cfg.dtype, "tree": tree,
+                      "plans": plans}))
+    status(memory_plan.HEADER + "\n" + memory_plan.markdown(args.model, plans))
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import bita_jax
+    from bita_jax import distributed
     from bita_jax.decoding import GenerationError
+
+    if args.dry_run:
+        try:
+            return dry_run(args)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            return fail(e)
+    distributed.initialize()
+    only_main_process_prints(distributed.is_main_process())
 
     sampled = args.temperature > 0
     try:
         status(f"loading {args.model} ...", quiet=args.json)
         llm = bita_jax.load(args.model, adapter=args.adapter, tree=args.tree, dtype=args.dtype,
-                            max_cache=args.max_cache)
+                            max_cache=args.max_cache, mesh=args.mesh)
+        if llm.mesh is not None:
+            status(f"mesh {dict(llm.mesh.shape)} over {llm.mesh.size} devices", quiet=args.json)
         prompt_ids = llm.encode(args.prompt, chat=not args.raw, system=args.system)
         llm.engine(use_bita=False).shapes([len(prompt_ids)], args.max_new_tokens)  # fail fast
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -27,7 +27,13 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bita_jax.cli import fail, run_main, status  # noqa: E402
+from bita_jax.cli import (  # noqa: E402
+    add_mesh_argument,
+    fail,
+    only_main_process_prints,
+    run_main,
+    status,
+)
 
 DEFAULT_TREES = "chain@1,chain,upper-triangle-pruned,upper-triangle"
 
@@ -59,6 +65,7 @@ def parse_args(argv=None):
                         "length); the cache itself is sized per request: prompt and output "
                         "rounded up to powers of two, plus headroom")
     p.add_argument("--out", required=True, help="output directory")
+    add_mesh_argument(p)
     return p.parse_args(argv)
 
 
@@ -78,10 +85,13 @@ def _set_prompts(source: str, limit: int, max_chars: int, tokenizer, role: str =
 def main(argv=None) -> int:
     args = parse_args(argv)
     import bita_jax
+    from bita_jax import distributed
     from bita_jax.decoding import GenerationError, Generator
     from bita_jax.eval import bench, plots
     from bita_jax.eval import report as report_lib
 
+    distributed.initialize()
+    only_main_process_prints(distributed.is_main_process())
     try:
         if args.limit < 1 or (args.calibration < 1 and not args.no_select):
             raise ValueError("--limit and --calibration must be >= 1")
@@ -89,7 +99,7 @@ def main(argv=None) -> int:
         if not sources:
             raise ValueError("--sets is empty")
         status(f"loading {args.model} and adapter {args.adapter} ...")
-        llm = bita_jax.load(args.model, adapter=args.adapter)
+        llm = bita_jax.load(args.model, adapter=args.adapter, mesh=args.mesh)
         if not llm.has_bita:
             raise ValueError(f"no adapter ({args.adapter!r}): pass --adapter DIR or random:SEED")
         loaded, bita_params, bcfg = llm.loaded, llm.bita_params, llm.bita_config

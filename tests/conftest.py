@@ -9,6 +9,35 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+# Compiled XLA programs keep their machine code in memory maps; one process running the whole
+# suite compiles thousands of them. Past this many maps (the kernel allows 65,530 by default) a
+# test module's end drops every cached program, so no later compile fails for want of maps.
+MAX_MAPS = 30_000
+
+
+def _memory_maps() -> int:
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bounded_memory_maps():
+    yield
+    if _memory_maps() > MAX_MAPS:
+        import gc
+
+        import jax
+
+        from bita_jax.decoding import engine
+
+        engine.EXECUTABLES.clear()
+        jax.clear_caches()
+        gc.collect()
+
+
 @pytest.fixture(scope="module")
 def fresh_gguf_cache(tmp_path_factory):
     """A fresh GGUF cache directory for one test module (never the user's ~/.cache)."""

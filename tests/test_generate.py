@@ -88,6 +88,29 @@ def test_decode_loop_compiles_once_per_bucket(params):
     assert TRACES[("ar", cfg)] == 3
 
 
+def test_compiled_executables_are_bounded_least_recently_used_first(params, monkeypatch):
+    """A process that decodes shape after shape keeps at most MAX_EXECUTABLES (their machine
+    code would otherwise fill the kernel's memory-map limit and abort a later compile)."""
+    from bita_jax.decoding import engine
+
+    monkeypatch.setattr(engine, "EXECUTABLES", {})
+    monkeypatch.setattr(engine, "MAX_EXECUTABLES", 3)
+    cfg = CFG.replace(rope_theta=54321.0)  # a config no other test compiled for
+    gen = Generator(cfg, params)
+    want = gen.generate([[1, 2, 3]], 5).tokens  # prompt bucket 16: prefill + decode
+    assert len(engine.EXECUTABLES) == 2
+    gen.generate([[1] * 20], 5)  # bucket 32: prefill and decode evict bucket 16's prefill
+    assert len(engine.EXECUTABLES) == 3
+    kinds = [k[2] for k in engine.EXECUTABLES]
+    # a prefill's only 2-D int32 argument is the padded prompt [B, Tp]
+    widths = [[shape[1] for shape, dtype in k[-1] if dtype == "int32" and len(shape) == 2]
+              for k in engine.EXECUTABLES if k[2] == "prefill"]
+    assert kinds == ["decode", "prefill", "decode"] and widths == [[32]], (kinds, widths)
+    again = gen.generate([[1, 2, 3]], 5)  # recompiled, and still the same tokens
+    assert again.compile_seconds > 0 and again.tokens == want
+    assert len(engine.EXECUTABLES) == 3
+
+
 def test_streaming_matches_one_shot(params):
     chunks = []
     gen = Generator(CFG, params)

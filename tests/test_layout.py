@@ -11,8 +11,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "bita_jax"
 
 # A component may import its own modules and components of a lower rank, nothing else.
-RANK = {"models": 0, "cli": 0, "distributed": 0, "sharding": 1, "checkpoints": 1, "decoding": 1,
-        "data": 2, "training": 3, "eval": 4, "api": 5}
+RANK = {"models": 0, "cli": 0, "distributed": 0, "sharding": 1, "checkpoints": 1, "decoding": 2,
+        "data": 3, "training": 4, "eval": 5, "api": 6}
 
 
 def _component(module: str) -> str | None:

@@ -25,7 +25,13 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bita_jax.cli import fail, run_main, status  # noqa: E402
+from bita_jax.cli import (  # noqa: E402
+    add_mesh_argument,
+    fail,
+    only_main_process_prints,
+    run_main,
+    status,
+)
 
 # The shipped adapter's sources: named sources of bita_jax.data.prompts, installed with it.
 DEFAULT_SOURCES = "sharegpt,code-alpaca,alpaca-seeds"
@@ -53,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", required=True, help="run directory (resumable) and dataset dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_mesh_argument(p)
     p.add_argument("--build-partial", action="store_true",
                    help="do not generate: build the dataset from the prompts answered so far "
                         "(a stopped run); the dataset is then marked as a subset")
@@ -61,10 +68,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from bita_jax.checkpoints import load_model, weights_fingerprint
+    from bita_jax import api, distributed
+    from bita_jax.checkpoints import weights_fingerprint
     from bita_jax.data import dataset, distill
     from bita_jax.decoding import GenerationError
 
+    distributed.initialize()
+    only_main_process_prints(distributed.is_main_process())
     if args.build_partial:
         try:
             path = dataset.build_dataset(args.out, partial=True)
@@ -80,7 +90,7 @@ def main(argv=None) -> int:
             max_prompt_tokens=args.max_prompt_tokens)
         distill.check_sources(config.sources)  # before the model load: fail in a second
         status(f"loading {args.model} ...", quiet=args.quiet)
-        loaded = load_model(args.model, dtype=args.dtype)
+        loaded, _ = api.load_base(args.model, args.dtype, args.mesh)  # decoded on its mesh
         path = distill.distill(args.out, config, loaded.cfg, loaded.params, loaded.tokenizer,
                             model_name=f"{loaded.name}:{args.dtype}",
                             model_fingerprint=weights_fingerprint(loaded.params),

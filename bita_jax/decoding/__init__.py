@@ -5,7 +5,12 @@
 
 Modules: `sampling` (greedy / top-k / top-p), `tree` (draft-tree templates and their static
 buffers), `engine` (the shared state, emission rule, prefill, while-loop and executables), `ar`
-(plain decoding) and `bita_step` (BiTA's verify-and-draft step).
+(plain decoding), `bita_step` (BiTA's verify-and-draft step), `lookup` (retrieval drafts),
+`placement` (shardings of params, cache and state on a mesh; global inputs and outputs across
+processes) and `memory_plan` (per-device memory of decoding, from shapes).
+
+On a mesh: `Generator(cfg, sharded_params)` or `Generator(cfg, params, mesh=mesh)` decode with
+explicit shardings; the tokens equal one device's.
 """
 
 from bita_jax.decoding.ar import Generator

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bita_jax import models
-from bita_jax.decoding import engine, lookup
+from bita_jax.decoding import engine, lookup, placement
 from bita_jax.decoding.engine import HEADROOM, DecodeState, GenerationError
 from bita_jax.decoding.sampling import SamplingParams, filtered_logits
 from bita_jax.decoding.tree import Layout, Tree
@@ -230,11 +230,15 @@ def bita_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new,
 
 
 class BitaGenerator(engine.Engine):
-    """Lossless BiTA generation (greedy, or exact sampling) with the same API as `Generator`."""
+    """Lossless BiTA generation (greedy, or exact sampling) with the same API as `Generator`;
+    on a mesh the BiTA params are replicated."""
+
+    state_type = BitaState
 
     def __init__(self, cfg: ModelConfig, params, bita_params, tree: Tree,
-                 eos_ids: Sequence[int] | None = None, max_cache: int | None = None):
-        super().__init__(cfg, params, eos_ids, max_cache)
+                 eos_ids: Sequence[int] | None = None, max_cache: int | None = None,
+                 mesh=None):
+        super().__init__(cfg, params, eos_ids, max_cache, mesh)
         masks = bita_params["mask_embed"].shape[0]
         if tree.num_masks > masks:
             raise GenerationError(f"tree {tree.name!r} needs {tree.num_masks} masks but the "
@@ -243,6 +247,8 @@ class BitaGenerator(engine.Engine):
         if depth + 1 > HEADROOM:  # a step commits up to D + 1 slots past the length
             raise GenerationError(f"tree {tree.name!r} is {depth} nodes deep: trees deeper than "
                                   f"{HEADROOM - 1} need more cache headroom")
+        if self.mesh is not None:
+            bita_params = placement.replicate(bita_params, self.mesh)
         self.bita_params, self.tree = bita_params, tree
 
     def run_params(self):

@@ -12,13 +12,15 @@ the compiled executables.
 Shapes are static per (batch B, prompt bucket Tp, cache slots S, output slots O); prompt lengths,
 max-new-tokens, sampling knobs and the seed are traced values, so a new prompt (within its bucket)
 or a new max-new-tokens never recompiles. Compiled executables are kept per shape key in
-`EXECUTABLES`; `TRACES` counts how often each decode loop was traced (tests prove "once").
+`EXECUTABLES` (the `MAX_EXECUTABLES` most recently used); `TRACES` counts how often each decode
+loop was traced (tests prove "once").
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -26,16 +28,23 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from bita_jax import models
+from bita_jax.decoding import placement
 from bita_jax.decoding.sampling import SamplingParams, sample
 from bita_jax.models import kv_cache, layers
 from bita_jax.models.config import ModelConfig
 
 HEADROOM = 16  # cache slots past the last committed token that a fixed-size block write may touch
 
-# Compiled executables, shared by every engine: key = (cfg, engine, function, static args, shapes).
+# Compiled executables, shared by every engine: key = (cfg, engine, function, static args, shapes
+# [, shardings]), least recently used first. At most MAX_EXECUTABLES are kept: each holds its
+# machine code in a few hundred memory maps (SmolLM2's: ~600), and a process that compiles
+# shape after shape would otherwise reach the kernel's map limit (vm.max_map_count, 65,530),
+# where the next compile aborts.
 EXECUTABLES: dict = {}
+MAX_EXECUTABLES = 32
 TRACES = collections.Counter()  # traces of each decode loop, keyed by (kind, cfg[, tree]),
 # and of the prefill, keyed by ("prefill", cfg)
 
@@ -298,9 +307,22 @@ class Engine:
     """Jitted generation for one model; a decoding method subclasses it and supplies
     `prefill_fn` and `decode_fn` (and `run_params` / `static_args` when it needs more)."""
 
+    state_type: type[DecodeState] = DecodeState  # what the decode loop carries
+
     def __init__(self, cfg: ModelConfig, params, eos_ids: Sequence[int] | None = None,
-                 max_cache: int | None = None):
-        self.cfg, self.params = cfg, decode_layout(params)
+                 max_cache: int | None = None, mesh: Mesh | None = None):
+        """`params`: the base params, on one device or sharded on a mesh (`mesh`, or the mesh
+        they are already sharded on): on a mesh of more than one device every executable is
+        compiled with explicit shardings (`placement`) and the batch is padded to its 'data'
+        axis."""
+        self.cfg = cfg
+        mesh = mesh if mesh is not None else placement.params_mesh(params)
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        if self.mesh is None:
+            self.params, self.shardings = decode_layout(params), None
+        else:
+            self.params = placement.place_params(cfg, params, self.mesh)
+            self.shardings = placement.StateShardings(cfg, self.mesh)
         self.eos_ids = tuple(int(e) for e in (eos_ids if eos_ids is not None
                                               else cfg.eos_token_ids))
         context = cfg.max_position_embeddings
@@ -346,16 +368,41 @@ class Engine:
         out_slots = bucket(max_new_tokens, 64)
         return tp, cache_slots(tp + out_slots + HEADROOM), out_slots
 
-    def _executable(self, name, fn, *args, **static):
+    def _executable(self, name, fn, args, static, shardings=None):
+        """`fn` compiled for `args` (and `static` keyword args), once per shape key; on a mesh,
+        `shardings` = (in_shardings, out_shardings) are part of the key and of the jit."""
         key = (self.cfg, type(self).__name__, name, tuple(static.items()), jax.tree.structure(args),
                (PREFILL_CHUNK, layers.CACHE_BLOCK),
                tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args) if hasattr(a, "shape")))
-        if key not in EXECUTABLES:
+        jit_kwargs = {}
+        if shardings is not None:
+            key += (jax.tree.structure(shardings), tuple(jax.tree.leaves(shardings)))
+            jit_kwargs = dict(in_shardings=shardings[0], out_shardings=shardings[1])
+        exe = EXECUTABLES.pop(key, None)
+        if exe is None:
             t0 = time.perf_counter()
-            EXECUTABLES[key] = jax.jit(fn, static_argnames=tuple(static)).lower(
-                *args, **static).compile()
+            bound = functools.partial(fn, **static)  # static args close over the function
+            exe = jax.jit(bound, **jit_kwargs).lower(*args).compile()
             self._compile_seconds += time.perf_counter() - t0
-        return EXECUTABLES[key]
+        EXECUTABLES[key] = exe  # the most recently used, last
+        while len(EXECUTABLES) > MAX_EXECUTABLES:
+            del EXECUTABLES[next(iter(EXECUTABLES))]
+        return exe
+
+    def _host_inputs(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, tp: int):
+        """(prompt [B', Tp], lens [B'], max_new [B']) as host arrays; on a mesh B' pads B to a
+        multiple of the 'data' axis with one-token rows that may emit nothing (max_new 0)."""
+        b = len(prompts)
+        per = 1 if self.mesh is None else self.shardings.data_size
+        rows = -(-b // per) * per
+        prompt = np.zeros((rows, tp), np.int32)
+        for i, p in enumerate(prompts):
+            prompt[i, : len(p)] = p
+        lens = np.ones((rows,), np.int32)
+        lens[:b] = [len(p) for p in prompts]
+        max_new = np.zeros((rows,), np.int32)
+        max_new[:b] = max_new_tokens
+        return prompt, lens, max_new
 
     def prepare(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sp: SamplingParams,
                 seed: int = 0):
@@ -365,27 +412,39 @@ class Engine:
         `decode(state, max_steps)` runs up to `max_steps` steps in one `lax.while_loop`.
         """
         tp, capacity, out_slots = self.shapes([len(p) for p in prompts], max_new_tokens)
-        b = len(prompts)
-        prompt = np.zeros((b, tp), np.int32)
-        for i, p in enumerate(prompts):
-            prompt[i, : len(p)] = p
-        lens = np.asarray([len(p) for p in prompts], np.int32)
-        max_new = np.full((b,), max_new_tokens, np.int32)
+        prompt, lens, max_new = self._host_inputs(prompts, max_new_tokens, tp)
         # Greedy passes no sampling knobs: its executables hold no sampling code (BiTA's exact
         # rejection sampling doubles a step's compile time). Sampled knobs stay traced values.
         sp = sp if float(sp.temperature) > 0 else None
+        rng = jax.random.key(seed)
         params = self.run_params()
-        args = (params, prompt, lens, max_new, sp, jax.random.key(seed))
         static = dict(capacity=capacity, out_slots=out_slots, **self.static_args())
-        prefill_fn = self.prefill_fn()
-        prefill_exe = self._executable("prefill", prefill_fn, *args, **static)
+        prefill_sh = decode_sh = None
+        if self.mesh is not None:  # explicit shardings; inputs as global arrays
+            sh = self.shardings
+            params_sh, state_sh = placement.shardings_of(params), sh.state(self.state_type)
+            prompt, lens, max_new = (placement.global_array(x, sh.batch)
+                                     for x in (prompt, lens, max_new))
+            sp = jax.tree.map(lambda x: placement.global_array(x, sh.replicated), sp)
+            rng = jax.random.wrap_key_data(
+                placement.global_array(jax.random.key_data(rng), sh.replicated))
+            scalar = sh.replicated
+            prefill_sh = ((params_sh, sh.batch, sh.batch, sh.batch, scalar, scalar), state_sh)
+            decode_sh = ((params_sh, state_sh, sh.batch, scalar, scalar), state_sh)
+        args = (params, prompt, lens, max_new, sp, rng)
+        prefill_exe = self._executable("prefill", self.prefill_fn(), args, static, prefill_sh)
         state_shape = prefill_exe.out_info  # the first DecodeState, as shapes (no new trace)
         decode_args = (params, state_shape, max_new, sp, np.int32(0))
-        decode_exe = self._executable("decode", self.decode_fn(), *decode_args,
-                                      **self.static_args())
+        decode_exe = self._executable("decode", self.decode_fn(), decode_args, self.static_args(),
+                                      decode_sh)
+
+        def steps(max_steps):
+            if self.mesh is None:
+                return np.int32(max_steps)
+            return placement.global_array(np.int32(max_steps), self.shardings.replicated)
+
         return (lambda: prefill_exe(*args),
-                lambda state, max_steps: decode_exe(params, state, max_new, sp,
-                                                    np.int32(max_steps)))
+                lambda state, max_steps: decode_exe(params, state, max_new, sp, steps(max_steps)))
 
     # -- generation -------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -413,17 +472,19 @@ class Engine:
             state = decode(state, max_new_tokens)
         else:
             while True:
-                on_tokens(_tokens(state))
+                on_tokens(_tokens(state)[: len(prompts)])
                 if bool(jnp.all(state.done)):
                     break
                 state = decode(state, 1)
-        tokens = _tokens(state)
+        b = len(prompts)
+        tokens = _tokens(state)[:b]
         seconds = time.perf_counter() - t0
-        row_steps, step_hist = jax.device_get((state.row_steps, state.step_hist))
-        return GenerationResult(tokens, int(state.steps), row_steps.tolist(), seconds,
-                                self._compile_seconds, step_hist.tolist())
+        steps, row_steps, step_hist = placement.fetch((state.steps, state.row_steps,
+                                                       state.step_hist))
+        return GenerationResult(tokens, int(steps), row_steps[:b].tolist(), seconds,
+                                self._compile_seconds, step_hist[:b].tolist())
 
 
 def _tokens(state: DecodeState) -> list[list[int]]:
-    out, num = jax.device_get((state.out, state.num_new))
+    out, num = placement.fetch((state.out, state.num_new))
     return [row[:n].tolist() for row, n in zip(out, num)]

@@ -1,6 +1,7 @@
 """What a training run needs, from shapes alone: parameter counts and per-device memory.
 
-`train/train.py --dry-run` prints `estimate(config)`; no weights are read
+`train/train.py --dry-run` prints `estimate(config)` (with the plan of decoding on the same
+devices, `decoding.memory_plan`); no weights are read
 (`models.abstract_params`), so a 70B plan runs on a laptop. The activation figure is a rough
 upper estimate of one micro-batch per device: the real-token KV of pass 1, the peak of one
 pass-1 layer, what pass 2 keeps for the backward pass of the mask rows, and the mask logits.
@@ -15,6 +16,8 @@ import numpy as np
 
 from bita_jax import models, sharding
 from bita_jax.checkpoints import loading
+from bita_jax.decoding.memory_plan import decode_plan, default_mesh
+from bita_jax.decoding.tree import Tree
 from bita_jax.training import run_config, samples
 
 
@@ -90,4 +93,10 @@ def estimate(tc, devices: int | None = None) -> dict:
             "total_estimate": int(base_bytes + state + act),
         },
         "memory_per_device_gib": round((base_bytes + state + act) / gib, 3),
+        # Decoding with the trained adapter on the same devices (weights over up to 8 of them,
+        # the rest data parallel), the paper's upper-triangle tree, the model's context.
+        "decoding": decode_plan(cfg, **dict(zip(("data", "model"), default_mesh(devices, cfg))),
+                                context=cfg.max_position_embeddings,
+                                step_tokens=len(Tree.make("upper-triangle",
+                                                          bcfg.num_masks).layout.offsets)),
     }
