@@ -8,6 +8,12 @@ the environment says so: `JAX_COORDINATOR_ADDRESS` (with `JAX_NUM_PROCESSES` and
 `JAX_PROCESS_ID`), a SLURM step or Open MPI job with more than one task, or a multi-host Cloud
 TPU slice. `BITA_JAX_DISTRIBUTED=1` forces the call (JAX then auto-detects the cluster),
 `BITA_JAX_DISTRIBUTED=0` disables it.
+
+When a process of the job dies, the others stop (JAX's coordination service ends them with
+"Terminating process because the JAX distributed service detected fatal errors ... another task
+died") once its heartbeats have been missing for `BITA_JAX_HEARTBEAT_SECONDS` (default
+`HEARTBEAT_SECONDS`), rather than wait in a collective forever; training then resumes from its
+last checkpoint when the job is started again.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 import jax
 
 _initialized = False
+HEARTBEAT_SECONDS = 100  # JAX's own default
 
 
 def _int_env(name: str) -> int | None:
@@ -52,8 +59,10 @@ def initialize() -> bool:
         return True
     if not multi_process_env():
         return False
+    heartbeat = _int_env("BITA_JAX_HEARTBEAT_SECONDS") or HEARTBEAT_SECONDS
     jax.distributed.initialize(num_processes=_int_env("JAX_NUM_PROCESSES"),
-                               process_id=_int_env("JAX_PROCESS_ID"))
+                               process_id=_int_env("JAX_PROCESS_ID"),
+                               heartbeat_timeout_seconds=heartbeat)
     _initialized = True
     return True
 

@@ -1,9 +1,12 @@
-"""Decoding as one job of several processes on localhost (issue 14), as on a TPU pod slice.
+"""One job of several processes on localhost (issue 14), as on a TPU pod slice.
 
-Each process runs `tests/multiprocess_decode.py` with `JAX_COORDINATOR_ADDRESS`,
-`JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` set, the environment a launcher gives every host. The
-mesh spans the processes' devices; every process must print the token ids that one device
-gives, plain greedy and BiTA, and hold only its own shards of the KV cache.
+Every process gets `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`, the
+environment a launcher gives each host, and the mesh spans every process's devices.
+- Decoding (`tests/multiprocess_decode.py`): each process must print the token ids that one
+  device gives, plain greedy and BiTA, and hold only its own shards of the KV cache.
+- Training (`train/train.py`, tiny-test): stopped at step 4 and resumed, as 2 processes of 2
+  devices, it must give the losses and adapter of one uninterrupted single-device run.
+- A process killed mid-job stops the other within a bounded time, with JAX's message.
 """
 
 from __future__ import annotations
@@ -11,10 +14,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -27,16 +33,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_job(processes: int, devices_per_process: int, data: int, model: int) -> list[dict]:
-    """Starts the processes, waits for all of them and returns each one's JSON line."""
+def start_job(processes: int, argv: list[str], devices: int | None = None, **env_vars):
+    """Starts `argv` as every process of one job (stdout and stderr piped)."""
     port = _free_port()
     procs = []
     for i in range(processes):
-        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i))
-        procs.append(subprocess.Popen(
-            [sys.executable, str(SCRIPT), str(devices_per_process), str(data), str(model)],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_PLATFORMS="cpu",
+                   JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i), **env_vars)
+        if devices is not None:  # fast compiles; the one-process reference uses the same flags
+            env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                                "--xla_cpu_use_fusion_emitters=false "
+                                "--xla_backend_optimization_level=1")
+        procs.append(subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def run_job(processes: int, devices_per_process: int, data: int, model: int) -> list[dict]:
+    """Runs the decoding script as one job; returns each process's JSON line."""
+    procs = start_job(processes, [str(SCRIPT), str(devices_per_process), str(data), str(model)])
     outs = []
     try:
         for p in procs:
@@ -65,3 +80,94 @@ def test_every_process_decodes_what_one_device_does(processes, devices, data, mo
         heads = kv_heads // model if kv_heads % model == 0 else kv_heads
         assert o["cache_shard"] == [layers, rows // data, heads, slots, head_dim]
         assert o["cache_shards_here"] == devices  # each process holds its own devices' shards
+
+
+TINY = ["train/train.py", "--config", "configs/tiny-test.yaml", "--quiet"]
+
+
+def _records(path: pathlib.Path, n: int = 24, vocab: int = 128) -> None:
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for _ in range(n):
+            start = int(rng.integers(0, vocab))
+            f.write(json.dumps({
+                "prompt_ids": rng.integers(0, vocab, int(rng.integers(2, 9))).tolist(),
+                "response_ids": [(start + 3 * k) % vocab
+                                 for k in range(int(rng.integers(2, 30)))]}) + "\n")
+
+
+def _printed(stdout: str) -> list[str]:
+    """The lines our code printed (gloo, the CPU collectives, announces its peers on stdout)."""
+    return [x for x in stdout.splitlines() if x.strip() and not x.startswith("[Gloo]")]
+
+
+def _wait(procs, timeout=600) -> list[str]:
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            assert p.returncode == 0, err[-3000:]
+            outs.append(out)
+    finally:
+        for p in procs:
+            p.kill()
+    return outs
+
+
+def test_training_across_processes_resumes_and_equals_one_device(tmp_path):
+    from safetensors.numpy import load_file
+
+    data = tmp_path / "data.jsonl"
+    _records(data)
+    args = [*TINY, "--data", str(data), "run.mesh=[2,2]"]
+    job = tmp_path / "job"
+    outs = _wait(start_job(2, [*args, "--out", str(job), "--stop-at", "4"], devices=2))
+    assert _printed(outs[1]) == []  # only process 0 prints
+    assert sorted(os.listdir(job / "checkpoints")) == ["2", "4"]
+    outs = _wait(start_job(2, [*args, "--out", str(job), "--resume"], devices=2))
+    assert json.loads(_printed(outs[0])[-1])["steps"] == 6 and _printed(outs[1]) == []
+
+    one = tmp_path / "one"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_cpu_use_fusion_emitters=false "
+               "--xla_backend_optimization_level=1")
+    proc = subprocess.run([sys.executable, *TINY, "--data", str(data), "--out", str(one)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def losses(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    got, want = losses(job), losses(one)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-5)
+    a = load_file(str(job / "adapter" / "adapter.safetensors"))
+    b = load_file(str(one / "adapter" / "adapter.safetensors"))
+    assert sorted(a) == sorted(b)
+    for name in a:  # 4 devices against 1: only the reductions' order differs
+        np.testing.assert_allclose(a[name], b[name], atol=1e-6, err_msg=name)
+
+
+def test_a_killed_process_stops_the_others_within_the_heartbeat(tmp_path):
+    data = tmp_path / "data.jsonl"
+    _records(data)
+    heartbeat = 10
+    procs = start_job(2, [*TINY, "--data", str(data), "--out", str(tmp_path / "run"),
+                          "run.mesh=[2,2]", "run.steps=100000", "run.checkpoint_every=100000"],
+                      devices=2, BITA_JAX_HEARTBEAT_SECONDS=str(heartbeat))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+            assert time.monotonic() < deadline and procs[0].poll() is None, "never trained"
+            time.sleep(1)
+        procs[1].send_signal(signal.SIGKILL)  # a host lost mid-job
+        killed = time.monotonic()
+        _, err = procs[0].communicate(timeout=heartbeat + 120)
+        waited = time.monotonic() - killed
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode != 0
+    assert waited < heartbeat + 120
+    assert "another task died" in err or "heartbeat" in err, err[-2000:]
