@@ -240,7 +240,8 @@ def load(model: str | os.PathLike = loading.DEFAULT_MODEL, adapter: str | os.Pat
       tree: the draft tree: `auto` (chain@1 on CPU, the paper's upper-triangle on GPU / TPU),
         a template (`upper-triangle[:K]`, `chain`, `full[:K]`, with `-pruned` and `@D`), or a
         JSON file of paths.
-      dtype: the base model's compute dtype, `float32` (equals HF transformers) or `bfloat16`.
+      dtype: `float32` (equals HF transformers), `bfloat16` (bf16 weights, fp32 activations
+        and cache: BiTA still equals greedy decoding) or `bfloat16-pure` (bf16 throughout).
       mesh: where to decode: None (one device), a `jax.sharding.Mesh` with axes ('data',
         'model'), or its command-line form `data=D,model=N` (`sharding.parse_mesh`). On a mesh
         the checkpoint loads straight into its shards (the logical-axis rules of

@@ -69,7 +69,13 @@ def parse_args(argv=None):
                    help="longest prompt + --max-new-tokens accepted (default: the model's context "
                         "length); the cache itself is sized per request: prompt and output "
                         "rounded up to powers of two, plus headroom")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32",
+                   choices=["float32", "bfloat16", "bfloat16-pure"],
+                   help="float32 (default); bfloat16: bf16 weights, fp32 activations and "
+                        "cache (the accelerator mode: half the weight memory, BiTA still "
+                        "equals greedy); "
+                        "bfloat16-pure: activations in bf16 too (faster, rounds differently "
+                        "in tree and one-token steps)")
     add_mesh_argument(p)
     return p.parse_args(argv)
 

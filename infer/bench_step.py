@@ -53,9 +53,9 @@ def main(argv=None) -> int:
 
     try:
         dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
-        bad = [d for d in dtypes if d not in ("float32", "bfloat16")]
+        bad = [d for d in dtypes if d not in ("float32", "bfloat16", "bfloat16-pure")]
         if bad:
-            raise ValueError(f"unknown dtype {bad[0]!r}: use float32 and/or bfloat16")
+            raise ValueError(f"unknown dtype {bad[0]!r}: use float32, bfloat16, bfloat16-pure")
         tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
         if not tokens or min(tokens) < 1:
             raise ValueError(f"--tokens must be positive integers, got {args.tokens!r}")

@@ -45,7 +45,13 @@ def parse_args(argv=None):
                    help="longest prompt + --max-new-tokens accepted (default: the model's context "
                         "length); the cache itself is sized per request: prompt and output "
                         "rounded up to powers of two, plus headroom")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32",
+                   choices=["float32", "bfloat16", "bfloat16-pure"],
+                   help="float32 (default); bfloat16: bf16 weights, fp32 activations and "
+                        "cache (the accelerator mode: half the weight memory, BiTA still "
+                        "equals greedy); "
+                        "bfloat16-pure: activations in bf16 too (faster, rounds differently "
+                        "in tree and one-token steps)")
     p.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
     p.add_argument("--adapter", default="default",
                    help="default | DIR | random:SEED[:M] | none (plain decoding)")
@@ -97,8 +103,8 @@ def dry_run(args) -> int:
         plans.append(memory_plan.decode_plan(cfg, data=data, model=model,
                                              batch=args.batch or data, context=args.context,
                                              step_tokens=step_tokens))
-    print(json.dumps({"model": args.model, "arch": cfg.arch, "dtype": cfg.dtype, "tree": tree,
-                      "plans": plans}))
+    print(json.dumps({"model": args.model, "arch": cfg.arch, "dtype": cfg.precision_name,
+                      "tree": tree, "plans": plans}))
     status(memory_plan.HEADER + "\n" + memory_plan.markdown(args.model, plans))
     return 0
 

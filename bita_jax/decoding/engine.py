@@ -254,7 +254,7 @@ def _chunked_prefill(cfg, base_params, prompt, prompt_len, cache):
         return cache, last_hidden
 
     chunks = (jnp.max(prompt_len) + chunk - 1) // chunk
-    last_hidden = jnp.zeros((b, cfg.hidden_size), cfg.jnp_dtype)
+    last_hidden = jnp.zeros((b, cfg.hidden_size), cfg.jnp_compute_dtype)
     return jax.lax.fori_loop(0, chunks, run_chunk, (cache, last_hidden))
 
 

@@ -61,7 +61,7 @@ def decode_plan(cfg: ModelConfig, *, data: int = 1, model: int = 1, batch: int =
     stays within the device's memory less `RESERVE`."""
     if min(data, model, batch, context, step_tokens) < 1:
         raise ValueError("data, model, batch, context and step tokens must all be >= 1")
-    itemsize = np.dtype(cfg.jnp_dtype).itemsize
+    itemsize = np.dtype(cfg.jnp_compute_dtype).itemsize  # the cache and activations
     rows = -(-batch // data)  # the batch is padded to the data axis
     slots = engine.cache_slots(context + engine.HEADROOM)
     kv_heads, heads = _split(cfg.num_kv_heads, model), _split(cfg.num_heads, model)
@@ -79,7 +79,7 @@ def decode_plan(cfg: ModelConfig, *, data: int = 1, model: int = 1, batch: int =
     return {
         "mesh": {"data": data, "model": model, "devices": data * model},
         "batch": batch, "rows_per_device": rows, "context": context, "cache_slots": slots,
-        "step_tokens": step_tokens, "dtype": cfg.dtype,
+        "step_tokens": step_tokens, "dtype": cfg.precision_name,
         "per_device_bytes": {"base_params": base, "kv_cache": cache, "decode_step_peak": step,
                              "prefill_chunk_peak": prefill, "total": total},
         "per_device_gib": {"base_params": round(base / GIB, 3), "kv_cache": round(cache / GIB, 3),

@@ -42,9 +42,9 @@ class CausalLM(nn.Module):
     unrolled: bool = False
 
     def setup(self):
-        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        cfg, dt, pdt = self.cfg, self.cfg.jnp_compute_dtype, self.cfg.jnp_dtype
         self.embed = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dt,
+            cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                         ("vocab", "embed")))
         block = {"llama": LlamaBlock, "falcon": FalconBlock}[cfg.arch]
@@ -57,10 +57,10 @@ class CausalLM(nn.Module):
                 in_axes=(0, nn.broadcast), length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         norm = RMSNorm if cfg.arch == "llama" else LayerNorm
-        self.final_norm = norm(cfg.norm_eps, dt)
+        self.final_norm = norm(cfg.norm_eps, dt, pdt)
         if not cfg.tie_word_embeddings:
             self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), ("vocab",), False, dt, None,
-                                 transposed=self.unrolled)
+                                 transposed=self.unrolled, param_dtype=pdt)
 
     def __call__(self, tokens, positions, block_mask, cache_kv=None, cache_len=None, bita=None,
                  cache_visible=None):
@@ -96,9 +96,10 @@ class CausalLM(nn.Module):
     def logits(self, hidden):
         """hidden [..., E] -> fp32 logits [..., V]."""
         if self.cfg.tie_word_embeddings:
-            table = self.embed.embedding
+            dt = self.cfg.jnp_compute_dtype
+            table = self.embed.embedding.astype(dt)
             if self.unrolled:  # the table [V, E] is already a transposed kernel
-                flat = hidden.reshape(-1, hidden.shape[-1]).astype(table.dtype)
+                flat = hidden.reshape(-1, hidden.shape[-1]).astype(dt)
                 logits = product_t(table, flat).reshape(*hidden.shape[:-1], -1)
                 return logits.astype(jnp.float32)
             return jnp.einsum("...e,ve->...v", hidden, table, preferred_element_type=jnp.float32)

@@ -28,6 +28,23 @@ class ConfigError(ValueError):
 _LLAMA_TYPES = ("llama", "mistral", "smollm", "smollm2")
 _FALCON_TYPES = ("falcon", "RefinedWeb", "RefinedWebModel")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# What a user's `--dtype` means: (the weights' storage dtype, the activations' compute dtype;
+# None: the same). `bfloat16`, the accelerator mode, keeps bf16 weights (half the memory and
+# weight traffic) but computes in fp32, so a tree step and a one-token step round alike and
+# BiTA stays equal to plain greedy decoding; `bfloat16-pure` computes in bf16 too.
+PRECISIONS = {"float32": ("float32", None), "bfloat16": ("bfloat16", "float32"),
+              "bfloat16-pure": ("bfloat16", None), "float16": ("float16", None)}
+
+
+def precision(name: str) -> tuple[str, str | None]:
+    """(storage dtype, compute dtype or None) of a `--dtype` name (`PRECISIONS`).
+
+    Raises:
+      ConfigError: an unknown name.
+    """
+    if name not in PRECISIONS:
+        raise ConfigError(f"dtype {name!r} not in {sorted(PRECISIONS)}")
+    return PRECISIONS[name]
 # The shape fields that identify a base model: an adapter records them (with a weights
 # fingerprint) and refuses a model that differs in any.
 IDENTITY_FIELDS = ("arch", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -60,7 +77,9 @@ class ModelConfig:
         trained context length, capped at its sliding window when it has one.
       bos_token_id: BOS id or None.
       eos_token_ids: ids that end generation.
-      dtype: compute/storage dtype of the frozen base ("float32", "bfloat16", "float16").
+      dtype: storage dtype of the frozen base ("float32", "bfloat16", "float16").
+      compute_dtype: dtype of its activations, when it differs from `dtype` (bf16 weights
+        computed in fp32); None: `dtype`.
     """
 
     arch: str
@@ -84,6 +103,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"
+    compute_dtype: str | None = None
 
     def __post_init__(self):
         if self.arch not in ("llama", "falcon"):
@@ -99,6 +119,8 @@ class ModelConfig:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.dtype not in _DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} not in {sorted(_DTYPES)}")
+        if self.compute_dtype not in (None, *_DTYPES):
+            raise ConfigError(f"compute_dtype {self.compute_dtype!r} not in {sorted(_DTYPES)}")
         if self.rope_scaling is not None:
             kind = dict(self.rope_scaling).get("rope_type", dict(self.rope_scaling).get("type"))
             if kind not in ("linear", "llama3", "default"):
@@ -107,7 +129,20 @@ class ModelConfig:
 
     @property
     def jnp_dtype(self):
+        """The weights' (storage) dtype."""
         return _DTYPES[self.dtype]
+
+    @property
+    def jnp_compute_dtype(self):
+        """The activations' dtype (the KV cache's too)."""
+        return _DTYPES[self.compute_dtype or self.dtype]
+
+    @property
+    def precision_name(self) -> str:
+        """The `PRECISIONS` name of this config's dtypes."""
+        compute = None if self.compute_dtype in (None, self.dtype) else self.compute_dtype
+        return next((name for name, dts in PRECISIONS.items() if dts == (self.dtype, compute)),
+                    f"{self.dtype}-weights-{compute}-compute")
 
     @property
     def group_size(self) -> int:
@@ -123,13 +158,19 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any] | Any, dtype: str = "float32") -> ModelConfig:
-        """Builds a config from a HF config dict or `PretrainedConfig`.
+        """Builds a config from a HF config dict or `PretrainedConfig`; `dtype` is a
+        `PRECISIONS` name.
 
         Raises:
-          ConfigError: unknown `model_type`, ALiBi Falcon, or inconsistent shapes.
+          ConfigError: unknown `model_type` or dtype, ALiBi Falcon, or inconsistent shapes.
         """
         if not isinstance(hf, Mapping):
             hf = hf.to_dict()
+        storage, compute = precision(dtype)
+        return cls._from_hf(hf, storage).replace(compute_dtype=compute)
+
+    @classmethod
+    def _from_hf(cls, hf: Mapping[str, Any], dtype: str) -> ModelConfig:
         model_type = hf.get("model_type")
         if model_type in _LLAMA_TYPES:
             return _llama_from_hf(hf, dtype)

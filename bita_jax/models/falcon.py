@@ -25,11 +25,13 @@ class FalconMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        cfg, dt, tr = self.cfg, self.cfg.jnp_dtype, self.transposed
+        cfg, dt, tr = self.cfg, self.cfg.jnp_compute_dtype, self.transposed
+        pdt = cfg.jnp_dtype
         f, bias = cfg.intermediate_size, cfg.mlp_bias
-        h = dense(f, ("embed", "mlp"), ("mlp",), bias, dt, "up_proj", transposed=tr)(x)
+        h = dense(f, ("embed", "mlp"), ("mlp",), bias, dt, "up_proj", transposed=tr,
+                  param_dtype=pdt)(x)
         return dense(cfg.hidden_size, ("mlp", "embed"), ("embed",), bias, dt, "down_proj",
-                     transposed=tr)(jax.nn.gelu(h, approximate=False))
+                     transposed=tr, param_dtype=pdt)(jax.nn.gelu(h, approximate=False))
 
 
 class FalconBlock(nn.Module):
@@ -40,17 +42,17 @@ class FalconBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, layer: dict, ctx: AttnContext):
-        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        cfg, dt, pdt = self.cfg, self.cfg.jnp_compute_dtype, self.cfg.jnp_dtype
         two_norms = cfg.new_decoder_architecture and cfg.num_ln_in_parallel_attn == 2
         if two_norms:
-            attn_in = LayerNorm(cfg.norm_eps, dt, name="ln_attn")(x)
-            mlp_in = LayerNorm(cfg.norm_eps, dt, name="ln_mlp")(x)
+            attn_in = LayerNorm(cfg.norm_eps, dt, pdt, name="ln_attn")(x)
+            mlp_in = LayerNorm(cfg.norm_eps, dt, pdt, name="ln_mlp")(x)
         else:
-            attn_in = mlp_in = LayerNorm(cfg.norm_eps, dt, name="input_layernorm")(x)
+            attn_in = mlp_in = LayerNorm(cfg.norm_eps, dt, pdt, name="input_layernorm")(x)
         attn_out, kv = Attention(cfg, self.transposed, name="attn")(
             attn_in, ctx, layer.get("cache"), layer.get("prefix"))
         mlp = FalconMLP(cfg, self.transposed, name="mlp")
         if cfg.new_decoder_architecture or cfg.parallel_attn:
             return (mlp(mlp_in) + attn_out) + x, kv  # HF's summation order
         h = x + attn_out
-        return h + mlp(LayerNorm(cfg.norm_eps, dt, name="post_attention_layernorm")(h)), kv
+        return h + mlp(LayerNorm(cfg.norm_eps, dt, pdt, name="post_attention_layernorm")(h)), kv

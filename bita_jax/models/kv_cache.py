@@ -37,7 +37,7 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=None,
                per_layer: bool = False) -> KVCache:
     """An empty cache of `capacity` slots per row (one buffer per layer with `per_layer`)."""
     shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
-    dtype = dtype or cfg.jnp_dtype
+    dtype = dtype or cfg.jnp_compute_dtype
     length = jnp.zeros((batch,), jnp.int32)
     if per_layer:
         return KVCache(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),

@@ -42,26 +42,30 @@ class RMSNorm(nn.Module):
     """LLaMA RMSNorm in fp32, cast back, then times the weight (HF numerics)."""
 
     eps: float
-    dtype: Any = jnp.float32
+    dtype: Any = jnp.float32  # of the output
+    param_dtype: Any = None  # of the weight (None: dtype)
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", _ones_init(("norm",)), (x.shape[-1],), self.dtype)
+        scale = self.param("scale", _ones_init(("norm",)), (x.shape[-1],),
+                           self.param_dtype or self.dtype)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return scale * x32.astype(self.dtype)
+        return (scale.astype(self.dtype) * x32.astype(self.dtype)).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
     """Falcon LayerNorm (weight and bias), computed in fp32."""
 
     eps: float
-    dtype: Any = jnp.float32
+    dtype: Any = jnp.float32  # of the output
+    param_dtype: Any = None  # of the weights (None: dtype)
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", _ones_init(("norm",)), (x.shape[-1],), self.dtype)
-        bias = self.param("bias", _zeros_init(("norm",)), (x.shape[-1],), self.dtype)
+        pdt = self.param_dtype or self.dtype
+        scale = self.param("scale", _ones_init(("norm",)), (x.shape[-1],), pdt)
+        bias = self.param("bias", _zeros_init(("norm",)), (x.shape[-1],), pdt)
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -69,13 +73,16 @@ class LayerNorm(nn.Module):
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
-def dense(features, kernel_axes, bias_axes, use_bias, dtype, name, axis=-1, transposed=False):
+def dense(features, kernel_axes, bias_axes, use_bias, dtype, name, axis=-1, transposed=False,
+          param_dtype=None):
     """A projection over the trailing input dims `axis`: a `DenseGeneral` whose kernel [*in,
-    *features] (and bias) declare logical sharding axes, or, with `transposed`, a `DenseT`."""
+    *features] (and bias) declare logical sharding axes, or, with `transposed`, a `DenseT`.
+    Weights are stored in `param_dtype` (None: `dtype`) and computed with in `dtype`."""
+    param_dtype = param_dtype or dtype
     if transposed:
-        return DenseT(features, axis, use_bias, dtype, name=name)
+        return DenseT(features, axis, use_bias, dtype, param_dtype, name=name)
     return nn.DenseGeneral(
-        features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=dtype,
+        features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
         kernel_init=_param_init(kernel_axes), bias_init=_zeros_init(bias_axes), name=name)
 
 
@@ -106,19 +113,22 @@ class DenseT(nn.Module):
     features: int | tuple[int, ...]
     axis: int | tuple[int, ...]
     use_bias: bool
-    dtype: Any
+    dtype: Any  # of the computation
+    param_dtype: Any = None  # of the weights (None: dtype)
 
     @nn.compact
     def __call__(self, x):
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
         n_in = 1 if isinstance(self.axis, int) else len(self.axis)
         lead, inner = x.shape[:-n_in], x.shape[-n_in:]
+        pdt = self.param_dtype or self.dtype
         kernel = self.param("kernel", nn.initializers.normal(0.02),
-                            (math.prod(features), math.prod(inner)), self.dtype)
-        y = product_t(kernel, x.reshape(-1, math.prod(inner)).astype(self.dtype))
+                            (math.prod(features), math.prod(inner)), pdt)
+        y = product_t(kernel.astype(self.dtype),
+                      x.reshape(-1, math.prod(inner)).astype(self.dtype))
         y = y.reshape(*lead, *features)
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, features, self.dtype)
+            y = y + self.param("bias", nn.initializers.zeros, features, pdt).astype(self.dtype)
         return y
 
 
@@ -302,19 +312,19 @@ class Attention(nn.Module):
     def __call__(self, x, ctx: AttnContext, cache_kv=None, prefix=None):
         """x [B, T, E] -> (out [B, T, E], (k [B, T, K, D], v [B, T, K, D]))."""
         cfg = self.cfg
-        dt = cfg.jnp_dtype
+        dt, pdt = cfg.jnp_compute_dtype, cfg.jnp_dtype
         n, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias, tr = cfg.attention_bias, self.transposed
         q = dense((n, d), ("embed", "heads", "head_dim"), ("heads", "head_dim"), bias, dt,
-                  "q_proj", transposed=tr)(x)
+                  "q_proj", transposed=tr, param_dtype=pdt)(x)
         k = dense((kv, d), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), bias, dt,
-                  "k_proj", transposed=tr)(x)
+                  "k_proj", transposed=tr, param_dtype=pdt)(x)
         v = dense((kv, d), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), bias, dt,
-                  "v_proj", transposed=tr)(x)
+                  "v_proj", transposed=tr, param_dtype=pdt)(x)
         q = apply_rope(q, ctx.cos, ctx.sin)
         k = apply_rope(k, ctx.cos, ctx.sin)
         k_cache, v_cache = cache_kv if cache_kv is not None else (None, None)
         out = block_attention(q, k, v, ctx, k_cache, v_cache, prefix)
         out = dense(cfg.hidden_size, ("heads", "head_dim", "embed"), ("embed",), bias, dt, "o_proj",
-                    axis=(-2, -1), transposed=tr)(out)
+                    axis=(-2, -1), transposed=tr, param_dtype=pdt)(out)
         return out, (k, v)

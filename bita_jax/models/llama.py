@@ -20,12 +20,15 @@ class LlamaMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        cfg, dt, tr = self.cfg, self.cfg.jnp_dtype, self.transposed
+        cfg, dt, tr = self.cfg, self.cfg.jnp_compute_dtype, self.transposed
+        pdt = cfg.jnp_dtype
         f, bias = cfg.intermediate_size, cfg.mlp_bias
-        gate = dense(f, ("embed", "mlp"), ("mlp",), bias, dt, "gate_proj", transposed=tr)(x)
-        up = dense(f, ("embed", "mlp"), ("mlp",), bias, dt, "up_proj", transposed=tr)(x)
+        gate = dense(f, ("embed", "mlp"), ("mlp",), bias, dt, "gate_proj", transposed=tr,
+                     param_dtype=pdt)(x)
+        up = dense(f, ("embed", "mlp"), ("mlp",), bias, dt, "up_proj", transposed=tr,
+                   param_dtype=pdt)(x)
         return dense(cfg.hidden_size, ("mlp", "embed"), ("embed",), bias, dt, "down_proj",
-                     transposed=tr)(jax.nn.silu(gate) * up)
+                     transposed=tr, param_dtype=pdt)(jax.nn.silu(gate) * up)
 
 
 class LlamaBlock(nn.Module):
@@ -38,11 +41,11 @@ class LlamaBlock(nn.Module):
     def __call__(self, x, layer: dict, ctx: AttnContext):
         """x [B, T, E]; layer holds this layer's 'cache' (k, v) and 'prefix' [P, 2, N, D] or
         [B, P, 2, N, D] if any."""
-        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        cfg, dt, pdt = self.cfg, self.cfg.jnp_compute_dtype, self.cfg.jnp_dtype
         attn_out, kv = Attention(cfg, self.transposed, name="attn")(
-            RMSNorm(cfg.norm_eps, dt, name="attn_norm")(x), ctx, layer.get("cache"),
+            RMSNorm(cfg.norm_eps, dt, pdt, name="attn_norm")(x), ctx, layer.get("cache"),
             layer.get("prefix"))
         h = x + attn_out
-        mlp_in = RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(h)
+        mlp_in = RMSNorm(cfg.norm_eps, dt, pdt, name="mlp_norm")(h)
         h = h + LlamaMLP(cfg, self.transposed, name="mlp")(mlp_in)
         return h, kv

@@ -55,7 +55,7 @@ def estimate(tc, devices: int | None = None) -> dict:
     # Activations, rough: one micro-batch per device; fp32 scores; K and vocab split by 'model'.
     b = max(run.batch_size // (data * run.grad_accum), 1)
     tr, gm = spec.tr, spec.num_mask_tokens
-    itemsize = np.dtype(cfg.jnp_dtype).itemsize
+    itemsize = np.dtype(cfg.jnp_compute_dtype).itemsize  # activations
     heads = cfg.num_heads // msize if cfg.num_heads % msize == 0 else cfg.num_heads
     kv = cfg.num_kv_heads // msize if cfg.num_kv_heads % msize == 0 else cfg.num_kv_heads
     ffn = (cfg.intermediate_size // msize if cfg.intermediate_size % msize == 0
