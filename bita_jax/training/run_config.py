@@ -38,7 +38,9 @@ class ModelSpec:
 
     Attributes:
       name: what training loads: a `load_model` spec (built-in name, HF directory, .gguf file).
-      dtype: storage/compute dtype of the base ("float32", "bfloat16", "float16").
+      dtype: the base's precision: "float32", "bfloat16" (bf16 weights, fp32 activations:
+        the decoding mode that stays lossless), "bfloat16-pure" (bf16 activations too: less
+        activation memory), "float16".
       hf_config: the model's HF `config.json` dict, inline: dry runs take shapes from it without
         touching `name`; training checks the loaded model against it.
       random_init: train on random base weights built from `hf_config` (tests only).
