@@ -31,8 +31,10 @@ class DistillError(ValueError):
 
 
 def write_atomic(path: pathlib.Path, text: str) -> None:
-    """Writes `path` whole or not at all: a kill leaves at most a stray `*.tmp` behind."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Writes `path` whole or not at all: a kill leaves at most a stray `*.tmp` behind. The
+    temporary name carries the process id: processes of one job that share a file system write
+    the same file side by side, and each replace is whole."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
