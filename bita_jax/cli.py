@@ -71,6 +71,28 @@ def fail(error: BaseException, code: int = 2) -> int:
 quiet_jax_logs()
 
 
+DTYPES = ("float32", "bfloat16", "bfloat16-pure")  # models.config.PRECISIONS, float16 aside
+DTYPE_HELP = ("float32 (default); bfloat16: bf16 weights, fp32 activations and cache (the "
+              "accelerator mode: half the weight memory, BiTA still equals greedy); "
+              "bfloat16-pure: activations in bf16 too (faster, rounds differently in tree and "
+              "one-token steps)")
+
+
+def add_dtype_argument(parser) -> None:
+    """`--dtype float32|bfloat16|bfloat16-pure` on an entry point's argparse parser."""
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help=DTYPE_HELP)
+
+
+def dtype_list(text: str, flag: str = "--dtype") -> list[str]:
+    """A comma-separated list of `DTYPES`; ValueError names the first unknown one."""
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    bad = [d for d in names if d not in DTYPES]
+    if bad or not names:
+        raise ValueError(f"{flag}: unknown dtype {(bad or [text])[0]!r}; use "
+                         f"{', '.join(DTYPES)}")
+    return names
+
+
 MESH_HELP = ("decode on a device mesh: data=D,model=N (either may be left out: the other takes "
              "the remaining devices; auto: data over every device). Default: one device. "
              "Weights split over 'model' by the logical-axis rules, batch rows and the KV "

@@ -32,6 +32,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bita_jax.cli import (  # noqa: E402
+    add_dtype_argument,
     add_mesh_argument,
     fail,
     only_main_process_prints,
@@ -69,13 +70,7 @@ def parse_args(argv=None):
                    help="longest prompt + --max-new-tokens accepted (default: the model's context "
                         "length); the cache itself is sized per request: prompt and output "
                         "rounded up to powers of two, plus headroom")
-    p.add_argument("--dtype", default="float32",
-                   choices=["float32", "bfloat16", "bfloat16-pure"],
-                   help="float32 (default); bfloat16: bf16 weights, fp32 activations and "
-                        "cache (the accelerator mode: half the weight memory, BiTA still "
-                        "equals greedy); "
-                        "bfloat16-pure: activations in bf16 too (faster, rounds differently "
-                        "in tree and one-token steps)")
+    add_dtype_argument(p)
     add_mesh_argument(p)
     return p.parse_args(argv)
 

@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bita_jax.cli import fail, run_main, status  # noqa: E402
+from bita_jax.cli import dtype_list, fail, run_main, status  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -47,11 +47,7 @@ def main(argv=None) -> int:
     from bita_jax.eval import bench, precision
 
     try:
-        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-        bad = [d for d in dtypes if d not in ("float32", "bfloat16", "bfloat16-pure")]
-        if bad or not dtypes:
-            raise ValueError(f"--dtypes: unknown {bad or dtypes!r}; use float32, bfloat16, "
-                             "bfloat16-pure")
+        dtypes = dtype_list(args.dtypes, "--dtypes")
         texts = load_prompts("sharegpt", "test", args.limit, args.max_prompt_chars)
         if not texts:
             raise ValueError("no held-out ShareGPT test prompts")

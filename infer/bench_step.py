@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bita_jax.cli import fail, run_main, status  # noqa: E402
+from bita_jax.cli import dtype_list, fail, run_main, status  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -36,7 +36,8 @@ def parse_args(argv=None):
                    help="comma-separated BiTA trees whose real decode step is timed")
     p.add_argument("--tokens", default="1,2,4,8,16,32,52",
                    help="comma-separated T for the forward and floor rows")
-    p.add_argument("--dtype", default="float32", help="comma-separated: float32, bfloat16")
+    p.add_argument("--dtype", default="float32",
+                   help="comma-separated: float32, bfloat16, bfloat16-pure")
     p.add_argument("--context", type=int, default=300, help="cached tokens before each step")
     p.add_argument("--repeats", type=int, default=3, help="rounds; the fastest is kept")
     p.add_argument("--out", required=True, help="directory for results.json")
@@ -52,10 +53,7 @@ def main(argv=None) -> int:
     from bita_jax.eval import step_cost
 
     try:
-        dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
-        bad = [d for d in dtypes if d not in ("float32", "bfloat16", "bfloat16-pure")]
-        if bad:
-            raise ValueError(f"unknown dtype {bad[0]!r}: use float32, bfloat16, bfloat16-pure")
+        dtypes = dtype_list(args.dtype)
         tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
         if not tokens or min(tokens) < 1:
             raise ValueError(f"--tokens must be positive integers, got {args.tokens!r}")

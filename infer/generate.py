@@ -21,6 +21,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bita_jax.cli import (  # noqa: E402
+    add_dtype_argument,
     add_mesh_argument,
     fail,
     only_main_process_prints,
@@ -45,13 +46,7 @@ def parse_args(argv=None):
                    help="longest prompt + --max-new-tokens accepted (default: the model's context "
                         "length); the cache itself is sized per request: prompt and output "
                         "rounded up to powers of two, plus headroom")
-    p.add_argument("--dtype", default="float32",
-                   choices=["float32", "bfloat16", "bfloat16-pure"],
-                   help="float32 (default); bfloat16: bf16 weights, fp32 activations and "
-                        "cache (the accelerator mode: half the weight memory, BiTA still "
-                        "equals greedy); "
-                        "bfloat16-pure: activations in bf16 too (faster, rounds differently "
-                        "in tree and one-token steps)")
+    add_dtype_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
     p.add_argument("--adapter", default="default",
                    help="default | DIR | random:SEED[:M] | none (plain decoding)")
@@ -96,8 +91,11 @@ def dry_run(args) -> int:
         cfg = loading.model_config(args.model, args.dtype)
     tree = auto_tree_name("gpu") if args.tree == "auto" else args.tree
     step_tokens = len(Tree.make(tree, 3).layout.offsets)  # with the paper's M = 3 masks
+    counts = [d.strip() for d in args.devices.split(",") if d.strip()]
+    if not counts or not all(d.isdigit() and int(d) > 0 for d in counts):
+        raise ValueError(f"--devices must be positive integers, e.g. 1,8,64; got {args.devices!r}")
     plans = []
-    for n in (int(d) for d in args.devices.split(",") if d.strip()):
+    for n in map(int, counts):
         data, model = (sharding.mesh_sizes(args.mesh, n) if args.mesh
                        else memory_plan.default_mesh(n, cfg))
         plans.append(memory_plan.decode_plan(cfg, data=data, model=model,

@@ -26,6 +26,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bita_jax.cli import (  # noqa: E402
+    add_dtype_argument,
     add_mesh_argument,
     fail,
     only_main_process_prints,
@@ -56,13 +57,7 @@ def parse_args(argv=None):
                         "one, or both (default)")
     p.add_argument("--max-prompt-tokens", type=int, default=512,
                    help="skip prompts whose rendering is longer (default 512)")
-    p.add_argument("--dtype", default="float32",
-                   choices=["float32", "bfloat16", "bfloat16-pure"],
-                   help="float32 (default); bfloat16: bf16 weights, fp32 activations and "
-                        "cache (the accelerator mode: half the weight memory, BiTA still "
-                        "equals greedy); "
-                        "bfloat16-pure: activations in bf16 too (faster, rounds differently "
-                        "in tree and one-token steps)")
+    add_dtype_argument(p)
     p.add_argument("--out", required=True, help="run directory (resumable) and dataset dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_mesh_argument(p)

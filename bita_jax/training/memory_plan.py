@@ -9,14 +9,12 @@ pass-1 layer, what pass 2 keeps for the backward pass of the mask rows, and the 
 
 from __future__ import annotations
 
-import math
-
 import jax
 import numpy as np
 
 from bita_jax import models, sharding
 from bita_jax.checkpoints import loading
-from bita_jax.decoding.memory_plan import decode_plan, default_mesh
+from bita_jax.decoding.memory_plan import base_shard_bytes, decode_plan, default_mesh
 from bita_jax.decoding.tree import Tree
 from bita_jax.training import run_config, samples
 
@@ -36,18 +34,7 @@ def estimate(tc, devices: int | None = None) -> dict:
         raise run_config.ConfigFileError(f"run.mesh: {e}") from None
     rules = sharding.FSDP_RULES if run.fsdp else sharding.DEFAULT_RULES
     abstract = models.abstract_params(cfg)
-    specs = sharding.param_specs(cfg, {"data": data, "model": msize}, rules)
-    axis = {"data": data, "model": msize}
-
-    def shard_bytes(leaf, spec):
-        shape = list(leaf.shape)
-        for dim, axes in enumerate(spec):
-            for a in (axes,) if isinstance(axes, str) else (axes or ()):
-                shape[dim] //= axis[a]
-        return math.prod(shape) * np.dtype(leaf.dtype).itemsize
-
-    base_bytes = sum(jax.tree.leaves(jax.tree.map(
-        shard_bytes, abstract, specs, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))))
+    base_bytes = base_shard_bytes(cfg, data, msize, rules)
     n_base = models.count_params(abstract)
     n_bita = models.count_trainable(cfg, bcfg)
     spec = samples.SampleSpec(bcfg.num_masks, run.max_groups, run.cutoff, run.real_len,
