@@ -63,19 +63,23 @@ class CausalLM(nn.Module):
                                  transposed=self.unrolled, param_dtype=pdt)
 
     def __call__(self, tokens, positions, block_mask, cache_kv=None, cache_len=None, bita=None,
-                 cache_visible=None):
+                 cache_visible=None, lora=None):
         """See `forward`. Returns (hidden [B, T, E], (k, v) [L, B, T, K, D])."""
         cfg = self.cfg
         is_mask = tokens >= cfg.vocab_size
         x = self.embed(jnp.where(is_mask, 0, tokens))
-        layer_inputs = {}
+        layer_inputs = {}  # every leaf [L, ...]: the scan (or the unrolled loop) slices layer i
         if bita is not None:
             mask_ids = jnp.clip(tokens - cfg.vocab_size, 0, bita["mask_embed"].shape[0] - 1)
             mask_x = bita["mask_embed"].astype(x.dtype)[mask_ids]
             x = jnp.where(is_mask[..., None], mask_x, x)
-            # [P, L, 2, N, D] -> [L, P, 2, N, D]; per-sample [B, P, L, ...] -> [L, B, P, ...]
-            prefix = bita["prefix"]
-            layer_inputs["prefix"] = jnp.moveaxis(prefix, prefix.ndim - 4, 0)
+            if "prefix" in bita:  # [P, L, 2, N, D] -> [L, P, ...]; per sample [B, P, L, ...]
+                prefix = bita["prefix"]
+                layer_inputs["prefix"] = jnp.moveaxis(prefix, prefix.ndim - 4, 0)
+            if "lora" in bita:
+                layer_inputs["mask_lora"] = bita["lora"]
+        if lora is not None:
+            layer_inputs["lora"] = lora
         if cache_kv is not None:
             layer_inputs["cache"] = cache_kv
         cos, sin = rope_tables(cfg, positions)
@@ -88,7 +92,8 @@ class CausalLM(nn.Module):
             return self.final_norm(x), block_kv
         kvs = []
         for i, blk in enumerate(self.blocks):  # cache: stacked [L, ...] or L-tuples
-            x, kv = blk(x, {k: (v[0][i], v[1][i]) if k == "cache" else v[i]
+            x, kv = blk(x, {k: (v[0][i], v[1][i]) if k == "cache" else
+                            jax.tree.map(lambda a, i=i: a[i], v)
                             for k, v in layer_inputs.items()}, ctx)
             kvs.append(kv)
         return self.final_norm(x), jax.tree.map(lambda *a: jnp.stack(a), *kvs)
@@ -107,7 +112,8 @@ class CausalLM(nn.Module):
 
 
 def forward(cfg: ModelConfig, base_params: Params, tokens, positions, block_mask,
-            cache: KVCache | None = None, bita_params: Params | None = None, cache_visible=None):
+            cache: KVCache | None = None, bita_params: Params | None = None, cache_visible=None,
+            lora: Params | None = None):
     """Runs T new tokens through the model.
 
     Args:
@@ -118,10 +124,13 @@ def forward(cfg: ModelConfig, base_params: Params, tokens, positions, block_mask
       block_mask: [T, T] or [B, T, T] bool: query t sees new token u. Any pattern (causal, tree).
       cache: committed keys/values; every new token sees slots [0, cache.length) of its row.
       bita_params: {"prefix": [P, L, 2, N, D], "mask_embed": [M, E]} or None; the prefix may
-        also be per sample, [B, P, L, 2, N, D] (training with per-sample prefix dropout).
+        also be per sample, [B, P, L, 2, N, D] (training with per-sample prefix dropout), or
+        absent (SPACE: mask embeddings only). An optional "lora" (`lora.init_lora`) adapts the
+        mask rows only: real rows keep the base arithmetic.
       cache_visible: optional [B, T, S] bool, which cache slots each new token sees (replaces
         `slot < cache.length`; `cache.length` is then unused). Lets training attend mask groups
         to the real-token keys/values of a no-gradient first pass.
+      lora: a LoRA pytree (`lora.init_lora`) applied to every row: a fine-tuned model (SPACE).
 
     Returns:
       hidden [B, T, E] after the final norm, and the block's (k, v), each [L, B, T, K, D],
@@ -131,7 +140,7 @@ def forward(cfg: ModelConfig, base_params: Params, tokens, positions, block_mask
     cache_len = cache.length if cache is not None else None
     return CausalLM(cfg, is_unrolled(base_params)).apply(
         {"params": base_params}, tokens, positions, block_mask, cache_kv, cache_len, bita_params,
-        cache_visible)
+        cache_visible, lora)
 
 
 def is_unrolled(base_params: Params) -> bool:

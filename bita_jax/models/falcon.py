@@ -10,11 +10,13 @@ The fused query_key_value weight is split into q/k/v in the checkpoint converter
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 
 from bita_jax.models.config import ModelConfig
-from bita_jax.models.layers import Attention, AttnContext, LayerNorm, dense
+from bita_jax.models.layers import Attention, AttnContext, LayerNorm, adapted, dense
 
 
 class FalconMLP(nn.Module):
@@ -24,14 +26,15 @@ class FalconMLP(nn.Module):
     transposed: bool = False  # kernels stored [F, K] (`DenseT`)
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, ctx: AttnContext, lora=None, mask_lora=None):
         cfg, dt, tr = self.cfg, self.cfg.jnp_compute_dtype, self.transposed
         pdt = cfg.jnp_dtype
         f, bias = cfg.intermediate_size, cfg.mlp_bias
-        h = dense(f, ("embed", "mlp"), ("mlp",), bias, dt, "up_proj", transposed=tr,
-                  param_dtype=pdt)(x)
-        return dense(cfg.hidden_size, ("mlp", "embed"), ("embed",), bias, dt, "down_proj",
-                     transposed=tr, param_dtype=pdt)(jax.nn.gelu(h, approximate=False))
+        adapt = functools.partial(adapted, ctx=ctx, lora=lora, mask_lora=mask_lora)
+        h = adapt(dense(f, ("embed", "mlp"), ("mlp",), bias, dt, "up_proj", transposed=tr,
+                        param_dtype=pdt), x)
+        return adapt(dense(cfg.hidden_size, ("mlp", "embed"), ("embed",), bias, dt, "down_proj",
+                           transposed=tr, param_dtype=pdt), jax.nn.gelu(h, approximate=False))
 
 
 class FalconBlock(nn.Module):
@@ -49,9 +52,11 @@ class FalconBlock(nn.Module):
             mlp_in = LayerNorm(cfg.norm_eps, dt, pdt, name="ln_mlp")(x)
         else:
             attn_in = mlp_in = LayerNorm(cfg.norm_eps, dt, pdt, name="input_layernorm")(x)
+        lora, mask_lora = layer.get("lora"), layer.get("mask_lora")
         attn_out, kv = Attention(cfg, self.transposed, name="attn")(
-            attn_in, ctx, layer.get("cache"), layer.get("prefix"))
-        mlp = FalconMLP(cfg, self.transposed, name="mlp")
+            attn_in, ctx, layer.get("cache"), layer.get("prefix"), lora, mask_lora)
+        mlp = functools.partial(FalconMLP(cfg, self.transposed, name="mlp"), ctx=ctx, lora=lora,
+                                mask_lora=mask_lora)
         if cfg.new_decoder_architecture or cfg.parallel_attn:
             return (mlp(mlp_in) + attn_out) + x, kv  # HF's summation order
         h = x + attn_out

@@ -13,6 +13,7 @@ bit-identical to the base model.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -20,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bita_jax.models import lora as lora_lib
 from bita_jax.models.config import ModelConfig
 
 # A finite "minus infinity" for masked scores and logits: fully masked rows stay NaN-free.
@@ -185,7 +187,8 @@ class AttnContext(NamedTuple):
     cos, sin: [B, T, D] rotary tables of the new tokens.
     cache_len: [B] int32 committed slots per row (None without a cache).
     block_mask: [B, T, T] bool, query t may see new token u.
-    prefix_rows: [B, T] bool, rows that see the BiTA prefix (mask tokens); None without BiTA.
+    mask_rows: [B, T] bool, the mask-token rows: the only rows that see the BiTA prefix and
+      take the mask-only LoRA (None without BiTA params).
     cache_visible: [B, T, S] bool, an explicit per-query view of the cache that replaces
       `slot < cache_len` (training: each mask group sees only the real tokens before its anchor).
     """
@@ -194,7 +197,7 @@ class AttnContext(NamedTuple):
     sin: jnp.ndarray
     cache_len: jnp.ndarray | None
     block_mask: jnp.ndarray
-    prefix_rows: jnp.ndarray | None
+    mask_rows: jnp.ndarray | None
     cache_visible: jnp.ndarray | None = None
 
 
@@ -289,14 +292,14 @@ def block_attention(q, k_blk, v_blk, ctx: AttnContext, k_cache=None, v_cache=Non
         pk = jnp.broadcast_to(prefix[:, :, 0].reshape(pb, p, kv, g, d), (b, p, kv, g, d))
         pv = jnp.broadcast_to(prefix[:, :, 1].reshape(pb, p, kv, g, d), (b, p, kv, g, d))
         s = jnp.einsum("btkgd,bpkgd->bkgtp", qg, pk.astype(jnp.float32))
-        rows = ctx.prefix_rows[:, None, None, :, None]
+        rows = ctx.mask_rows[:, None, None, :, None]
         s = jnp.where(rows, s, MASKED)
         m = jnp.max(s, axis=-1)
         e = jnp.exp(s - m[..., None])
         pre = _Part(m, jnp.sum(e, axis=-1),
                     jnp.einsum("bkgtp,bpkgd->bkgtd", e, pv.astype(jnp.float32)))
         merged = _merge(part, pre)
-        out = jnp.where(ctx.prefix_rows[:, None, None, :, None],
+        out = jnp.where(ctx.mask_rows[:, None, None, :, None],
                         merged.o / merged.denom[..., None], out)
     # [B, K, G, T, D] -> [B, T, N, D]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d).astype(q.dtype)
@@ -309,22 +312,36 @@ class Attention(nn.Module):
     transposed: bool = False  # kernels stored [F, K] (`DenseT`)
 
     @nn.compact
-    def __call__(self, x, ctx: AttnContext, cache_kv=None, prefix=None):
-        """x [B, T, E] -> (out [B, T, E], (k [B, T, K, D], v [B, T, K, D]))."""
+    def __call__(self, x, ctx: AttnContext, cache_kv=None, prefix=None, lora=None,
+                 mask_lora=None):
+        """x [B, T, E] -> (out [B, T, E], (k [B, T, K, D], v [B, T, K, D])).
+
+        `lora` (every row) and `mask_lora` (mask rows only) are this layer's LoRA pytrees."""
         cfg = self.cfg
         dt, pdt = cfg.jnp_compute_dtype, cfg.jnp_dtype
         n, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias, tr = cfg.attention_bias, self.transposed
-        q = dense((n, d), ("embed", "heads", "head_dim"), ("heads", "head_dim"), bias, dt,
-                  "q_proj", transposed=tr, param_dtype=pdt)(x)
-        k = dense((kv, d), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), bias, dt,
-                  "k_proj", transposed=tr, param_dtype=pdt)(x)
-        v = dense((kv, d), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), bias, dt,
-                  "v_proj", transposed=tr, param_dtype=pdt)(x)
+        adapt = functools.partial(adapted, ctx=ctx, lora=lora, mask_lora=mask_lora)
+        q = adapt(dense((n, d), ("embed", "heads", "head_dim"), ("heads", "head_dim"), bias, dt,
+                        "q_proj", transposed=tr, param_dtype=pdt), x)
+        k = adapt(dense((kv, d), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"),
+                        bias, dt, "k_proj", transposed=tr, param_dtype=pdt), x)
+        v = adapt(dense((kv, d), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"),
+                        bias, dt, "v_proj", transposed=tr, param_dtype=pdt), x)
         q = apply_rope(q, ctx.cos, ctx.sin)
         k = apply_rope(k, ctx.cos, ctx.sin)
         k_cache, v_cache = cache_kv if cache_kv is not None else (None, None)
         out = block_attention(q, k, v, ctx, k_cache, v_cache, prefix)
-        out = dense(cfg.hidden_size, ("heads", "head_dim", "embed"), ("embed",), bias, dt, "o_proj",
-                    axis=(-2, -1), transposed=tr, param_dtype=pdt)(out)
+        out = adapt(dense(cfg.hidden_size, ("heads", "head_dim", "embed"), ("embed",), bias, dt,
+                          "o_proj", axis=(-2, -1), transposed=tr, param_dtype=pdt), out, n_in=2)
         return out, (k, v)
+
+
+def adapted(projection: nn.Module, x, ctx: AttnContext, lora=None, mask_lora=None, n_in=1):
+    """projection(x) plus this layer's LoRA updates of it (`lora_lib.apply`): `lora` on every
+    row, `mask_lora` on the mask rows (`ctx.mask_rows`) only."""
+    y = projection(x)
+    y = lora_lib.apply(y, x, projection.name, lora, None, n_in)
+    if mask_lora is not None:
+        y = lora_lib.apply(y, x, projection.name, mask_lora, ctx.mask_rows, n_in)
+    return y
