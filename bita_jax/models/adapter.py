@@ -1,7 +1,8 @@
 """Exported adapters: the BiTA params on disk, with what they were trained for.
 
-An adapter is a directory with `adapter.safetensors` (the `prefix` and `mask_embed` arrays,
-fp32) and `adapter.json` (the `BitaConfig`, the base model's identity, and training metadata).
+An adapter is a directory with `adapter.safetensors` (the `prefix` and `mask_embed` arrays, and
+`lora.<target>.a|b` with a LoRA; fp32) and `adapter.json` (the `BitaConfig`, its method
+included, the base model's identity, and training metadata).
 `load_adapter` refuses an adapter whose recorded base model differs from the one it is loaded
 onto (any of `config.IDENTITY_FIELDS`, or the weights fingerprint).
 """
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bita_jax.models.bita_params import BitaConfig, param_shapes
+from bita_jax.models.bita_params import BitaConfig, flatten, param_shapes, unflatten
 from bita_jax.models.config import IDENTITY_FIELDS, ModelConfig
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -36,7 +37,8 @@ def save_adapter(directory: str | pathlib.Path, bita_params, bcfg: BitaConfig,
 
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.asarray(jax.device_get(v), np.float32) for k, v in bita_params.items()}
+    arrays = {k: np.asarray(jax.device_get(v), np.float32)
+              for k, v in flatten(bita_params).items()}
     tmp = directory / (ADAPTER_WEIGHTS + ".tmp")
     save_file(arrays, str(tmp))
     tmp.replace(directory / ADAPTER_WEIGHTS)
@@ -96,5 +98,5 @@ def load_adapter(directory: str | pathlib.Path, cfg: ModelConfig,
                 "the adapter belongs to another base model")
         if not np.all(np.isfinite(arrays[key])):
             raise AdapterError(f"adapter {key} in {weights} contains NaN/inf: corrupt adapter")
-    params = {k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()}
+    params = unflatten({k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()})
     return params, bcfg, meta.get("metadata", {})

@@ -1,6 +1,7 @@
 """The BiTA parameters, a separate pytree: a deep prefix ("prompt tokens") and mask embeddings.
 
     bita_params = {"prefix": [P, L, 2, N, D], "mask_embed": [M, E]}   (fp32 always)
+    (+ "lora": {target: {"a": [L, I, r], "b": [L, r, O]}} with `lora_rank` > 0: mask rows only)
 
 The prefix holds post-RoPE keys and values for every layer and every query head (the official
 layout, also on GQA models); prefix keys carry no position. Mask token k is fed as id V + k.
@@ -19,7 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bita_jax.models import lora as lora_lib
 from bita_jax.models.config import ModelConfig
+
+METHODS = ("bita", "space")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,16 +35,32 @@ class BitaConfig:
       num_masks: M mask tokens (official: 3 for 7B/13B, 4 for 33B+).
       prefix_dropout: dropout on the prefix in training only (official: 0.1).
       init_std: Normal init std of both tables (official: 0.02).
+      lora_rank: rank of a LoRA of every projection (`lora.py`; 0: none). With method "bita"
+        it adapts mask rows only (not in the paper): the drafter gets far more capacity than
+        the prefix, and real rows keep the frozen base arithmetic, so decoding stays lossless.
+        With "space" it adapts every row: the fine-tuned model.
+      method: "bita" (a prefix and mask embeddings on a frozen base, lossless against it) or
+        "space" (SPACE's semi-autoregressive fine-tuning: mask embeddings and a LoRA on every
+        row, no prefix; lossless against the fine-tuned model; `training.sar_samples`).
     """
 
     num_prefix: int = 16
     num_masks: int = 3
     prefix_dropout: float = 0.1
     init_std: float = 0.02
+    lora_rank: int = 0
+    method: str = "bita"
 
     def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "space" and self.lora_rank < 1:
+            raise ValueError("method 'space' fine-tunes the model through a LoRA: set lora_rank "
+                             ">= 1 (e.g. bita.lora_rank=16)")
         if self.num_prefix < 1 or self.num_masks < 1:
             raise ValueError(f"num_prefix and num_masks must be >= 1, got {self}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
         if not 0.0 <= self.prefix_dropout < 1.0:
             raise ValueError(f"prefix_dropout must be in [0, 1), got {self.prefix_dropout}")
 
@@ -56,25 +76,61 @@ class BitaConfig:
         return dataclasses.asdict(self)
 
 
+    @property
+    def lora(self) -> lora_lib.LoraConfig:
+        return lora_lib.LoraConfig(rank=self.lora_rank, init_std=self.init_std)
+
+
 def param_shapes(cfg: ModelConfig, bcfg: BitaConfig) -> dict[str, tuple[int, ...]]:
-    return {
-        "prefix": (bcfg.num_prefix, cfg.num_layers, 2, cfg.num_heads, cfg.head_dim),
-        "mask_embed": (bcfg.num_masks, cfg.hidden_size),
-    }
+    """Shapes by flat name ("prefix", "mask_embed", "lora.q_proj.a", ...: `flatten`)."""
+    shapes = {"mask_embed": (bcfg.num_masks, cfg.hidden_size)}
+    if bcfg.method == "bita":
+        shapes["prefix"] = (bcfg.num_prefix, cfg.num_layers, 2, cfg.num_heads, cfg.head_dim)
+    if bcfg.lora_rank:
+        shapes.update(flatten({"lora": lora_lib.lora_shapes(cfg, bcfg.lora)},
+                              is_leaf=lambda x: isinstance(x, tuple)))
+    return shapes
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "", is_leaf=None) -> dict[str, Any]:
+    """A nested dict of arrays -> {"a.b.c": leaf} (how adapters store params)."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and not (is_leaf and is_leaf(value)):
+            out.update(flatten(value, name + ".", is_leaf))
+        else:
+            out[name] = value
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `flatten`."""
+    out: dict[str, Any] = {}
+    for name, value in flat.items():
+        *path, last = name.split(".")
+        node = out
+        for key in path:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return out
 
 
 def count_trainable(cfg: ModelConfig, bcfg: BitaConfig) -> int:
     return sum(int(np.prod(s)) for s in param_shapes(cfg, bcfg).values())
 
 
-def init_bita_params(cfg: ModelConfig, bcfg: BitaConfig, rng) -> dict[str, jnp.ndarray]:
-    """Normal(0, init_std) tables, fp32."""
+def init_bita_params(cfg: ModelConfig, bcfg: BitaConfig, rng) -> dict[str, Any]:
+    """Normal(0, init_std) tables, fp32 (and a LoRA whose update starts at zero)."""
     shapes = param_shapes(cfg, bcfg)
-    k1, k2 = jax.random.split(rng)
-    return {
-        "prefix": bcfg.init_std * jax.random.normal(k1, shapes["prefix"], jnp.float32),
-        "mask_embed": bcfg.init_std * jax.random.normal(k2, shapes["mask_embed"], jnp.float32),
-    }
+    k1, k2, k3 = jax.random.split(rng, 3)
+    params = {"mask_embed": bcfg.init_std * jax.random.normal(k2, shapes["mask_embed"],
+                                                             jnp.float32)}
+    if "prefix" in shapes:
+        params["prefix"] = bcfg.init_std * jax.random.normal(k1, shapes["prefix"], jnp.float32)
+    if bcfg.lora_rank:
+        params["lora"] = lora_lib.init_lora(cfg, bcfg.lora, k3)
+    return params
 
 
 def prefix_dropout(bita_params, sample_keys, rate: float):
@@ -90,8 +146,19 @@ def prefix_dropout(bita_params, sample_keys, rate: float):
       sample_keys: [B] PRNG keys, one per sample.
       rate: the drop probability.
     """
-    if rate <= 0.0:
+    if rate <= 0.0 or "prefix" not in bita_params:
         return bita_params
     prefix = bita_params["prefix"]
     keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, prefix.shape))(sample_keys)
     return {**bita_params, "prefix": jnp.where(keep, prefix / (1.0 - rate), 0.0)}
+
+
+def decoding_params(base_params, bita_params, bcfg: BitaConfig):
+    """(base params, drafting params) that decoding runs.
+
+    BiTA: the frozen base and the whole pytree. SPACE: the base with the LoRA merged in (the
+    fine-tuned model, scanned layout) and the mask embeddings alone."""
+    if bcfg.method == "bita":
+        return base_params, bita_params
+    return (lora_lib.merge(base_params, bita_params["lora"]),
+            {"mask_embed": bita_params["mask_embed"]})

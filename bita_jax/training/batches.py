@@ -3,6 +3,8 @@
     stream = BatchStream(records, spec, batch_size=8, seed=0)
     batch = stream.batch(step)            # {"tokens", "anchors", "labels"}: [B, ...] int32
 
+The spec says what a sample is: `samples.SampleSpec` (BiTA) or `sar_samples.SarSpec` (SPACE).
+
 Batch `step` is a pure function of (records, spec, seed, batch size, step), so a resumed run sees
 exactly the batches an uninterrupted one would. `eval_batches` gives fixed evaluation batches.
 """
@@ -14,13 +16,14 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from bita_jax.data.dataset import DataError, Record
-from bita_jax.training.samples import SampleSpec, build_sample, empty_sample, stack, usable
+from bita_jax.training.samples import SampleSpec, stack
+from bita_jax.training.sar_samples import SarSpec
 
 
-def usable_indices(records: Sequence[Record], spec: SampleSpec) -> np.ndarray:
+def usable_indices(records: Sequence[Record], spec: SampleSpec | SarSpec) -> np.ndarray:
     """Indices of the records that give at least one mask group."""
     keep = [i for i, r in enumerate(records)
-            if usable(len(r["prompt_ids"]), len(r["response_ids"]), spec)]
+            if spec.usable(len(r["prompt_ids"]), len(r["response_ids"]))]
     return np.asarray(keep, np.int64)
 
 
@@ -33,12 +36,13 @@ class BatchStream:
     batches an uninterrupted one would.
     """
 
-    def __init__(self, records: Sequence[Record], spec: SampleSpec, batch_size: int, seed: int):
+    def __init__(self, records: Sequence[Record], spec: SampleSpec | SarSpec, batch_size: int,
+                 seed: int):
         self.records, self.spec, self.batch_size, self.seed = records, spec, batch_size, seed
         self.index = usable_indices(records, spec)
         if len(self.index) == 0:
-            raise DataError(f"no usable record: every response is at most M={spec.num_masks} "
-                            f"tokens after truncation to cutoff={spec.cutoff}")
+            raise DataError(f"no usable record: no response leaves a token to learn (BiTA: more "
+                            f"than M={spec.num_masks}) after truncation to cutoff={spec.cutoff}")
         self._perms: dict[int, np.ndarray] = {}
 
     @property
@@ -59,8 +63,8 @@ class BatchStream:
         epoch, j = divmod(i, n)
         rec = int(self._perm(epoch)[j])
         r = self.records[rec]
-        out = build_sample(r["prompt_ids"], r["response_ids"], self.spec,
-                           np.random.default_rng((self.seed, epoch, rec)))
+        out = self.spec.build(r["prompt_ids"], r["response_ids"],
+                              np.random.default_rng((self.seed, epoch, rec)))
         assert out is not None  # filtered by usable_indices
         return out
 
@@ -80,7 +84,7 @@ class BatchStream:
                 "samples_seen": step * self.batch_size}
 
 
-def eval_batches(records: Sequence[Record], spec: SampleSpec, batch_size: int, seed: int,
+def eval_batches(records: Sequence[Record], spec: SampleSpec | SarSpec, batch_size: int, seed: int,
                  max_batches: int | None = None) -> Iterable[dict[str, np.ndarray]]:
     """Fixed eval batches (same windows every time); the last one is padded with empty rows."""
     index = usable_indices(records, spec)
@@ -90,7 +94,7 @@ def eval_batches(records: Sequence[Record], spec: SampleSpec, batch_size: int, s
         samples = []
         for rec in index[start:start + batch_size]:
             r = records[int(rec)]
-            samples.append(build_sample(r["prompt_ids"], r["response_ids"], spec,
-                                        np.random.default_rng((seed, int(rec)))))
-        samples += [empty_sample(spec)] * (batch_size - len(samples))
+            samples.append(spec.build(r["prompt_ids"], r["response_ids"],
+                                      np.random.default_rng((seed, int(rec)))))
+        samples += [spec.empty()] * (batch_size - len(samples))
         yield stack(samples)

@@ -76,8 +76,9 @@ def check_resume(where: pathlib.Path, step: int, saved: dict, now: dict):
         if key not in saved and key in _UNRECORDED_BEFORE:
             continue
         before = saved.get(key)
-        if isinstance(before, dict) and key in _ADDED_SETTINGS:
-            before = {**_ADDED_SETTINGS[key], **before}
+        if isinstance(before, dict) and isinstance(value, dict) and key in _ADDED_SETTINGS:
+            added = {k: v for k, v in _ADDED_SETTINGS[key].items() if k in value}
+            before = {**added, **before}
         if before == value:
             continue
         name = key

@@ -29,7 +29,7 @@ from bita_jax.checkpoints import loading
 from bita_jax.cli import status
 from bita_jax.data.dataset import DataError, load_records
 from bita_jax.models.adapter import ADAPTER_META, AdapterError
-from bita_jax.training import batches, run_config, samples
+from bita_jax.training import batches, run_config, samples, sar_samples
 from bita_jax.training import step as step_lib
 from bita_jax.training.checkpointing import Checkpoints, ResumeError, check_resume
 
@@ -93,9 +93,10 @@ def global_batch(batch, batch_sharding):
             for k, v in batch.items()}
 
 
-def check_vocab(batch, vocab_size: int):
-    """Raises DataError when a batch holds a token id the model does not have."""
-    top = max(int(batch["tokens"].max()), int(batch["labels"].max()))
+def check_vocab(batch, vocab_size: int, num_masks: int = 0):
+    """Raises DataError when a batch holds a token id the model does not have (SPACE's inputs
+    hold the `num_masks` mask ids V .. V + M - 1 too)."""
+    top = max(int(batch["tokens"].max()) - num_masks, int(batch["labels"].max()))
     if top >= vocab_size:
         raise DataError(f"token id {top} in the training data is outside the model's "
                         f"vocabulary (V={vocab_size}): the dataset was made with another "
@@ -169,8 +170,13 @@ class Trainer:
         run, bcfg = self.tc.run, self.tc.bita
         if run.data is None:
             raise DataError("no training data: pass --data DIR_OR_JSONL or set run.data")
-        self.spec = samples.SampleSpec(bcfg.num_masks, run.max_groups, run.cutoff, run.real_len,
-                                       run.anchors)
+        if bcfg.method == "space":
+            spec = self.tc.model
+            vocab = loading.model_config(spec.name, spec.dtype, spec.hf_config).vocab_size
+            self.spec = sar_samples.SarSpec(bcfg.num_masks, run.cutoff, run.mask_prob, vocab)
+        else:
+            self.spec = samples.SampleSpec(bcfg.num_masks, run.max_groups, run.cutoff,
+                                           run.real_len, run.anchors)
         self.stream = batches.BatchStream(load_records(run.data, run.train_split), self.spec,
                                           run.batch_size, run.seed)
         eval_records = None
@@ -226,7 +232,7 @@ class Trainer:
         self.step_fn = step_lib.make_train_step(self.cfg, bcfg, self.spec, self.tx, self.mesh,
                                                 self.rules, run.grad_accum, options)
         self.eval_fn = (step_lib.make_eval_step(self.cfg, self.spec, self.mesh, self.rules,
-                                                compiler_options=options)
+                                                compiler_options=options, bcfg=bcfg)
                         if self.eval_records else None)
         self.batch_sharding = sharding.batch_sharding(self.mesh, 2, self.rules)
         self.root_key = jax.random.key(run.seed)
@@ -270,8 +276,11 @@ class Trainer:
                                             global_batch(eb, self.batch_sharding)))
             sums = m if sums is None else {k: sums[k] + m[k] for k in m}
         s = step_lib.summarize(sums)
-        return {"step": step, "eval_loss": s["loss"], "eval_acc": s["acc"],
-                "eval_acc5": s["acc5"], "eval_mask_tokens": s["mask_tokens"]}
+        out = {"step": step, "eval_loss": s["loss"], "eval_acc": s["acc"],
+               "eval_acc5": s["acc5"], "eval_mask_tokens": s["mask_tokens"]}
+        if "ar_acc" in s:  # SPACE: the fine-tuned model's own next-token accuracy
+            out["eval_ar_acc"] = s["ar_acc"]
+        return out
 
     def log(self, record: dict):
         """Appends one line to metrics.jsonl (process 0)."""
@@ -283,12 +292,16 @@ class Trainer:
     def train_step(self, step: int) -> tuple[dict, int]:
         """Runs optimizer step `step` (0-based); returns (device metrics, tokens it processed)."""
         batch = self.stream.batch(step)
-        check_vocab(batch, self.cfg.vocab_size)
+        check_vocab(batch, self.cfg.vocab_size,
+                    self.tc.bita.num_masks if self.tc.bita.method == "space" else 0)
         rng = jax.random.fold_in(jax.random.fold_in(self.root_key, 1), step)
         self.params, self.opt_state, metrics = self.step_fn(
             self.params, self.opt_state, self.base_params,
             global_batch(batch, self.batch_sharding), rng)
-        tokens = int(batch["anchors"].max(axis=1).sum() + (batch["labels"] >= 0).sum())
+        if "anchors" in batch:  # BiTA: the real tokens up to the last anchor, and the masks
+            tokens = int(batch["anchors"].max(axis=1).sum() + (batch["labels"] >= 0).sum())
+        else:  # SPACE: every filled slot
+            tokens = int((batch["labels"] >= 0).sum() + batch["tokens"].shape[0])
         return metrics, tokens
 
     # -- the run --------------------------------------------------------------------------------

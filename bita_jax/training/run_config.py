@@ -82,6 +82,8 @@ class RunConfig:
         response positions from a random start) or "spread" (max_groups positions drawn
         uniformly from the whole response; see `samples.SampleSpec`).
       real_len: real-token slots per sample (default cutoff - M - 1).
+      mask_prob: SPACE (bita.method: space): the share of samples cut and followed by M masks
+        (official 0.5; `sar_samples`).
       data: training data, a tfds data directory or a .jsonl file (`data.dataset.load_records`).
       train_split: tfds split for training.
       eval_data: evaluation data (path); None uses `eval_split` of `data` (a directory).
@@ -120,6 +122,7 @@ class RunConfig:
     max_groups: int = 64
     anchors: str = "window"
     real_len: int | None = None
+    mask_prob: float = 0.5
     data: str | None = None
     train_split: str = "train"
     eval_data: str | None = None
@@ -152,6 +155,7 @@ class RunConfig:
         need(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         need(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         need(self.max_groups >= 1, "max_groups must be >= 1")
+        need(0.0 <= self.mask_prob <= 1.0, f"mask_prob must be in [0, 1], got {self.mask_prob}")
         need(self.anchors in ANCHOR_MODES,
              f"anchors must be one of {ANCHOR_MODES}, got {self.anchors!r}")
         need(len(self.mesh) == 2 and self.mesh[1] >= 1

@@ -78,6 +78,16 @@ class SampleSpec:
         """G * M mask slots of a sample."""
         return self.max_groups * self.num_masks
 
+    # The interface `batches.BatchStream` draws samples through (`sar_samples.SarSpec` too).
+    def usable(self, prompt_len: int, response_len: int) -> bool:
+        return usable(prompt_len, response_len, self)
+
+    def build(self, src: Sequence[int], tgt: Sequence[int], rng: np.random.Generator):
+        return build_sample(src, tgt, self, rng)
+
+    def empty(self) -> dict[str, np.ndarray]:
+        return empty_sample(self)
+
 
 def usable(prompt_len: int, response_len: int, spec: SampleSpec) -> bool:
     """True when the record yields at least one mask group (after truncation to the cutoff)."""

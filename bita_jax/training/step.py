@@ -24,6 +24,8 @@ from bita_jax.models.bita_params import BitaConfig
 from bita_jax.models.config import ModelConfig
 from bita_jax.training.loss import Batch, loss_fn, mask_logits, mask_metrics
 from bita_jax.training.samples import SampleSpec
+from bita_jax.training.sar_loss import sar_logits, sar_loss_fn, sar_metrics
+from bita_jax.training.sar_samples import SarSpec
 
 # XLA CPU options that cut compile time 2-3x for small models (tests, CPU smoke runs); numerics
 # stay IEEE fp32 (no fast-math), only the LLVM optimisation level and fusion codegen change.
@@ -70,16 +72,29 @@ def _split_micro(tree, accum: int):
     return jax.tree.map(split, tree)
 
 
+def method_loss(cfg: ModelConfig, bcfg: BitaConfig, spec: SampleSpec | SarSpec,
+                train: bool = True):
+    """`loss(params, base_params, batch, rng, denom=None) -> (loss, summed metrics)` of the
+    method: BiTA's two-pass mask loss (`loss.loss_fn`) or SPACE's SAR loss
+    (`sar_loss.sar_loss_fn`)."""
+    if bcfg.method == "space":
+        return functools.partial(sar_loss_fn, cfg=cfg, spec=spec)
+    return functools.partial(loss_fn, cfg=cfg, bcfg=bcfg, spec=spec, train=train)
+
+
 def train_step(bita_params, opt_state, base_params, batch: Batch, rng, *, cfg: ModelConfig,
-               bcfg: BitaConfig, spec: SampleSpec, tx: optax.GradientTransformation,
+               bcfg: BitaConfig, spec: SampleSpec | SarSpec, tx: optax.GradientTransformation,
                grad_accum: int = 1):
-    """One optimizer step on a [B, ...] batch (see `make_train_step`; this is the unjitted body)."""
+    """One optimizer step on a [B, ...] batch (see `make_train_step`; this is the unjitted body).
+
+    `bita_params` is the trainable pytree of the method (BiTA: prefix, masks and an optional
+    mask-only LoRA; SPACE: masks and the LoRA); gradients are taken w.r.t. it alone."""
     denom = jnp.maximum(jnp.sum(batch["labels"] >= 0), 1)
     # one dropout key per sample, split with the batch: a sample's mask is the same whatever the
     # micro-batching or the mesh
     sample_keys = jax.random.split(rng, batch["tokens"].shape[0])
     grad_fn = jax.value_and_grad(
-        functools.partial(loss_fn, cfg=cfg, bcfg=bcfg, spec=spec, train=True, denom=denom),
+        functools.partial(method_loss(cfg, bcfg, spec, train=True), denom=denom),
         argnums=0, has_aux=True)
     if grad_accum == 1:
         (loss, metrics), grads = grad_fn(bita_params, base_params, batch, sample_keys)
@@ -92,21 +107,24 @@ def train_step(bita_params, opt_state, base_params, batch: Batch, rng, *, cfg: M
                      jax.tree.map(jnp.add, metrics, mt))
             return carry, None
 
-        m = spec.num_masks
+        micro = _split_micro((batch, sample_keys), grad_accum)
+        first = jax.tree.map(lambda x: x[0], micro)
+        _, metric_shapes = jax.eval_shape(lambda: grad_fn(bita_params, base_params, *first)[0])
         zeros = (jax.tree.map(jnp.zeros_like, bita_params), jnp.zeros((), jnp.float32),
-                 {"nll": jnp.zeros((), jnp.float32), "count": jnp.zeros((m,), jnp.int32),
-                  "correct": jnp.zeros((m,), jnp.int32)})
-        (grads, loss, metrics), _ = jax.lax.scan(body, zeros,
-                                                 _split_micro((batch, sample_keys), grad_accum))
+                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+        (grads, loss, metrics), _ = jax.lax.scan(body, zeros, micro)
     updates, opt_state = tx.update(grads, opt_state, bita_params)
     bita_params = optax.apply_updates(bita_params, updates)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
     return bita_params, opt_state, metrics
 
 
-def eval_step(bita_params, base_params, batch: Batch, *, cfg: ModelConfig, spec: SampleSpec,
-              topk: int = 5):
+def eval_step(bita_params, base_params, batch: Batch, *, cfg: ModelConfig,
+              spec: SampleSpec | SarSpec, topk: int = 5, bcfg: BitaConfig | None = None):
     """Summed eval metrics (no dropout): nll, count, correct (top-1), correct{topk}."""
+    if bcfg is not None and bcfg.method == "space":
+        logits = sar_logits(cfg, bita_params, base_params, batch)
+        return sar_metrics(logits, batch["tokens"], batch["labels"], spec, topk)
     logits = mask_logits(cfg, spec, bita_params, base_params, batch)
     return mask_metrics(logits, batch["labels"], spec.num_masks, topk)
 
@@ -115,7 +133,7 @@ def eval_step(bita_params, base_params, batch: Batch, *, cfg: ModelConfig, spec:
 # Jitted, sharded steps.
 
 
-def make_train_step(cfg: ModelConfig, bcfg: BitaConfig, spec: SampleSpec,
+def make_train_step(cfg: ModelConfig, bcfg: BitaConfig, spec: SampleSpec | SarSpec,
                     tx: optax.GradientTransformation, mesh: Mesh,
                     rules: sharding.Rules = sharding.DEFAULT_RULES, grad_accum: int = 1,
                     compiler_options: dict[str, Any] | None = None):
@@ -140,13 +158,14 @@ def make_train_step(cfg: ModelConfig, bcfg: BitaConfig, spec: SampleSpec,
         compiler_options=compiler_options)
 
 
-def make_eval_step(cfg: ModelConfig, spec: SampleSpec, mesh: Mesh,
+def make_eval_step(cfg: ModelConfig, spec: SampleSpec | SarSpec, mesh: Mesh,
                    rules: sharding.Rules = sharding.DEFAULT_RULES, topk: int = 5,
-                   compiler_options: dict[str, Any] | None = None):
+                   compiler_options: dict[str, Any] | None = None,
+                   bcfg: BitaConfig | None = None):
     """`evaluate(bita_params, base_params, batch) -> summed metrics` (no dropout)."""
     rep = sharding.replicated(mesh)
     return jax.jit(
-        functools.partial(eval_step, cfg=cfg, spec=spec, topk=topk),
+        functools.partial(eval_step, cfg=cfg, spec=spec, topk=topk, bcfg=bcfg),
         in_shardings=(rep, sharding.param_shardings(cfg, mesh, rules),
                       sharding.batch_sharding(mesh, 2, rules)),
         out_shardings=rep,
@@ -174,8 +193,11 @@ def summarize(metrics: dict[str, Any]) -> dict[str, Any]:
         return [float(c) / max(n, 1.0) for c, n in zip(np.asarray(metrics[key]), count)]
 
     out = {"mask_tokens": int(sum(count)), "acc": rate("correct")}
+    ar_count = float(metrics.get("ar_count", 0))  # SPACE: the real rows' next tokens
     out["loss"] = (float(metrics["loss"]) if "loss" in metrics
-                   else float(metrics["nll"]) / max(sum(count), 1.0))
+                   else float(metrics["nll"]) / max(sum(count) + ar_count, 1.0))
+    if "ar_count" in metrics:
+        out["ar_acc"] = float(metrics["ar_correct"]) / max(ar_count, 1.0)
     for key in metrics:
         if key.startswith("correct") and key != "correct":
             out["acc" + key[len("correct"):]] = rate(key)

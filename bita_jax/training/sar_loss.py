@@ -1,0 +1,71 @@
+"""The SPACE loss: one causal pass of a SAR sample (`sar_samples`) through the fine-tuned model.
+
+    loss, metrics = sar_loss_fn(params, base_params, batch, None, cfg=cfg, spec=spec)
+
+`params` is the trainable pytree {"mask_embed": [M, E], "lora": {...}}: the LoRA adapts every row
+(the fine-tuned model), the mask embeddings feed the masks. The loss is the mean cross-entropy
+over every target of the batch, real next tokens and masks alike (the official recipe: plain
+SFT's loss with the masks' targets added).
+
+Metrics are sums, as the BiTA loss's (`loss.mask_metrics`), so steps, micro-batches and hosts
+add up: nll [], count [M] and correct [M] per mask index, ar_count [] and ar_correct [] for the
+real tokens' next-token predictions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from bita_jax import models
+from bita_jax.models.config import ModelConfig
+from bita_jax.training.sar_samples import SarSpec
+
+Batch = dict[str, jax.Array]
+
+
+def sar_logits(cfg: ModelConfig, params, base_params, batch: Batch):
+    """fp32 logits [B, T, V] of every slot, the LoRA on every row."""
+    tokens = batch["tokens"]
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    hidden, _ = models.forward(cfg, base_params, tokens, positions, causal,
+                               bita_params={"mask_embed": params["mask_embed"]},
+                               lora=params.get("lora"))
+    return models.lm_logits(cfg, base_params, hidden)
+
+
+def sar_metrics(logits, tokens, labels, spec: SarSpec, topk: int = 1) -> dict[str, jax.Array]:
+    """Summed NLL, per-mask counts and the real rows' next-token counts."""
+    valid = labels >= 0
+    safe = jnp.where(valid, labels, 0)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    gold = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    hit = jnp.argmax(logits, -1) == labels
+    mask_k = tokens - spec.vocab_size  # [B, T]: k on mask rows, < 0 on real rows
+    onehot = (mask_k[..., None] == jnp.arange(spec.num_masks)) & valid[..., None]  # [B, T, M]
+    real = valid & (mask_k < 0)
+    out = {"nll": jnp.sum(jnp.where(valid, logz - gold, 0.0)),
+           "count": jnp.sum(onehot, axis=(0, 1)).astype(jnp.int32),
+           "correct": jnp.sum(onehot & hit[..., None], axis=(0, 1)).astype(jnp.int32),
+           "ar_count": jnp.sum(real).astype(jnp.int32),
+           "ar_correct": jnp.sum(real & hit).astype(jnp.int32)}
+    if topk > 1:
+        _, top = jax.lax.top_k(logits, topk)
+        in_top = jnp.any(top == labels[..., None], axis=-1)
+        out[f"correct{topk}"] = jnp.sum(onehot & in_top[..., None], axis=(0, 1)).astype(jnp.int32)
+    return out
+
+
+def sar_loss_fn(params, base_params, batch: Batch, rng=None, *, cfg: ModelConfig, spec: SarSpec,
+                denom=None):
+    """Mean cross-entropy over the batch's targets (sum / `denom` when given: micro-batches).
+
+    `rng` is unused (SPACE has no dropout here); it keeps the BiTA loss's signature."""
+    del rng
+    logits = sar_logits(cfg, params, base_params, batch)
+    metrics = sar_metrics(logits, batch["tokens"], batch["labels"], spec)
+    if denom is None:
+        denom = jnp.maximum(jnp.sum(batch["labels"] >= 0), 1)
+    return metrics["nll"] / denom, metrics

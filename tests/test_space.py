@@ -1,0 +1,192 @@
+"""SPACE (issue 15): SAR-SFT samples checked by hand, its loss and LoRA training end to end
+(train, export, resume), and decoding with the chain that equals the fine-tuned model's own
+greedy decoding token for token."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bita_jax import models
+from bita_jax.decoding.ar import Generator
+from bita_jax.decoding.bita_step import BitaGenerator
+from bita_jax.decoding.tree import Tree
+from bita_jax.models import bita_params as bita_lib
+from bita_jax.models import lora as lora_lib
+from bita_jax.models.config import ModelConfig
+from bita_jax.training import batches, loop, run_config, sar_samples
+from bita_jax.training import sar_loss as sar_loss_lib
+
+V = 50
+SRC = [10, 11, 12]
+TGT = [20, 21, 22, 23, 24, 25, 26]  # 26 = EOS
+SPEC = sar_samples.SarSpec(num_masks=3, cutoff=14, mask_prob=0.5, vocab_size=V)
+
+
+class _Draws:
+    """An rng stand-in: `random` returns `u` (cut when u < mask_prob), `integers` the cut c."""
+
+    def __init__(self, u, c=None):
+        self.u, self.c = u, c
+
+    def random(self):
+        return self.u
+
+    def integers(self, low, high):
+        assert low <= self.c < high, (low, self.c, high)
+        return self.c
+
+
+def test_cut_sample_by_hand():
+    s = sar_samples.build_sample(SRC, TGT, SPEC, _Draws(0.2, c=2))
+    #          src          tgt[:2]   masks 0, 1, 2            padding
+    assert s["tokens"].tolist() == [10, 11, 12, 20, 21, 50, 51, 52, 0, 0, 0, 0, 0, 0]
+    # slot 2 (last prompt token) predicts tgt[0]; slots 3, 4 predict tgt[1], tgt[2] (= tgt[c]);
+    # mask k (slots 5, 6, 7) predicts tgt[c + 1 + k] = 23, 24, 25
+    assert s["labels"].tolist() == [-1, -1, 20, 21, 22, 23, 24, 25, -1, -1, -1, -1, -1, -1]
+
+
+def test_cut_right_after_the_prompt_and_at_the_last_point():
+    s = sar_samples.build_sample(SRC, TGT, SPEC, _Draws(0.0, c=0))
+    assert s["tokens"][:6].tolist() == [10, 11, 12, 50, 51, 52]
+    assert s["labels"][:6].tolist() == [-1, -1, 20, 21, 22, 23]
+    last = len(TGT) - SPEC.num_masks - 1  # c = 3: the masks' targets end at the EOS
+    s = sar_samples.build_sample(SRC, TGT, SPEC, _Draws(0.0, c=last))
+    assert s["labels"][:9].tolist() == [-1, -1, 20, 21, 22, 23, 24, 25, 26]
+    with pytest.raises(AssertionError):  # a cut past it would leave a mask without a target
+        sar_samples.build_sample(SRC, TGT, SPEC, _Draws(0.0, c=last + 1))
+
+
+def test_uncut_sample_is_plain_sft_and_the_cutoff_truncates():
+    s = sar_samples.build_sample(SRC, TGT, SPEC, _Draws(0.7))
+    assert s["tokens"].tolist() == SRC + TGT + [0] * 4
+    assert s["labels"].tolist() == [-1, -1] + TGT + [-1] * 5
+    short = sar_samples.SarSpec(num_masks=3, cutoff=7, mask_prob=1.0, vocab_size=V)
+    s = sar_samples.build_sample(SRC, TGT, short, _Draws(0.0, c=0))  # tgt cut to 4 tokens
+    assert s["tokens"].tolist() == [10, 11, 12, 50, 51, 52, 0]
+    assert s["labels"].tolist() == [-1, -1, 20, 21, 22, 23, -1]
+    # too short to cut (M + 1 response tokens needed): plain SFT whatever the draw
+    s = sar_samples.build_sample(SRC, TGT[:3], SPEC, _Draws(0.0, c=0))
+    assert s["tokens"][:6].tolist() == SRC + TGT[:3]
+
+
+def test_mask_prob_is_the_share_of_cut_samples():
+    rng = np.random.default_rng(0)
+    cut = [int((sar_samples.build_sample(SRC, TGT, SPEC, rng)["tokens"] >= V).any())
+           for _ in range(2000)]
+    assert 0.46 < np.mean(cut) < 0.54
+    with pytest.raises(ValueError, match="mask_prob"):
+        sar_samples.SarSpec(num_masks=3, cutoff=14, mask_prob=1.5, vocab_size=V)
+
+
+CFG = ModelConfig(arch="llama", vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256)
+
+
+def _space_params(cfg, rank=4, seed=0):
+    bcfg = models.BitaConfig(num_masks=3, lora_rank=rank, method="space")
+    params = models.init_bita_params(cfg, bcfg, jax.random.key(seed))
+    assert set(params) == {"mask_embed", "lora"}  # no prefix
+    return bcfg, params
+
+
+def test_sar_loss_metrics_and_gradients():
+    base = models.init_params(CFG, jax.random.key(1))
+    bcfg, params = _space_params(CFG)
+    rng = np.random.default_rng(0)
+    batch = {k: jnp.asarray(v) for k, v in batches.stack(
+        [sar_samples.build_sample(SRC, TGT, SPEC, _Draws(u, c=2)) for u in (0.2, 0.9)]).items()}
+    loss, metrics = sar_loss_lib.sar_loss_fn(params, base, batch, cfg=CFG, spec=SPEC)
+    assert metrics["count"].tolist() == [1, 1, 1] and int(metrics["ar_count"]) == 3 + 7
+    # the loss is the mean over the 13 targets of an explicit log-softmax
+    logits = sar_loss_lib.sar_logits(CFG, params, base, batch)
+    logp = jax.nn.log_softmax(logits)
+    labels = np.asarray(batch["labels"])
+    want = -np.mean([logp[b, t, labels[b, t]] for b, t in zip(*np.nonzero(labels >= 0))])
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    grads = jax.grad(lambda p: sar_loss_lib.sar_loss_fn(p, base, batch, cfg=CFG, spec=SPEC)[0])(
+        params)
+    assert float(jnp.max(jnp.abs(grads["mask_embed"]))) > 0
+    for target, ab in grads["lora"].items():  # b starts at 0: only b moves on the first step
+        assert float(jnp.max(jnp.abs(ab["b"]))) > 0, target
+    del rng
+
+
+@pytest.mark.parametrize("cfg", [
+    CFG,
+    ModelConfig(arch="falcon", vocab_size=V, hidden_size=32, intermediate_size=128, num_layers=2,
+                num_heads=4, num_kv_heads=1, head_dim=8, parallel_attn=True,
+                tie_word_embeddings=True, max_position_embeddings=256),
+], ids=["llama", "falcon-mqa"])
+def test_space_decoding_equals_the_fine_tuned_models_greedy(cfg):
+    """A random (non-zero) LoRA and mask embeddings: the chain decoding of the fine-tuned model
+    gives its own greedy tokens, at batch 1 and 4, and differs from the base model's."""
+    base = jax.tree.map(lambda x: 3 * x, models.init_params(cfg, jax.random.key(3)))
+    bcfg, params = _space_params(cfg)
+    keys = iter(jax.random.split(jax.random.key(9), 64))
+    params["lora"] = jax.tree.map(lambda a: 0.3 * jax.random.normal(next(keys), a.shape),
+                                  params["lora"])
+    tuned, drafts = bita_lib.decoding_params(base, params, bcfg)
+    assert set(drafts) == {"mask_embed"}
+    prompts = [[5, 17, 33, 2, 40], [44], list(range(1, 21)), [7] * 8 + [30, 31, 32]]
+    tree = Tree.make("chain", 3)
+    for batch, n in ((prompts, 31), (prompts[2:3], 17)):
+        want = Generator(cfg, tuned).generate(batch, n).tokens
+        got = BitaGenerator(cfg, tuned, drafts, tree).generate(batch, n).tokens
+        assert got == want
+    assert Generator(cfg, base).generate(prompts, 31).tokens != want
+
+
+def _records(n=24, seed=0, vocab=V):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        start = int(rng.integers(0, vocab))
+        out.append({"prompt_ids": rng.integers(0, vocab, int(rng.integers(2, 9))).tolist(),
+                    "response_ids": [(start + 3 * k) % vocab
+                                     for k in range(int(rng.integers(6, 24)))]})
+    return out
+
+
+def _config(tmp_path, **run):
+    data = tmp_path / "data.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    raw = {"model": {"random_init": True, "hf_config": {
+               "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "vocab_size": V, "max_position_embeddings": 256}},
+           "bita": {"num_masks": 3, "lora_rank": 4, "method": "space"},
+           "run": {"learning_rate": 1e-2, "batch_size": 4, "steps": 8, "cutoff": 32,
+                   "checkpoint_every": 4, "data": str(data), "eval_data": str(data),
+                   "eval_batches": 2, "out_dir": str(tmp_path / "run"), "fast_compile": True,
+                   **run}}
+    return run_config.from_dict(raw)
+
+
+def test_space_training_runs_resumes_exactly_and_exports(tmp_path):
+    tc = _config(tmp_path)
+    assert loop.train(tc, quiet=True, stop_at=4) == 0
+    assert loop.train(tc, quiet=True, resume=True) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "grad_norm" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert evals and len(evals[-1]["eval_acc"]) == 3 and 0 <= evals[-1]["eval_ar_acc"] <= 1
+
+    (tmp_path / "one").mkdir()
+    assert loop.train(_config(tmp_path / "one"), quiet=True) == 0
+    a = models.load_adapter(tmp_path / "run" / "adapter", CFG)
+    b = models.load_adapter(tmp_path / "one" / "run" / "adapter", CFG)
+    assert a[1].method == "space" and set(a[0]) == {"mask_embed", "lora"}
+    for x, y in zip(jax.tree.leaves(a[0]), jax.tree.leaves(b[0])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # resumed == uninterrupted
+
+
+def test_space_needs_a_lora():
+    with pytest.raises(ValueError, match="lora_rank >= 1"):
+        models.BitaConfig(method="space")
+    assert lora_lib.count_lora(CFG, models.BitaConfig(method="space", lora_rank=2).lora) > 0
