@@ -29,7 +29,7 @@ from bita_jax.decoding import ar, bita_step
 from bita_jax.decoding.engine import Engine, GenerationResult, decode_layout
 from bita_jax.decoding.sampling import SamplingParams
 from bita_jax.decoding.tree import Tree, auto_tree_name
-from bita_jax.models.bita_params import BitaConfig
+from bita_jax.models.bita_params import BitaConfig, decoding_params
 
 
 @dataclasses.dataclass
@@ -46,7 +46,8 @@ class Completion:
       seconds: wall time of the call that produced it (the whole batch), compilation excluded.
       compile_seconds: time spent compiling in that call (0 once the shapes were seen).
       finish_reason: "eos" (an end-of-text token) or "length" (max_new_tokens reached).
-      mode: "bita" or "plain", with "-sampled" when temperature > 0.
+      mode: "bita", "space" (the adapter's method) or "plain", with "-sampled" when
+        temperature > 0.
       tree: the BiTA tree's name, or None for plain decoding.
     """
 
@@ -75,7 +76,12 @@ class LLM:
 
     Build one with `bita_jax.load`. Attributes: `name`, `cfg` (ModelConfig), `params` (base
     pytree), `tokenizer`, `bita_params` and `bita_config` (None without an adapter), `tree` (None
-    without an adapter), `adapter` (the adapter directory, `random:...` or "none").
+    without an adapter), `adapter` (the adapter directory, `random:...` or "none"), `method`
+    ("bita", "space", or None without an adapter).
+
+    A SPACE adapter fine-tunes the model: `params` are then the base weights with its LoRA
+    merged, and plain decoding (`use_bita=False`) is that fine-tuned model's greedy decoding,
+    the one SPACE's chain decoding equals.
     """
 
     def __init__(self, loaded: loading.LoadedModel, bita_params=None,
@@ -87,13 +93,17 @@ class LLM:
         # once: the engines reuse it. The fingerprint is the checkpoint's, taken before the
         # layout changes.
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
-        params = loaded.params if self.mesh is not None else decode_layout(loaded.params)
-        self.loaded = dataclasses.replace(loaded, params=params,
-                                          fingerprint=loaded.identity()["fingerprint"])
+        fingerprint = loaded.identity()["fingerprint"]
+        base = loaded.params
+        if bita_config is not None:  # SPACE: the fine-tuned model (LoRA merged) and its masks
+            base, bita_params = decoding_params(base, bita_params, bita_config)
+        params = base if self.mesh is not None else decode_layout(base)
+        self.loaded = dataclasses.replace(loaded, params=params, fingerprint=fingerprint)
         self.name, self.cfg, self.params = loaded.name, loaded.cfg, self.loaded.params
         self.tokenizer = loaded.tokenizer
         self.bita_params, self.bita_config, self.tree = bita_params, bita_config, tree
         self.adapter = adapter
+        self.method = bita_config.method if bita_config is not None else None
         self.max_cache = max_cache
         self._engines: dict[bool, Engine] = {}
 
@@ -173,7 +183,7 @@ class LLM:
     def _completions(self, result: GenerationResult, ids: list[list[int]], gen: Engine,
                      sampled: bool) -> list[Completion]:
         is_bita = isinstance(gen, bita_step.BitaGenerator)
-        mode = ("bita" if is_bita else "plain") + ("-sampled" if sampled else "")
+        mode = (self.method if is_bita else "plain") + ("-sampled" if sampled else "")
         eos = set(gen.eos_ids)
         out = []
         for prompt_ids, tokens, steps in zip(ids, result.tokens, result.row_steps):
@@ -235,9 +245,11 @@ def load(model: str | os.PathLike = loading.DEFAULT_MODEL, adapter: str | os.Pat
       model: a built-in name (`smollm2-135m`, embedded, offline), a HF model directory, or a
         .gguf file.
       adapter: `default` (the adapter shipped for a built-in model; plain decoding when none
-        ships), an exported adapter directory, `random:SEED[:M]` (untrained masks: lossless, few
-        drafts accepted), or `none` / None (plain decoding only).
-      tree: the draft tree: `auto` (chain@1 on CPU, the paper's upper-triangle on GPU / TPU),
+        ships), an exported adapter directory (BiTA or SPACE: the method is read from it),
+        `random:SEED[:M]` (untrained masks: lossless, few drafts accepted), or `none` / None
+        (plain decoding only).
+      tree: the draft tree: `auto` (BiTA: chain@1 on CPU, the paper's upper-triangle on GPU /
+        TPU; SPACE: its chain of every mask),
         a template (`upper-triangle[:K]`, `chain`, `full[:K]`, with `-pruned` and `@D`), or a
         JSON file of paths.
       dtype: `float32` (equals HF transformers), `bfloat16` (bf16 weights, fp32 activations
@@ -263,6 +275,8 @@ def load(model: str | os.PathLike = loading.DEFAULT_MODEL, adapter: str | os.Pat
     if spec == "none":
         return LLM(loaded, adapter="none", max_cache=max_cache, mesh=mesh)
     bita_params, bita_config, _ = loading.load_bita(spec, loaded)
-    name = auto_tree_name(jax.default_backend()) if tree == "auto" else tree
+    name = tree
+    if tree == "auto":  # SPACE decodes with its chain; BiTA with the backend's tree
+        name = "chain" if bita_config.method == "space" else auto_tree_name(jax.default_backend())
     return LLM(loaded, bita_params, bita_config, Tree.make(name, bita_config.num_masks),
                adapter=spec, max_cache=max_cache, mesh=mesh)

@@ -150,7 +150,8 @@ def main(argv=None) -> int:
 
     try:
         if not args.json:
-            what = f"BiTA, tree {llm.tree.name}" if llm.has_bita else "plain decoding"
+            what = (f"{llm.method.upper() if llm.method == 'space' else 'BiTA'}, tree "
+                    f"{llm.tree.name}" if llm.has_bita else "plain decoding")
             status(f"[{what}; compiling ...]")
         result = run(True, stream=not args.json)
         baseline = run(False) if args.compare else None
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
         return fail(e)
     report = {
         "model": llm.name,
-        "mode": ("bita" if llm.has_bita else "greedy") if not sampled else "sample",
+        "mode": (llm.method if llm.has_bita else "greedy") if not sampled else "sample",
         "tree": result.tree,
         "adapter": llm.adapter,
         "text": result.text,
@@ -192,7 +193,9 @@ def main(argv=None) -> int:
             f"{report['tokens_per_second']:.1f} tok/s; {report['steps']} steps after prefill, "
             f"{report['tokens_per_step']:.2f} tokens/step")
     if baseline is not None:
-        line += (f"; plain {'sampling' if sampled else 'greedy'} {report['greedy_seconds']:.2f}s "
+        of = " of the fine-tuned model" if llm.method == "space" else ""
+        line += (f"; plain {'sampling' if sampled else 'greedy'}{of} "
+                 f"{report['greedy_seconds']:.2f}s "
                  f"-> speedup x{report['speedup']:.2f}")
         line += ("; sampled: the two outputs are independent draws, compared in distribution "
                  "(tests), not token by token" if sampled

@@ -77,3 +77,26 @@ def test_plain_model_and_bad_input(llm):
         bita_jax.load("smollm2-135m", adapter="/no/such/adapter")
     with pytest.raises(TreeError, match="unknown tree"):
         bita_jax.load("smollm2-135m", tree="bushy")
+
+
+def test_a_space_adapter_decodes_its_fine_tuned_model(llm, tmp_path):
+    """A SPACE adapter (random, non-zero LoRA) loads by directory: the method comes from the
+    adapter, the tree defaults to SPACE's chain, plain decoding is the fine-tuned model's greedy
+    (not the base model's), and SPACE's decoding equals it token for token."""
+    import jax
+
+    from bita_jax import models
+
+    bcfg = models.BitaConfig(num_masks=3, lora_rank=2, method="space")
+    params = models.init_bita_params(llm.cfg, bcfg, jax.random.key(0))
+    keys = iter(jax.random.split(jax.random.key(1), 32))
+    params["lora"] = jax.tree.map(lambda a: 0.05 * jax.random.normal(next(keys), a.shape),
+                                  params["lora"])
+    models.save_adapter(tmp_path, params, bcfg, llm.loaded.identity())
+    space = bita_jax.load("smollm2-135m", adapter=tmp_path)
+    assert space.method == "space" and space.tree.name == "chain"
+    out = space.generate(PROMPT, max_new_tokens=24)
+    ref = space.generate(PROMPT, max_new_tokens=24, use_bita=False)
+    assert out.mode == "space" and ref.mode == "plain"
+    assert out.token_ids == ref.token_ids
+    assert ref.token_ids != llm.generate(PROMPT, max_new_tokens=24, use_bita=False).token_ids
