@@ -3,6 +3,7 @@
 greedy decoding token for token."""
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -190,3 +191,17 @@ def test_space_needs_a_lora():
     with pytest.raises(ValueError, match="lora_rank >= 1"):
         models.BitaConfig(method="space")
     assert lora_lib.count_lora(CFG, models.BitaConfig(method="space", lora_rank=2).lora) > 0
+
+
+def test_space_dry_run_counts_the_lora_and_masks():
+    from bita_jax.training import memory_plan
+
+    tc = run_config.load_config(pathlib.Path(__file__).parents[1] / "configs" /
+                                "smollm2-135m-space.yaml")
+    est = memory_plan.estimate(tc, devices=1)
+    # per layer r * (I + O) over q, k, v, o, gate, up, down of SmolLM2 (E 576, kv 192, F 1536)
+    per_layer = 16 * ((576 + 576) + 2 * (576 + 192) + (576 + 576) + 3 * (576 + 1536))
+    assert est["trainable_params"] == 30 * per_layer + 5 * 576 == 4_887_360
+    assert "prefix" not in est["param_shapes"] and est["sample"] == {"tokens": 384}
+    breakdown = est["memory_per_device_bytes"]["activations_breakdown"]
+    assert breakdown["logits"] == 3 * 8 * 384 * 49152 * 4  # batch 8 x 384 slots x V, fp32

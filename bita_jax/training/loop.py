@@ -314,7 +314,8 @@ class Trainer:
         step, last, last_eval, interrupted = self.start, None, None, None
         meter = _Throughput()
         with Interrupt() as intr:  # Ctrl-C from here on saves a checkpoint
-            status(f"training {models.count_trainable(self.cfg, tc.bita):,} BiTA params on "
+            status(f"training {models.count_trainable(self.cfg, tc.bita):,} "
+                   f"{'SPACE' if tc.bita.method == 'space' else 'BiTA'} params on "
                    f"{self.cfg.arch} (L={self.cfg.num_layers}, E={self.cfg.hidden_size}); "
                    f"{self.stream.num_usable} usable records, steps {self.start}..{self.stop} of "
                    f"{self.total}, batch {run.batch_size}, mesh data={self.data_size} "

@@ -3,8 +3,9 @@
 `train/train.py --dry-run` prints `estimate(config)` (with the plan of decoding on the same
 devices, `decoding.memory_plan`); no weights are read
 (`models.abstract_params`), so a 70B plan runs on a laptop. The activation figure is a rough
-upper estimate of one micro-batch per device: the real-token KV of pass 1, the peak of one
-pass-1 layer, what pass 2 keeps for the backward pass of the mask rows, and the mask logits.
+upper estimate of one micro-batch per device: for BiTA the real-token KV of pass 1, the peak of
+one pass-1 layer, what pass 2 keeps for the backward pass of the mask rows, and the mask logits;
+for SPACE what its one pass keeps for the backward pass over every slot, and the logits.
 """
 
 from __future__ import annotations
@@ -37,27 +38,42 @@ def estimate(tc, devices: int | None = None) -> dict:
     base_bytes = base_shard_bytes(cfg, data, msize, rules)
     n_base = models.count_params(abstract)
     n_bita = models.count_trainable(cfg, bcfg)
-    spec = samples.SampleSpec(bcfg.num_masks, run.max_groups, run.cutoff, run.real_len,
-                         run.anchors)
     # Activations, rough: one micro-batch per device; fp32 scores; K and vocab split by 'model'.
     b = max(run.batch_size // (data * run.grad_accum), 1)
-    tr, gm = spec.tr, spec.num_mask_tokens
     itemsize = np.dtype(cfg.jnp_compute_dtype).itemsize  # activations
     heads = cfg.num_heads // msize if cfg.num_heads % msize == 0 else cfg.num_heads
     kv = cfg.num_kv_heads // msize if cfg.num_kv_heads % msize == 0 else cfg.num_kv_heads
     ffn = (cfg.intermediate_size // msize if cfg.intermediate_size % msize == 0
            else cfg.intermediate_size)
     vocab = cfg.vocab_size // msize if cfg.vocab_size % msize == 0 else cfg.vocab_size
-    real_kv = 2 * cfg.num_layers * b * tr * kv * cfg.head_dim * itemsize
-    pass1_layer = b * heads * tr * tr * 4 * 2 + b * tr * (4 * cfg.hidden_size + 3 * ffn) * itemsize
-    keys = tr + gm + bcfg.num_prefix
-    # per mask token and layer, kept for the backward pass: fp32 attention probabilities over
-    # every key, and the residual / normed / attention / MLP activations in the compute dtype
-    per_token = heads * keys * 4 + (4 * cfg.hidden_size + 3 * ffn
-                                    + (heads + 2 * kv) * cfg.head_dim) * itemsize
-    pass2_saved = cfg.num_layers * b * gm * per_token
-    logits = 3 * b * gm * vocab * 4
-    act = real_kv + pass1_layer + pass2_saved + logits
+
+    def saved_per_token(keys: int) -> int:
+        """Bytes one token keeps per layer for the backward pass: fp32 attention probabilities
+        over `keys` keys, and the residual / normed / attention / MLP activations."""
+        return heads * keys * 4 + (4 * cfg.hidden_size + 3 * ffn
+                                   + (heads + 2 * kv) * cfg.head_dim) * itemsize
+
+    if bcfg.method == "space":  # one causal pass over every slot, the backward through it all
+        t = run.cutoff
+        saved = cfg.num_layers * b * t * saved_per_token(t)
+        logits = 3 * b * t * vocab * 4
+        breakdown = {"saved_for_backward": int(saved), "logits": int(logits)}
+        sample = {"tokens": t}
+        tree = "chain"
+    else:
+        spec = samples.SampleSpec(bcfg.num_masks, run.max_groups, run.cutoff, run.real_len,
+                                  run.anchors)
+        tr, gm = spec.tr, spec.num_mask_tokens
+        real_kv = 2 * cfg.num_layers * b * tr * kv * cfg.head_dim * itemsize
+        pass1_layer = (b * heads * tr * tr * 4 * 2
+                       + b * tr * (4 * cfg.hidden_size + 3 * ffn) * itemsize)
+        pass2_saved = cfg.num_layers * b * gm * saved_per_token(tr + gm + bcfg.num_prefix)
+        logits = 3 * b * gm * vocab * 4
+        breakdown = {"real_kv": int(real_kv), "pass1_layer_peak": int(pass1_layer),
+                     "pass2_saved": int(pass2_saved), "mask_logits": int(logits)}
+        sample = {"real_tokens": tr, "mask_tokens": gm}
+        tree = "upper-triangle"
+    act = sum(breakdown.values())
     state = 4 * n_bita * 4  # fp32 params, grads, Adam mu and nu (replicated)
     gib = 1024 ** 3
     return {
@@ -70,20 +86,19 @@ def estimate(tc, devices: int | None = None) -> dict:
         "param_shapes": {k: list(v) for k, v in models.param_shapes(cfg, bcfg).items()},
         "mesh": {"data": data, "model": msize, "fsdp": run.fsdp, "devices": data * msize},
         "per_device_batch": b,
-        "sample": {"real_tokens": tr, "mask_tokens": gm},
+        "sample": sample,
         "memory_per_device_bytes": {
             "base_params": int(base_bytes),
             "bita_params_grads_adam": int(state),
             "activations_estimate": int(act),
-            "activations_breakdown": {"real_kv": int(real_kv), "pass1_layer_peak": int(pass1_layer),
-                                      "pass2_saved": int(pass2_saved), "mask_logits": int(logits)},
+            "activations_breakdown": breakdown,
             "total_estimate": int(base_bytes + state + act),
         },
         "memory_per_device_gib": round((base_bytes + state + act) / gib, 3),
         # Decoding with the trained adapter on the same devices (weights over up to 8 of them,
-        # the rest data parallel), the paper's upper-triangle tree, the model's context.
+        # the rest data parallel), the paper's upper-triangle tree (SPACE: its chain), the
+        # model's context.
         "decoding": decode_plan(cfg, **dict(zip(("data", "model"), default_mesh(devices, cfg))),
                                 context=cfg.max_position_embeddings,
-                                step_tokens=len(Tree.make("upper-triangle",
-                                                          bcfg.num_masks).layout.offsets)),
+                                step_tokens=len(Tree.make(tree, bcfg.num_masks).layout.offsets)),
     }
