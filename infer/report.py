@@ -14,7 +14,8 @@ other sources the calibration prompts are the ones after the first set's own.
 
 Writes OUT/results.json, OUT/report.md (one Markdown table per prompt set) and three PNGs:
 tokens_per_step_hist.png, speedup_per_prompt.png, step_time_vs_tokens_per_step.png.
-Exits 1 if any BiTA output differs from plain greedy (it never should: BiTA is lossless).
+Exits 1 if any BiTA output differs from plain greedy (it never should: BiTA is lossless), or a
+SPACE chain's from its fine-tuned model's greedy (--space-adapter).
 The HF engines need torch (requirements-test.txt); --no-hf leaves them out.
 """
 
@@ -60,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m",
                    help="built-in name (smollm2-135m), HF model directory, or .gguf file")
     p.add_argument("--adapter", default="default", help="default | DIR | random:SEED[:M]")
+    p.add_argument("--space-adapter", default=None,
+                   help="a SPACE adapter directory: adds SPACE greedy (its fine-tuned model) and "
+                        "SPACE chain, with their drift from the base model's greedy")
     p.add_argument("--max-cache", type=int, default=None,
                    help="longest prompt + --max-new-tokens accepted (default: the model's context "
                         "length); the cache itself is sized per request: prompt and output "
@@ -86,6 +90,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import bita_jax
     from bita_jax import distributed
+    from bita_jax.checkpoints import loading
     from bita_jax.decoding import GenerationError, Generator
     from bita_jax.eval import bench, plots
     from bita_jax.eval import report as report_lib
@@ -103,6 +108,12 @@ def main(argv=None) -> int:
         if not llm.has_bita:
             raise ValueError(f"no adapter ({args.adapter!r}): pass --adapter DIR or random:SEED")
         loaded, bita_params, bcfg = llm.loaded, llm.bita_params, llm.bita_config
+        space = None
+        if args.space_adapter:
+            space = loading.load_bita(args.space_adapter, loaded)[:2]
+            if space[1].method != "space":
+                raise ValueError(f"--space-adapter {args.space_adapter} is a {space[1].method} "
+                                 "adapter: pass it with --adapter")
         trees = [bench.make_tree(n.strip(), bcfg.num_masks) for n in args.trees.split(",")
                  if n.strip()]
         sets = {s: _set_prompts(s, args.limit, args.max_prompt_chars, loaded.tokenizer)
@@ -154,7 +165,7 @@ def main(argv=None) -> int:
         status(f"selected: {selection.chosen.tree}")
     report = report_lib.run_report(loaded, bita_params, trees, sets, args.max_new_tokens,
                                    selection=selection, hf=hf, max_cache=args.max_cache,
-                                   repeats=args.repeats, log=status)
+                                   repeats=args.repeats, log=status, space=space)
     report["config"] = config
     if selection is not None:
         report["selection"] = selection.to_dict()

@@ -108,3 +108,35 @@ def test_plot_texts_fit_and_do_not_overlap(run, tmp_path, monkeypatch):
         assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0
                    and b.y1 <= frame.y1 for b in boxes)
         assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
+
+
+def test_space_engines_are_lossless_against_their_own_greedy_and_drift_from_the_base(tmp_path):
+    """A SPACE adapter (random, non-zero LoRA) adds SPACE greedy (the fine-tuned model) and
+    SPACE chain: the chain equals the fine-tuned greedy on every prompt; both drift from the
+    base model's greedy, which the report measures as identical counts and common prefixes."""
+    path = save(make_hf("llama", {"num_key_value_heads": 2}, seed=4), tmp_path)
+    cfg, params = load_hf_checkpoint(path)
+    loaded = LoadedModel("tiny", cfg, params, None, pathlib.Path(path))
+    bp = models.init_bita_params(cfg, models.BitaConfig(num_masks=3), jax.random.key(1))
+    bcfg = models.BitaConfig(num_masks=3, lora_rank=2, method="space")
+    sp = models.init_bita_params(cfg, bcfg, jax.random.key(2))
+    keys = iter(jax.random.split(jax.random.key(3), 32))
+    sp["lora"] = jax.tree.map(lambda a: 0.5 * jax.random.normal(next(keys), a.shape), sp["lora"])
+    sets = {"chat": (["a", "b"], PROMPTS["chat"])}
+    rep = report.run_report(loaded, bp, [bench.make_tree("chain@1", 3)], sets, MAX_NEW,
+                            space=(sp, bcfg))
+    assert list(rep["engines"]) == [report.OURS, "BiTA chain@1", report.SPACE_GREEDY,
+                                    report.SPACE_CHAIN]
+    assert report.lossless_failures(rep) == []
+    summary = rep["sets"]["chat"]["summary"]
+    greedy, chain = summary[report.SPACE_GREEDY], summary[report.SPACE_CHAIN]
+    assert greedy["identical_own"] == chain["identical_own"] == 2
+    assert greedy["speedup_vs_own"] == 1.0
+    assert greedy["identical_ours"] < 2 and greedy["common_prefix_ours"] < MAX_NEW
+    rows = rep["sets"]["chat"]["rows"]
+    assert greedy["common_prefix_ours"] == pytest.approx(sum(
+        report.common_prefix(r["engines"][report.SPACE_GREEDY]["tokens"],
+                             r["engines"][report.OURS]["tokens"]) for r in rows) / 2)
+    assert "| SPACE chain | " in report.markdown(rep)
+    summary[report.SPACE_CHAIN]["identical_own"] = 1  # a chain that parted from its greedy
+    assert report.lossless_failures(rep) == ["chat: SPACE chain"]

@@ -7,11 +7,15 @@ Engines, per prompt set, on the same prompts and lengths, batch 1, after warm-up
     plain greedy       our jitted greedy loop (`Generator`)
     BiTA <tree>        our lossless BiTA loop (`BitaGenerator`), one per tree, plus the tree that
                        `bench.select_tree` picks for this machine (marked `selected`)
+    SPACE greedy       with a SPACE adapter: plain greedy of the fine-tuned model (LoRA merged)
+    SPACE chain        SPACE's chain decoding of that model, which must equal SPACE greedy
 
 Each prompt runs every engine in turn (engines interleaved per prompt), so a change of machine
 load hits all of them alike. Per engine: tokens/s, tokens per step (model calls after the
 prefill; HF calls are counted with a forward hook), ms per step, speedup over HF greedy and over
-our plain greedy, and how many outputs equal HF greedy's and our greedy's token for token.
+our plain greedy, and how many outputs equal HF greedy's and our greedy's token for token. The
+SPACE engines add their speedup over and equality with the fine-tuned model's own greedy, and
+how far they drift from the base model's: the mean common prefix with our (base) greedy.
 
 torch and transformers are only needed for the two HF engines (`hf=False` skips them).
 """
@@ -27,11 +31,15 @@ import numpy as np
 from bita_jax.decoding.ar import Generator
 from bita_jax.decoding.bita_step import BitaGenerator
 from bita_jax.decoding.engine import Engine
+from bita_jax.decoding.tree import Tree
 from bita_jax.eval import bench
+from bita_jax.models.bita_params import decoding_params
 
 HF_GREEDY = "HF greedy"
 HF_LOOKUP = "HF prompt lookup"
 OURS = bench.GREEDY  # "plain greedy"
+SPACE_GREEDY = "SPACE greedy"  # the fine-tuned model's own greedy
+SPACE_CHAIN = "SPACE chain"
 Log = Callable[[str], None]
 
 
@@ -93,14 +101,31 @@ def _ours_run(gen: Engine) -> Callable[[Sequence[int], int], dict]:
     return run
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def summarize(rows: Sequence[dict], hf_rows: Sequence[dict] | None,
-              ours_rows: Sequence[dict]) -> dict:
-    """Totals of one engine over a prompt set, with speedups and identical counts."""
+              ours_rows: Sequence[dict], own_rows: Sequence[dict] | None = None) -> dict:
+    """Totals of one engine over a prompt set, with speedups and identical counts (`own_rows`:
+    the fine-tuned model's greedy that a SPACE engine is lossless against)."""
     out = bench.summarize(rows)
     seconds = out["seconds"]
     ours_s = sum(r["seconds"] for r in ours_rows)
     out.update(speedup_vs_ours=ours_s / seconds if seconds else 0.0,
-               identical_ours=sum(r["tokens"] == o["tokens"] for r, o in zip(rows, ours_rows)))
+               identical_ours=sum(r["tokens"] == o["tokens"] for r, o in zip(rows, ours_rows)),
+               common_prefix_ours=float(np.mean([common_prefix(r["tokens"], o["tokens"])
+                                                 for r, o in zip(rows, ours_rows)])))
+    if own_rows is not None:
+        own_s = sum(r["seconds"] for r in own_rows)
+        out.update(speedup_vs_own=own_s / seconds if seconds else 0.0,
+                   identical_own=sum(r["tokens"] == o["tokens"] for r, o in zip(rows, own_rows)))
     if hf_rows is not None:
         hf_s = sum(r["seconds"] for r in hf_rows)
         out["speedup_vs_hf"] = hf_s / seconds if seconds else 0.0
@@ -134,14 +159,17 @@ def run_set(engines: dict[str, Callable[[Sequence[int], int], dict]],
                 ("" if r["tokens"] == ours["tokens"] else " (differs)")
                 for n, r in best.items()))
     per = {n: [r["engines"][n] for r in rows] for n in engines}
-    hf = per.get(HF_GREEDY)
-    return {"rows": rows, "summary": {n: summarize(per[n], hf, per[OURS]) for n in engines}}
+    hf, own = per.get(HF_GREEDY), per.get(SPACE_GREEDY)
+    return {"rows": rows, "summary": {
+        n: summarize(per[n], hf, per[OURS], own if n.startswith("SPACE") else None)
+        for n in engines}}
 
 
 def run_report(loaded, bita_params, trees,
                prompt_sets: dict[str, tuple[list[str], list[list[int]]]],
                max_new_tokens: int, *, selection=None, hf: dict | None = None,
-               max_cache: int | None = None, repeats: int = 1, log: Log = bench.quiet) -> dict:
+               max_cache: int | None = None, repeats: int = 1, log: Log = bench.quiet,
+               space: tuple | None = None) -> dict:
     """The whole report.
 
     Args:
@@ -153,6 +181,7 @@ def run_report(loaded, bita_params, trees,
       selection: a `bench.Selection` (its chosen tree is marked), or None.
       hf: `hf_engines(...)`, or None to leave the HF engines out.
       repeats: runs per prompt and engine (the fastest kept).
+      space: (params, BitaConfig) of a SPACE adapter, or None: adds SPACE greedy and chain.
 
     Returns a JSON-ready dict: {"engines": {name: {kind, tree, step_tokens, nodes}},
     "selected": name or None, "sets": {set: {"prompts", "rows", "summary"}}}.
@@ -173,6 +202,15 @@ def run_report(loaded, bita_params, trees,
         info[f"BiTA {t.name}"] = {"kind": "bita", "tree": t.name,
                                   "step_tokens": t.layout.num_tokens,
                                   "nodes": t.layout.num_nodes, "selected": t.name == selected}
+    if space is not None:
+        tuned, masks = decoding_params(params, *space)
+        chain = Tree.make("chain", masks["mask_embed"].shape[0])
+        gens[SPACE_GREEDY] = Generator(cfg, tuned, max_cache=max_cache)
+        gens[SPACE_CHAIN] = BitaGenerator(cfg, tuned, masks, chain, max_cache=max_cache)
+        info[SPACE_GREEDY] = {"kind": "space-greedy", "tree": None, "step_tokens": 1}
+        info[SPACE_CHAIN] = {"kind": "space", "tree": chain.name,
+                             "step_tokens": chain.layout.num_tokens,
+                             "nodes": chain.layout.num_nodes}
     engines = {**{n: e.run for n, e in (hf or {}).items()},
                **{n: _ours_run(g) for n, g in gens.items()}}
     all_prompts = [ids for _, ids in prompt_sets.values() for ids in ids]
@@ -191,9 +229,15 @@ def run_report(loaded, bita_params, trees,
 
 
 def lossless_failures(report: dict) -> list[str]:
-    """'set: engine' for every BiTA engine whose ids differ from our plain greedy on a prompt."""
+    """'set: engine' for every BiTA engine whose ids differ from our plain greedy on a prompt,
+    and every SPACE chain whose ids differ from its fine-tuned model's greedy."""
+    def fails(name, sm):
+        kind = report["engines"][name]["kind"]
+        return ((kind == "bita" and sm["identical_ours"] != sm["prompts"])
+                or (kind == "space" and sm["identical_own"] != sm["prompts"]))
+
     return [f"{s}: {n}" for s, res in report["sets"].items() for n, sm in res["summary"].items()
-            if report["engines"][n]["kind"] == "bita" and sm["identical_ours"] != sm["prompts"]]
+            if fails(n, sm)]
 
 
 def markdown(report: dict) -> str:
@@ -219,6 +263,18 @@ def markdown(report: dict) -> str:
                 + (f"{s['identical_hf']}/{n} | " if hf else "- | ")
                 + f"{s['identical_ours']}/{n} |")
         out.append("")
+        if SPACE_CHAIN in summary:
+            out += ["SPACE against its fine-tuned model's greedy (lossless) and the base model's "
+                    "(drift):", "",
+                    "| engine | tokens/step | vs own greedy | vs base greedy | = own greedy | "
+                    "= base greedy | common prefix with base greedy (tokens) |",
+                    "|---|---|---|---|---|---|---|"]
+            for name in (SPACE_GREEDY, SPACE_CHAIN):
+                s, n = summary[name], summary[name]["prompts"]
+                out.append(f"| {name} | {s['tokens_per_step']:.2f} | {s['speedup_vs_own']:.2f}x | "
+                           f"{s['speedup_vs_ours']:.2f}x | {s['identical_own']}/{n} | "
+                           f"{s['identical_ours']}/{n} | {s['common_prefix_ours']:.1f} |")
+            out.append("")
     return "\n".join(out)
 
 

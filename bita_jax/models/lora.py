@@ -134,19 +134,28 @@ _MODULE = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn
 def merge(base_params, lora: dict):
     """The base params with every LoRA update folded in: kernel + a b (in the kernel's dtype).
 
-    Takes the scanned layout (`layers` stacked [L, ...], kernels [*in, *out]); convert to the
-    unrolled layout afterwards. The merged model equals the on-the-fly one up to the rounding of
-    another product order; decoding compares against greedy on the same merged params.
+    Takes either layout: scanned (`layers` stacked [L, ...], kernels [*in, *out]) or unrolled
+    (`layers_i`, kernels stored transposed [O, I]: `causal_lm.to_unrolled`). The merged model
+    equals the on-the-fly one up to the rounding of another product order; decoding compares
+    against greedy on the same merged params.
     """
-    if "layers" not in base_params:
-        raise ValueError("merge takes the scanned base params (a 'layers' subtree); merge before "
-                         "causal_lm.to_unrolled")
-    layers = jax.tree.map(lambda v: v, base_params["layers"])  # a copy of the dict structure
-    for target, ab in lora.items():
-        module = layers[_MODULE[target]][target]
-        kernel = module["kernel"]
-        delta = jnp.einsum("lir,lro->lio", ab["a"].astype(jnp.float32),
-                           ab["b"].astype(jnp.float32))
-        merged = kernel.astype(jnp.float32) + delta.reshape(kernel.shape)
-        module["kernel"] = merged.astype(kernel.dtype)
-    return {**base_params, "layers": layers}
+    def folded(kernel, delta):  # delta laid out like the kernel
+        return (kernel.astype(jnp.float32) + delta.reshape(kernel.shape)).astype(kernel.dtype)
+
+    def products(i=None):  # {target: a b}: [L, I, O], or layer i's [I, O]
+        return {t: (jnp.einsum("lir,lro->lio", ab["a"], ab["b"]) if i is None
+                    else ab["a"][i] @ ab["b"][i]) for t, ab in lora.items()}
+
+    if "layers" in base_params:
+        layers = jax.tree.map(lambda v: v, base_params["layers"])  # a copy of the dicts
+        for target, delta in products().items():
+            module = layers[_MODULE[target]][target]
+            module["kernel"] = folded(module["kernel"], delta)
+        return {**base_params, "layers": layers}
+    out = dict(base_params)
+    for i in range(next(iter(lora.values()))["a"].shape[0]):
+        layer = out[f"layers_{i}"] = jax.tree.map(lambda v: v, base_params[f"layers_{i}"])
+        for target, delta in products(i).items():  # unrolled kernels are [O, I]
+            module = layer[_MODULE[target]][target]
+            module["kernel"] = folded(module["kernel"], delta.T)
+    return out
