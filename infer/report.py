@@ -63,7 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--adapter", default="default", help="default | DIR | random:SEED[:M]")
     p.add_argument("--space-adapter", default=None,
                    help="a SPACE adapter directory: adds SPACE greedy (its fine-tuned model) and "
-                        "SPACE chain, with their drift from the base model's greedy")
+                        "SPACE engines (--space-trees), with their drift from the base model's "
+                        "greedy")
+    p.add_argument("--space-trees", default="chain,chain@2",
+                   help="trees of the SPACE engines (default chain,chain@2: every mask, or two)")
     p.add_argument("--max-cache", type=int, default=None,
                    help="longest prompt + --max-new-tokens accepted (default: the model's context "
                         "length); the cache itself is sized per request: prompt and output "
@@ -110,10 +113,13 @@ def main(argv=None) -> int:
         loaded, bita_params, bcfg = llm.loaded, llm.bita_params, llm.bita_config
         space = None
         if args.space_adapter:
-            space = loading.load_bita(args.space_adapter, loaded)[:2]
-            if space[1].method != "space":
-                raise ValueError(f"--space-adapter {args.space_adapter} is a {space[1].method} "
+            space_params, space_cfg, _ = loading.load_bita(args.space_adapter, loaded)
+            if space_cfg.method != "space":
+                raise ValueError(f"--space-adapter {args.space_adapter} is a {space_cfg.method} "
                                  "adapter: pass it with --adapter")
+            space = (space_params, space_cfg,
+                     [bench.make_tree(n.strip(), space_cfg.num_masks)
+                      for n in args.space_trees.split(",") if n.strip()])
         trees = [bench.make_tree(n.strip(), bcfg.num_masks) for n in args.trees.split(",")
                  if n.strip()]
         sets = {s: _set_prompts(s, args.limit, args.max_prompt_chars, loaded.tokenizer)

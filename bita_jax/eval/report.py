@@ -8,7 +8,8 @@ Engines, per prompt set, on the same prompts and lengths, batch 1, after warm-up
     BiTA <tree>        our lossless BiTA loop (`BitaGenerator`), one per tree, plus the tree that
                        `bench.select_tree` picks for this machine (marked `selected`)
     SPACE greedy       with a SPACE adapter: plain greedy of the fine-tuned model (LoRA merged)
-    SPACE chain        SPACE's chain decoding of that model, which must equal SPACE greedy
+    SPACE <tree>       SPACE's decoding of that model (its chain, or `chain@D` with D masks),
+                       which must equal SPACE greedy
 
 Each prompt runs every engine in turn (engines interleaved per prompt), so a change of machine
 load hits all of them alike. Per engine: tokens/s, tokens per step (model calls after the
@@ -31,7 +32,6 @@ import numpy as np
 from bita_jax.decoding.ar import Generator
 from bita_jax.decoding.bita_step import BitaGenerator
 from bita_jax.decoding.engine import Engine
-from bita_jax.decoding.tree import Tree
 from bita_jax.eval import bench
 from bita_jax.models.bita_params import decoding_params
 
@@ -39,7 +39,6 @@ HF_GREEDY = "HF greedy"
 HF_LOOKUP = "HF prompt lookup"
 OURS = bench.GREEDY  # "plain greedy"
 SPACE_GREEDY = "SPACE greedy"  # the fine-tuned model's own greedy
-SPACE_CHAIN = "SPACE chain"
 Log = Callable[[str], None]
 
 
@@ -181,7 +180,8 @@ def run_report(loaded, bita_params, trees,
       selection: a `bench.Selection` (its chosen tree is marked), or None.
       hf: `hf_engines(...)`, or None to leave the HF engines out.
       repeats: runs per prompt and engine (the fastest kept).
-      space: (params, BitaConfig) of a SPACE adapter, or None: adds SPACE greedy and chain.
+      space: (params, BitaConfig, trees) of a SPACE adapter, or None: adds SPACE greedy and
+        one SPACE engine per tree.
 
     Returns a JSON-ready dict: {"engines": {name: {kind, tree, step_tokens, nodes}},
     "selected": name or None, "sets": {set: {"prompts", "rows", "summary"}}}.
@@ -203,14 +203,15 @@ def run_report(loaded, bita_params, trees,
                                   "step_tokens": t.layout.num_tokens,
                                   "nodes": t.layout.num_nodes, "selected": t.name == selected}
     if space is not None:
-        tuned, masks = decoding_params(params, *space)
-        chain = Tree.make("chain", masks["mask_embed"].shape[0])
+        space_params, space_cfg, space_trees = space
+        tuned, masks = decoding_params(params, space_params, space_cfg)
         gens[SPACE_GREEDY] = Generator(cfg, tuned, max_cache=max_cache)
-        gens[SPACE_CHAIN] = BitaGenerator(cfg, tuned, masks, chain, max_cache=max_cache)
         info[SPACE_GREEDY] = {"kind": "space-greedy", "tree": None, "step_tokens": 1}
-        info[SPACE_CHAIN] = {"kind": "space", "tree": chain.name,
-                             "step_tokens": chain.layout.num_tokens,
-                             "nodes": chain.layout.num_nodes}
+        for t in space_trees:
+            gens[f"SPACE {t.name}"] = BitaGenerator(cfg, tuned, masks, t, max_cache=max_cache)
+            info[f"SPACE {t.name}"] = {"kind": "space", "tree": t.name,
+                                       "step_tokens": t.layout.num_tokens,
+                                       "nodes": t.layout.num_nodes}
     engines = {**{n: e.run for n, e in (hf or {}).items()},
                **{n: _ours_run(g) for n, g in gens.items()}}
     all_prompts = [ids for _, ids in prompt_sets.values() for ids in ids]
@@ -263,13 +264,14 @@ def markdown(report: dict) -> str:
                 + (f"{s['identical_hf']}/{n} | " if hf else "- | ")
                 + f"{s['identical_ours']}/{n} |")
         out.append("")
-        if SPACE_CHAIN in summary:
+        space = [n for n in summary if n.startswith("SPACE")]
+        if space:
             out += ["SPACE against its fine-tuned model's greedy (lossless) and the base model's "
                     "(drift):", "",
                     "| engine | tokens/step | vs own greedy | vs base greedy | = own greedy | "
                     "= base greedy | common prefix with base greedy (tokens) |",
                     "|---|---|---|---|---|---|---|"]
-            for name in (SPACE_GREEDY, SPACE_CHAIN):
+            for name in space:
                 s, n = summary[name], summary[name]["prompts"]
                 out.append(f"| {name} | {s['tokens_per_step']:.2f} | {s['speedup_vs_own']:.2f}x | "
                            f"{s['speedup_vs_ours']:.2f}x | {s['identical_own']}/{n} | "
