@@ -187,9 +187,15 @@ def test_space_training_runs_resumes_exactly_and_exports(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # resumed == uninterrupted
 
 
-def test_space_needs_a_lora():
-    with pytest.raises(ValueError, match="lora_rank >= 1"):
-        models.BitaConfig(method="space")
+def test_space_without_a_lora_trains_the_whole_model():
+    full = models.BitaConfig(method="space")
+    assert full.trains_base and not models.BitaConfig(method="space", lora_rank=2).trains_base
+    shapes = models.param_shapes(CFG, full)
+    assert models.count_trainable(CFG, full) == models.count_params(
+        models.abstract_params(CFG)) + 3 * 32
+    assert "base.layers.attn.q_proj.kernel" in shapes and "prefix" not in shapes
+    with pytest.raises(ValueError, match="pass base_params"):
+        models.init_bita_params(CFG, full, jax.random.key(0))
     assert lora_lib.count_lora(CFG, models.BitaConfig(method="space", lora_rank=2).lora) > 0
 
 
@@ -205,3 +211,71 @@ def test_space_dry_run_counts_the_lora_and_masks():
     assert "prefix" not in est["param_shapes"] and est["sample"] == {"tokens": 384}
     breakdown = est["memory_per_device_bytes"]["activations_breakdown"]
     assert breakdown["logits"] == 3 * 8 * 384 * 49152 * 4  # batch 8 x 384 slots x V, fp32
+
+
+def test_full_fine_tuning_trains_every_weight_and_decodes_losslessly(tmp_path):
+    """bita.lora_rank 0: SPACE fine-tunes the whole base; the adapter holds the tuned model,
+    and SPACE's chain decoding equals that model's greedy."""
+    tc = _config(tmp_path, steps=4)
+    tc = run_config.from_dict({**tc.to_dict(), "bita": {"num_masks": 3, "lora_rank": 0,
+                                                         "method": "space"}})
+    assert loop.train(tc, quiet=True) == 0
+    params, bcfg, _ = models.load_adapter(tmp_path / "run" / "adapter", CFG)
+    assert bcfg.trains_base and set(params) == {"mask_embed", "base"}
+    base = models.init_params(CFG, jax.random.key(0))  # model.random_init seed 0
+    moved = [float(jnp.max(jnp.abs(a - b))) for a, b in
+             zip(jax.tree.leaves(params["base"]), jax.tree.leaves(base))]
+    assert 0 < min(moved) and max(moved) < 0.05  # every weight trained, 4 Adam steps of 1e-2
+    tuned, drafts = bita_lib.decoding_params(base, params, bcfg)
+    prompts = [[5, 17, 33, 2, 40], list(range(1, 21))]
+    want = Generator(CFG, tuned).generate(prompts, 20).tokens
+    assert BitaGenerator(CFG, tuned, drafts, Tree.make("chain", 3)).generate(prompts, 20).tokens \
+        == want
+
+
+_FULL_FT_ON_A_MESH = r"""
+import json, pathlib, sys
+import jax
+from bita_jax.training import loop, run_config
+raw = json.loads(sys.argv[1])
+assert jax.device_count() == int(sys.argv[2])
+trainer = loop.Trainer(run_config.from_dict(raw), quiet=True)
+kernel = trainer.params["base"]["layers"]["mlp"]["up_proj"]["kernel"]  # [L, E, F]
+mu = [x for x in jax.tree.leaves(trainer.opt_state) if x.shape == kernel.shape]
+shards = {tuple(kernel.sharding.shard_shape(kernel.shape))} | {
+    tuple(m.sharding.shard_shape(m.shape)) for m in mu}
+print("SHARDS", json.dumps(sorted(shards), separators=(",", ":")), len(mu))
+assert trainer.base_params == {}
+assert trainer.run() == 0
+"""
+
+
+def test_full_fine_tuning_on_8_devices_equals_one(tmp_path):
+    """FSDP on a (data 2, model 4) mesh of 8 simulated devices: the losses and the tuned
+    weights of one device."""
+    import subprocess
+    import sys
+
+    from tests.test_train import REPO, _env
+
+    outs = {}
+    for name, devices, mesh, fsdp in (("one", 1, [1, 1], False), ("eight", 8, [2, 4], True)):
+        (tmp_path / name).mkdir()
+        raw = _config(tmp_path / name, steps=3, mesh=mesh, fsdp=fsdp, eval_data=None,
+                      batch_size=4).to_dict()
+        raw["bita"] = {"num_masks": 3, "lora_rank": 0, "method": "space"}
+        proc = subprocess.run([sys.executable, "-c", _FULL_FT_ON_A_MESH, json.dumps(raw),
+                               str(devices)], cwd=REPO, env=_env(devices=devices, fast=True),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        shards = [x for x in proc.stdout.splitlines() if x.startswith("SHARDS")][0].split()
+        # the up projection [L=2, E=32, F=64] and the Adam moments of that shape (gate's
+        # too): E split over data (FSDP), F over model
+        want = [[2, 32, 64]] if devices == 1 else [[2, 16, 16]]
+        assert json.loads(shards[1]) == want and int(shards[2]) == 4, proc.stdout
+        rows = (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()
+        outs[name] = ([json.loads(r)["loss"] for r in rows if "grad_norm" in r],
+                      models.load_adapter(tmp_path / name / "run" / "adapter", CFG)[0])
+    np.testing.assert_allclose(outs["eight"][0], outs["one"][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(outs["eight"][1]), jax.tree.leaves(outs["one"][1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

@@ -3,6 +3,9 @@
     bita_params = {"prefix": [P, L, 2, N, D], "mask_embed": [M, E]}   (fp32 always)
     (+ "lora": {target: {"a": [L, I, r], "b": [L, r, O]}} with `lora_rank` > 0: mask rows only)
 
+SPACE's pytree is {"mask_embed", "lora"} (LoRA fine-tuning), or {"mask_embed", "base"} (full
+fine-tuning: "base" is the whole model, trained from the base weights; `trains_base`).
+
 The prefix holds post-RoPE keys and values for every layer and every query head (the official
 layout, also on GQA models); prefix keys carry no position. Mask token k is fed as id V + k.
 Only mask-token rows attend to the prefix (see `layers.block_attention`), so real tokens are
@@ -21,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bita_jax.models import lora as lora_lib
+from bita_jax.models.causal_lm import abstract_params, is_unrolled, to_unrolled
 from bita_jax.models.config import ModelConfig
 
 METHODS = ("bita", "space")
@@ -38,7 +42,8 @@ class BitaConfig:
       lora_rank: rank of a LoRA of every projection (`lora.py`; 0: none). With method "bita"
         it adapts mask rows only (not in the paper): the drafter gets far more capacity than
         the prefix, and real rows keep the frozen base arithmetic, so decoding stays lossless.
-        With "space" it adapts every row: the fine-tuned model.
+        With "space" it adapts every row: the fine-tuned model; 0 there fine-tunes every base
+        weight instead (full fine-tuning, `trains_base`).
       method: "bita" (a prefix and mask embeddings on a frozen base, lossless against it) or
         "space" (SPACE's semi-autoregressive fine-tuning: mask embeddings and a LoRA on every
         row, no prefix; lossless against the fine-tuned model; `training.sar_samples`).
@@ -54,9 +59,6 @@ class BitaConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.method == "space" and self.lora_rank < 1:
-            raise ValueError("method 'space' fine-tunes the model through a LoRA: set lora_rank "
-                             ">= 1 (e.g. bita.lora_rank=16)")
         if self.num_prefix < 1 or self.num_masks < 1:
             raise ValueError(f"num_prefix and num_masks must be >= 1, got {self}")
         if self.lora_rank < 0:
@@ -77,6 +79,11 @@ class BitaConfig:
 
 
     @property
+    def trains_base(self) -> bool:
+        """SPACE without a LoRA: every base weight is trained (full fine-tuning)."""
+        return self.method == "space" and self.lora_rank == 0
+
+    @property
     def lora(self) -> lora_lib.LoraConfig:
         return lora_lib.LoraConfig(rank=self.lora_rank, init_std=self.init_std)
 
@@ -88,6 +95,10 @@ def param_shapes(cfg: ModelConfig, bcfg: BitaConfig) -> dict[str, tuple[int, ...
         shapes["prefix"] = (bcfg.num_prefix, cfg.num_layers, 2, cfg.num_heads, cfg.head_dim)
     if bcfg.lora_rank:
         shapes.update(flatten({"lora": lora_lib.lora_shapes(cfg, bcfg.lora)},
+                              is_leaf=lambda x: isinstance(x, tuple)))
+    if bcfg.trains_base:
+        shapes.update(flatten({"base": jax.tree.map(lambda a: tuple(a.shape),
+                                                    abstract_params(cfg))},
                               is_leaf=lambda x: isinstance(x, tuple)))
     return shapes
 
@@ -120,8 +131,10 @@ def count_trainable(cfg: ModelConfig, bcfg: BitaConfig) -> int:
     return sum(int(np.prod(s)) for s in param_shapes(cfg, bcfg).values())
 
 
-def init_bita_params(cfg: ModelConfig, bcfg: BitaConfig, rng) -> dict[str, Any]:
-    """Normal(0, init_std) tables, fp32 (and a LoRA whose update starts at zero)."""
+def init_bita_params(cfg: ModelConfig, bcfg: BitaConfig, rng,
+                     base_params=None) -> dict[str, Any]:
+    """Normal(0, init_std) tables, fp32 (and a LoRA whose update starts at zero). Full
+    fine-tuning (`bcfg.trains_base`) starts "base" from `base_params` (required then)."""
     shapes = param_shapes(cfg, bcfg)
     k1, k2, k3 = jax.random.split(rng, 3)
     params = {"mask_embed": bcfg.init_std * jax.random.normal(k2, shapes["mask_embed"],
@@ -130,6 +143,11 @@ def init_bita_params(cfg: ModelConfig, bcfg: BitaConfig, rng) -> dict[str, Any]:
         params["prefix"] = bcfg.init_std * jax.random.normal(k1, shapes["prefix"], jnp.float32)
     if bcfg.lora_rank:
         params["lora"] = lora_lib.init_lora(cfg, bcfg.lora, k3)
+    if bcfg.trains_base:
+        if base_params is None:
+            raise ValueError("full fine-tuning (method space, lora_rank 0) starts from the base "
+                             "weights: pass base_params")
+        params["base"] = base_params
     return params
 
 
@@ -156,9 +174,15 @@ def prefix_dropout(bita_params, sample_keys, rate: float):
 def decoding_params(base_params, bita_params, bcfg: BitaConfig):
     """(base params, drafting params) that decoding runs.
 
-    BiTA: the frozen base and the whole pytree. SPACE: the base with the LoRA merged in (the
-    fine-tuned model, scanned layout) and the mask embeddings alone."""
+    BiTA: the frozen base and the whole pytree. SPACE: the fine-tuned model (the base with the
+    LoRA merged in, or, fully fine-tuned, its own weights in the base's dtypes and layout) and
+    the mask embeddings alone."""
     if bcfg.method == "bita":
         return base_params, bita_params
-    return (lora_lib.merge(base_params, bita_params["lora"]),
-            {"mask_embed": bita_params["mask_embed"]})
+    masks = {"mask_embed": bita_params["mask_embed"]}
+    if "base" in bita_params:
+        tuned = bita_params["base"]
+        if is_unrolled(base_params):
+            tuned = to_unrolled(tuned)
+        return jax.tree.map(lambda t, b: jnp.asarray(t, b.dtype), tuned, base_params), masks
+    return lora_lib.merge(base_params, bita_params["lora"]), masks

@@ -241,7 +241,10 @@ class Trainer:
         """Fresh params, then the checkpoint's (resume) or the warm-start adapter's."""
         run = self.tc.run
         self.params, self.opt_state = step_lib.init_state(
-            self.cfg, self.tc.bita, self.tx, jax.random.fold_in(self.root_key, 0), self.mesh)
+            self.cfg, self.tc.bita, self.tx, jax.random.fold_in(self.root_key, 0), self.mesh,
+            self.base_params, self.rules)
+        if self.tc.bita.trains_base:  # full fine-tuning: the trainable copy is the only one
+            self.base_params = {}
         self.start = 0
         if latest is not None:
             self.params, self.opt_state, meta = self.ckpt.restore(latest, self.params,
@@ -254,6 +257,9 @@ class Trainer:
         elif resume:
             status(f"--resume: no checkpoint in {self.ckpt.directory}, starting fresh")
         if latest is None and run.init_adapter:
+            if self.tc.bita.trains_base:
+                raise AdapterError("run.init_adapter does not apply to full fine-tuning (it "
+                                   "starts from the base weights): drop it")
             self.params = warm_start(run.init_adapter, self.cfg, self.tc.bita, self.identity,
                                      self.params)
             status(f"warm start from the adapter {run.init_adapter}")

@@ -75,6 +75,9 @@ def estimate(tc, devices: int | None = None) -> dict:
         tree = "upper-triangle"
     act = sum(breakdown.values())
     state = 4 * n_bita * 4  # fp32 params, grads, Adam mu and nu (replicated)
+    if bcfg.trains_base:  # full fine-tuning: the base, its grads and moments, sharded like it
+        state = 4 * base_bytes + 4 * 4 * bcfg.num_masks * cfg.hidden_size
+        base_bytes = 0  # no frozen copy
     gib = 1024 ** 3
     return {
         "model": tc.model.name or "hf_config",

@@ -3,9 +3,10 @@
     loss, metrics = sar_loss_fn(params, base_params, batch, None, cfg=cfg, spec=spec)
 
 `params` is the trainable pytree {"mask_embed": [M, E], "lora": {...}}: the LoRA adapts every row
-(the fine-tuned model), the mask embeddings feed the masks. The loss is the mean cross-entropy
-over every target of the batch, real next tokens and masks alike (the official recipe: plain
-SFT's loss with the masks' targets added).
+(the fine-tuned model), the mask embeddings feed the masks. Full fine-tuning trains
+{"mask_embed", "base"}: the whole model, which then replaces the frozen `base_params`. The loss
+is the mean cross-entropy over every target of the batch, real next tokens and masks alike (the
+official recipe: plain SFT's loss with the masks' targets added).
 
 Metrics are sums, as the BiTA loss's (`loss.mask_metrics`), so steps, micro-batches and hosts
 add up: nll [], count [M] and correct [M] per mask index, ar_count [] and ar_correct [] for the
@@ -25,7 +26,9 @@ Batch = dict[str, jax.Array]
 
 
 def sar_logits(cfg: ModelConfig, params, base_params, batch: Batch):
-    """fp32 logits [B, T, V] of every slot, the LoRA on every row."""
+    """fp32 logits [B, T, V] of every slot, the LoRA on every row (or, fully fine-tuned, the
+    trainable "base" in place of `base_params`)."""
+    base_params = params.get("base", base_params)
     tokens = batch["tokens"]
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))

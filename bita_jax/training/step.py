@@ -133,6 +133,22 @@ def eval_step(bita_params, base_params, batch: Batch, *, cfg: ModelConfig,
 # Jitted, sharded steps.
 
 
+def trainable_shardings(cfg: ModelConfig, bcfg: BitaConfig, tx: optax.GradientTransformation,
+                        mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES):
+    """(trainable params, optimizer state) shardings: replicated (BiTA, SPACE's LoRA), or, for
+    full fine-tuning, the base weights and their Adam moments by the logical-axis `rules` (use
+    `sharding.FSDP_RULES` to split them over 'data' too) and the mask embeddings replicated."""
+    rep = sharding.replicated(mesh)
+    if not bcfg.trains_base:
+        return rep, rep
+    params = {"mask_embed": rep, "base": sharding.param_shardings(cfg, mesh, rules)}
+    shapes = {"mask_embed": jax.ShapeDtypeStruct((bcfg.num_masks, cfg.hidden_size), jnp.float32),
+              "base": models.abstract_params(cfg)}
+    opt = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, shapes), params,
+                                transform_non_params=lambda _: rep)
+    return params, opt
+
+
 def make_train_step(cfg: ModelConfig, bcfg: BitaConfig, spec: SampleSpec | SarSpec,
                     tx: optax.GradientTransformation, mesh: Mesh,
                     rules: sharding.Rules = sharding.DEFAULT_RULES, grad_accum: int = 1,
@@ -141,6 +157,8 @@ def make_train_step(cfg: ModelConfig, bcfg: BitaConfig, spec: SampleSpec | SarSp
 
     Base params are sharded by the logical-axis `rules`, the batch over 'data', the BiTA params,
     optimizer state, rng and metrics replicated. The BiTA params and optimizer state are donated.
+    Full fine-tuning (`bcfg.trains_base`) shards the trainable base and its optimizer state like
+    the base (`trainable_shardings`) and takes `{}` for `base_params`.
     The batch size must divide by `grad_accum * mesh.shape['data']`. `compiler_options` go to
     XLA for this function only (e.g. `FAST_CPU_COMPILE`).
     """
@@ -149,11 +167,12 @@ def make_train_step(cfg: ModelConfig, bcfg: BitaConfig, spec: SampleSpec | SarSp
     rep = sharding.replicated(mesh)
     body = functools.partial(train_step, cfg=cfg, bcfg=bcfg, spec=spec, tx=tx,
                              grad_accum=grad_accum)
+    params, opt = trainable_shardings(cfg, bcfg, tx, mesh, rules)
+    base = {} if bcfg.trains_base else sharding.param_shardings(cfg, mesh, rules)
     return jax.jit(
         body,
-        in_shardings=(rep, rep, sharding.param_shardings(cfg, mesh, rules),
-                      sharding.batch_sharding(mesh, 2, rules), rep),
-        out_shardings=(rep, rep, rep),
+        in_shardings=(params, opt, base, sharding.batch_sharding(mesh, 2, rules), rep),
+        out_shardings=(params, opt, rep),
         donate_argnums=(0, 1),
         compiler_options=compiler_options)
 
@@ -164,22 +183,28 @@ def make_eval_step(cfg: ModelConfig, spec: SampleSpec | SarSpec, mesh: Mesh,
                    bcfg: BitaConfig | None = None):
     """`evaluate(bita_params, base_params, batch) -> summed metrics` (no dropout)."""
     rep = sharding.replicated(mesh)
+    trains_base = bcfg is not None and bcfg.trains_base
+    params = (rep if not trains_base else
+              {"mask_embed": rep, "base": sharding.param_shardings(cfg, mesh, rules)})
     return jax.jit(
         functools.partial(eval_step, cfg=cfg, spec=spec, topk=topk, bcfg=bcfg),
-        in_shardings=(rep, sharding.param_shardings(cfg, mesh, rules),
+        in_shardings=(params, {} if trains_base else sharding.param_shardings(cfg, mesh, rules),
                       sharding.batch_sharding(mesh, 2, rules)),
         out_shardings=rep,
         compiler_options=compiler_options)
 
 
 def init_state(cfg: ModelConfig, bcfg: BitaConfig, tx: optax.GradientTransformation, rng,
-               mesh: Mesh | None = None) -> tuple[Any, Any]:
-    """Fresh BiTA params and their optimizer state (replicated on `mesh` when given)."""
-    params = models.init_bita_params(cfg, bcfg, rng)
-    opt_state = tx.init(params)
-    if mesh is not None:
-        rep = sharding.replicated(mesh)
-        params, opt_state = jax.device_put((params, opt_state), rep)
+               mesh: Mesh | None = None, base_params=None,
+               rules: sharding.Rules = sharding.DEFAULT_RULES) -> tuple[Any, Any]:
+    """Fresh trainable params and their optimizer state, placed on `mesh` when given
+    (`trainable_shardings`). Full fine-tuning starts from `base_params`."""
+    params = models.init_bita_params(cfg, bcfg, rng, base_params)
+    if mesh is None:
+        return params, tx.init(params)
+    params_sh, opt_sh = trainable_shardings(cfg, bcfg, tx, mesh, rules)
+    params = jax.device_put(params, params_sh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     return params, opt_state
 
 
