@@ -12,15 +12,7 @@ from bita_jax.decoding.ar import Generator
 from bita_jax.decoding.bita_step import BitaGenerator
 from bita_jax.decoding.tree import Tree
 from bita_jax.models import lora as lora_lib
-from bita_jax.models.config import ModelConfig
-
-LLAMA = ModelConfig(arch="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
-                    num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=512)
-FALCON = ModelConfig(arch="falcon", vocab_size=89, hidden_size=32, intermediate_size=128,
-                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                     new_decoder_architecture=True, tie_word_embeddings=True,
-                     max_position_embeddings=512)
-PROMPTS = [[5, 17, 33, 2, 80], [44], list(range(1, 21)), [7] * 8 + [60, 61, 62]]
+from tests.test_decode import FALCON, LLAMA, PROMPTS
 
 
 @pytest.fixture(scope="module", params=[LLAMA, FALCON], ids=["llama", "falcon"])

@@ -20,6 +20,7 @@ from bita_jax.models.config import ModelConfig
 from bita_jax.training import batches, loop, run_config, sar_samples
 from bita_jax.training import sar_loss as sar_loss_lib
 from bita_jax.training import step as step_lib
+from tests.test_train import _records
 
 V = 50
 SRC = [10, 11, 12]
@@ -139,21 +140,10 @@ def test_space_decoding_equals_the_fine_tuned_models_greedy(cfg):
     assert Generator(cfg, base).generate(prompts, 31).tokens != want
 
 
-def _records(n=24, seed=0, vocab=V):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        start = int(rng.integers(0, vocab))
-        out.append({"prompt_ids": rng.integers(0, vocab, int(rng.integers(2, 9))).tolist(),
-                    "response_ids": [(start + 3 * k) % vocab
-                                     for k in range(int(rng.integers(6, 24)))]})
-    return out
-
-
 def _config(tmp_path, **run):
     data = tmp_path / "data.jsonl"
     if not data.exists():
-        data.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+        data.write_text("".join(json.dumps(r) + "\n" for r in _records(vocab=V)))
     raw = {"model": {"random_init": True, "hf_config": {
                "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
