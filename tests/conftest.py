@@ -47,20 +47,6 @@ def _bounded_memory_maps():
         gc.collect()
 
 
-# The files that take longest (seconds in one worker, measured), run first: two xdist workers
-# (`-n 2 --dist loadfile --no-loadscope-reorder`) then finish together instead of one waiting
-# on a long file started last.
-LONGEST_FIRST = ("test_smollm2.py", "test_mesh_decoding.py", "test_context_bench.py",
-                 "test_notebook.py", "test_properties.py", "test_long_prompts.py",
-                 "test_decode.py", "test_api.py", "test_space.py", "test_multiprocess.py",
-                 "test_lookup.py", "test_lora.py", "test_train.py", "test_precision.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
-
-
 @pytest.fixture(scope="module")
 def fresh_gguf_cache(tmp_path_factory):
     """A fresh GGUF cache directory for one test module (never the user's ~/.cache)."""
