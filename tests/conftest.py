@@ -1,9 +1,10 @@
 """Test-wide settings, set before jax initialises.
 
 The suite is bound by XLA CPU compile time (three quarters of it, measured with a warm
-persistent cache): it compiles at `--xla_backend_optimization_level=0`, which ran six test_decode
-cases in 69 s against 111 s. Every comparison in a test (BiTA against greedy, a mesh against one device, ours
-against HF within its tolerance) runs under the same flags, and subprocesses inherit them. A
+persistent cache): it compiles at `--xla_backend_optimization_level=0`, which ran six
+test_decode cases in 69 s against 111 s. Every comparison in a test (BiTA against greedy, a mesh
+against one device, ours against HF within its tolerance) runs under the same flags, and
+subprocesses inherit them. A
 different fast setting (`--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1`)
 crashed XLA's CPU compiler on a scan in this jax version; the suite does not use it in-process.
 """
