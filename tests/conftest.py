@@ -4,7 +4,9 @@ The suite is bound by XLA CPU compile time (three quarters of it, measured with 
 persistent cache): it compiles at `--xla_backend_optimization_level=0`, which ran six
 test_decode cases in 69 s against 111 s. Every comparison in a test (BiTA against greedy, a mesh
 against one device, ours against HF within its tolerance) runs under the same flags, and
-subprocesses inherit them. A
+subprocesses inherit them. The persistent cache of compiled programs that loading turns on
+(`model_cache.enable_xla_cache`) is off in the suite, so every test compiles what it runs and
+nothing is written to the user's cache; `tests/test_xla_cache.py` tests it. A
 different fast setting (`--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1`)
 crashed XLA's CPU compiler on a scan in this jax version; the suite does not use it in-process.
 """
@@ -17,6 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+os.environ["BITA_JAX_NO_XLA_CACHE"] = "1"  # model_cache.NO_XLA_CACHE_ENV (no import before jax)
 
 
 # Compiled XLA programs keep their machine code in memory maps; one process running the whole

@@ -6,6 +6,8 @@
 
 A GGUF's dequantized tensors and tokenizer are cached on disk after the first load (see
 bita_jax/checkpoints/gguf_loader.py; `BITA_JAX_NO_CACHE=1` disables it, `BITA_JAX_CACHE` moves it).
+Loading also turns on the cache of compiled XLA programs beside it (`model_cache.enable_xla_cache`),
+so a second run of the same job skips XLA's compile.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pathlib
 from typing import Any
 
 from bita_jax import models
-from bita_jax.checkpoints import gguf_loader, hf
+from bita_jax.checkpoints import gguf_loader, hf, model_cache
 from bita_jax.checkpoints.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
 from bita_jax.models.config import ModelConfig
 
@@ -93,6 +95,7 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32",
       ConfigError: an architecture bita_jax does not run.
     """
     name, path = _resolve(spec)
+    model_cache.enable_xla_cache()
     try:
         if path.is_dir():
             cfg, params = hf.load_hf_checkpoint(str(path), dtype, shardings)

@@ -15,6 +15,12 @@ a file that cannot be written or read only warns (`CacheWarning`, see `warn_unwr
 
 What goes into an entry is up to its users: the float32 tensors and config
 (bita_jax/checkpoints/gguf_loader.py) and the tokenizer (bita_jax/checkpoints/tokenizer.py).
+
+Compiled XLA programs go to `{root}/xla` (`enable_xla_cache`, JAX's persistent compilation
+cache, keyed by JAX on the program, the jax version, the backend and XLA's flags): a second run of
+the same command skips XLA's compile (on this CPU, SmolLM2 with `--compare`: 49 s -> 21 s).
+`BITA_JAX_NO_XLA_CACHE=1` turns off this part alone; a `jax_compilation_cache_dir` the user set
+(`JAX_COMPILATION_CACHE_DIR`) is left as it is.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import BinaryIO
 
 CACHE_ENV = "BITA_JAX_CACHE"
 NO_CACHE_ENV = "BITA_JAX_NO_CACHE"
+NO_XLA_CACHE_ENV = "BITA_JAX_NO_XLA_CACHE"
 # Bump whenever a cached artifact would change (conversion code, file layout): old entries then
 # simply stop matching.
 CACHE_FORMAT = 1
@@ -45,9 +52,14 @@ class CacheWarning(RuntimeWarning):
     """A cache entry was unreadable (and is rebuilt) or could not be written (load goes on)."""
 
 
+def _env_flag(name: str) -> bool:
+    """Whether environment variable `name` is set to anything but empty/0/false/no/off."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def cache_root() -> pathlib.Path | None:
     """The cache directory, or None when `BITA_JAX_NO_CACHE` is set (to anything but 0/false)."""
-    if os.environ.get(NO_CACHE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off"):
+    if _env_flag(NO_CACHE_ENV):
         return None
     if sys.byteorder != "little":  # cached files are little-endian float32
         return None
@@ -179,3 +191,32 @@ def warn_unreadable(file: pathlib.Path, e: Exception) -> None:
         file.unlink(missing_ok=True)
     except OSError:
         pass
+
+
+def enable_xla_cache() -> pathlib.Path | None:
+    """Turns on JAX's persistent compilation cache under `{cache_root()}/xla`, once per process.
+
+    Call it before the first compile: JAX decides whether a process uses the cache at its first
+    compile. Programs that took at least `jax_persistent_cache_min_compile_time_secs` (1 s by
+    default) to compile are stored; a later process compiling the same program on the same
+    jax, backend and flags loads it instead.
+
+    Returns:
+      The directory in use (the user's own `jax_compilation_cache_dir` if one is set), or None
+      when the cache is off (`BITA_JAX_NO_CACHE`, `BITA_JAX_NO_XLA_CACHE`) or unwritable.
+    """
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return pathlib.Path(jax.config.jax_compilation_cache_dir)
+    root = cache_root()
+    if root is None or _env_flag(NO_XLA_CACHE_ENV):
+        return None
+    path = root / "xla"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        warn_unwritable(path, e)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    return path
