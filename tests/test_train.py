@@ -424,3 +424,25 @@ def test_train_step_on_8_devices_matches_1():
     assert proc.returncode == 0, report
     for line in ("OK loss", "OK data2_model4_fsdp_accum2", "OK eval"):
         assert line in proc.stdout, report
+
+
+class _Sharding:
+    """Stands in for a NamedSharding: the row blocks this process's devices hold."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def addressable_devices_indices_map(self, shape):
+        return {d: (slice(lo, hi), slice(None)) for d, (lo, hi) in enumerate(self.blocks)}
+
+
+@pytest.mark.parametrize("blocks,rows", [
+    ([(None, None)], (0, 8)),          # one process, or data within the process: every row
+    ([(4, 6), (6, 8)], (4, 8)),        # process 1 of 2 with 2 data shards each
+    ([(2, 4), (2, 4)], (2, 4)),        # a row block replicated over model devices
+    ([(0, 2), (4, 6)], (0, 8)),        # not contiguous: feed every row
+])
+def test_each_process_builds_only_its_rows(blocks, rows):
+    from bita_jax.training.loop import process_rows
+
+    assert process_rows(8, _Sharding(blocks)) == slice(*rows)

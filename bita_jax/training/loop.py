@@ -87,10 +87,38 @@ def warm_start(directory, cfg, bcfg, identity, params):
                         loaded, params)
 
 
-def global_batch(batch, batch_sharding):
-    """Host numpy [B, ...] (same on every process) -> global arrays laid out by the sharding."""
-    return {k: jax.make_array_from_callback(v.shape, batch_sharding, lambda idx, v=v: v[idx])
-            for k, v in batch.items()}
+def process_rows(batch_size: int, batch_sharding) -> slice:
+    """The rows of a global [B, ...] batch that this process's devices hold, as one slice.
+
+    One process, or a data axis within each process: every row. A data axis across processes
+    (a pod): only this process's part, so each process builds only the samples it feeds."""
+    blocks = sorted({(i[0].start or 0, batch_size if i[0].stop is None else i[0].stop)
+                     for i in batch_sharding.addressable_devices_indices_map(
+                         (batch_size, 1)).values()})
+    lo, hi = blocks[0][0], max(stop for _, stop in blocks)
+    covered = lo
+    for start, stop in blocks:
+        if start > covered:  # not one contiguous run of rows: feed them all
+            return slice(0, batch_size)
+        covered = max(covered, stop)
+    return slice(lo, hi)
+
+
+def global_batch(local, batch_sharding, batch_size: int):
+    """This process's rows of a batch (host numpy, `process_rows`) -> global [B, ...] arrays laid
+    out by the sharding (`jax.make_array_from_process_local_data`)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v,
+                                                      (batch_size, *v.shape[1:]))
+            for k, v in local.items()}
+
+
+@jax.jit
+def tokens_in(batch) -> jax.Array:
+    """The tokens a global batch makes the model process: BiTA, the real tokens up to each
+    sample's last anchor plus its masks; SPACE, every filled slot (a replicated [] int32)."""
+    if "anchors" in batch:
+        return batch["anchors"].max(axis=1).sum() + (batch["labels"] >= 0).sum()
+    return (batch["labels"] >= 0).sum() + batch["tokens"].shape[0]
 
 
 def check_vocab(batch, vocab_size: int, num_masks: int = 0):
@@ -235,6 +263,7 @@ class Trainer:
                                                 compiler_options=options, bcfg=bcfg)
                         if self.eval_records else None)
         self.batch_sharding = sharding.batch_sharding(self.mesh, 2, self.rules)
+        self.rows = process_rows(self.tc.run.batch_size, self.batch_sharding)
         self.root_key = jax.random.key(run.seed)
 
     def _init_state(self, latest: int | None, resume: bool):
@@ -278,8 +307,10 @@ class Trainer:
         run, sums = self.tc.run, None
         for eb in batches.eval_batches(self.eval_records, self.spec, run.batch_size, run.seed,
                                        run.eval_batches):
+            local = {k: v[self.rows] for k, v in eb.items()}
             m = jax.device_get(self.eval_fn(self.params, self.base_params,
-                                            global_batch(eb, self.batch_sharding)))
+                                            global_batch(local, self.batch_sharding,
+                                                         run.batch_size)))
             sums = m if sums is None else {k: sums[k] + m[k] for k in m}
         s = step_lib.summarize(sums)
         out = {"step": step, "eval_loss": s["loss"], "eval_acc": s["acc"],
@@ -295,20 +326,17 @@ class Trainer:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def train_step(self, step: int) -> tuple[dict, int]:
-        """Runs optimizer step `step` (0-based); returns (device metrics, tokens it processed)."""
-        batch = self.stream.batch(step)
+    def train_step(self, step: int) -> tuple[dict, jax.Array]:
+        """Runs optimizer step `step` (0-based); returns (device metrics, the tokens it
+        processed, a device scalar). Each process builds only its own rows of the batch."""
+        batch = self.stream.batch(step, self.rows)
         check_vocab(batch, self.cfg.vocab_size,
                     self.tc.bita.num_masks if self.tc.bita.method == "space" else 0)
         rng = jax.random.fold_in(jax.random.fold_in(self.root_key, 1), step)
+        batch = global_batch(batch, self.batch_sharding, self.tc.run.batch_size)
         self.params, self.opt_state, metrics = self.step_fn(
-            self.params, self.opt_state, self.base_params,
-            global_batch(batch, self.batch_sharding), rng)
-        if "anchors" in batch:  # BiTA: the real tokens up to the last anchor, and the masks
-            tokens = int(batch["anchors"].max(axis=1).sum() + (batch["labels"] >= 0).sum())
-        else:  # SPACE: every filled slot
-            tokens = int((batch["labels"] >= 0).sum() + batch["tokens"].shape[0])
-        return metrics, tokens
+            self.params, self.opt_state, self.base_params, batch, rng)
+        return metrics, tokens_in(batch)
 
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> int:
@@ -387,18 +415,19 @@ class Trainer:
 
 
 class _Throughput:
-    """Steps and tokens per second since the last `rates()` call."""
+    """Steps and tokens per second since the last `rates()` call (token counts may be device
+    scalars: they are summed on device and read only there)."""
 
     def __init__(self):
         self.t0, self.steps, self.tokens = time.perf_counter(), 0, 0
 
-    def add(self, tokens: int):
+    def add(self, tokens):
         self.steps += 1
-        self.tokens += tokens
+        self.tokens = self.tokens + tokens
 
     def rates(self) -> tuple[float, float]:
         now = time.perf_counter()
         dt = max(now - self.t0, 1e-9)
-        out = (self.steps / dt, self.tokens / dt)
+        out = (self.steps / dt, int(self.tokens) / dt)
         self.t0, self.steps, self.tokens = now, 0, 0
         return out
