@@ -110,3 +110,11 @@ def _exit_on_error(kind, error, tb) -> None:
 def is_main_process() -> bool:
     """Process 0 writes logs, metrics and exported files."""
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process of the job has reached `barrier(name)`; a no-op on one."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -6,6 +6,8 @@ environment a launcher gives each host, and the mesh spans every process's devic
   device gives, plain greedy and BiTA, and hold only its own shards of the KV cache.
 - Training (`train/train.py`, tiny-test): stopped at step 4 and resumed, as 2 processes of 2
   devices, it must give the losses and adapter of one uninterrupted single-device run.
+- Self-distillation (`tests/multiprocess_distill.py`) as 3 processes into one shared run
+  directory: process 0 alone writes it, and the dataset equals one process's.
 - A process killed mid-job stops the other at once: a killed worker with one line of ours; a
   killed process 0 (which hosts the coordination service) with ours or JAX's abort.
 """
@@ -27,6 +29,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "multiprocess_decode.py"
+DISTILL_SCRIPT = REPO / "tests" / "multiprocess_distill.py"
 
 
 def _free_port() -> int:
@@ -166,6 +169,41 @@ def test_training_across_processes_resumes_and_equals_one_device(tmp_path):
     assert sorted(a) == sorted(b)
     for name in a:  # 4 devices against 1: only the reductions' order differs
         np.testing.assert_allclose(a[name], b[name], atol=1e-6, err_msg=name)
+
+
+def test_distillation_across_processes_writes_once_and_equals_one_process(tmp_path):
+    sources = tmp_path / "prompts.jsonl"
+    sources.write_text("".join(json.dumps({"prompt": f"question {i}: why?"}) + "\n"
+                               for i in range(7)))
+
+    def run(processes, out):
+        if processes == 1:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+            done = subprocess.run([sys.executable, str(DISTILL_SCRIPT), str(out), str(sources)],
+                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+            return [json.loads(done.stdout.strip().splitlines()[-1])]
+        procs = start_job(processes, [str(DISTILL_SCRIPT), str(out), str(sources)])
+        outs = []
+        try:
+            for p in procs:
+                stdout, err = p.communicate(timeout=600)
+                assert p.returncode == 0, err[-3000:]
+                outs.append(json.loads(stdout.strip().splitlines()[-1]))
+        finally:
+            for p in procs:
+                p.kill()
+        return outs
+
+    (one,) = run(1, tmp_path / "one")
+    job = run(3, tmp_path / "job")
+    assert one["processes"] == 1 and one["chunks_written"] == 7  # 14 renderings, batches of 2
+    assert [o["process"] for o in job] == [0, 1, 2] and {o["processes"] for o in job} == {3}
+    assert [o["chunks_written"] for o in job] == [7, 0, 0]  # only process 0 writes
+    assert len(list((tmp_path / "job" / "raw").glob("chunk-*.jsonl"))) == 7
+    for o in job:  # every process reads back the dataset one process builds
+        assert o["train"] == one["train"] and o["heldout"] == one["heldout"]
+    assert len(one["train"]) + len(one["heldout"]) == 14
 
 
 @pytest.mark.parametrize("killed", [1, 0], ids=["worker-killed", "coordinator-killed"])

@@ -96,6 +96,11 @@ def _builder(data_dir: str | os.PathLike) -> BitaDistill:
     return BitaDistill(data_dir=str(data_dir), file_format="array_record")
 
 
+def dataset_dir(data_dir: str | os.PathLike) -> pathlib.Path:
+    """Where `build_dataset` puts the dataset of run directory `data_dir` (nothing is built)."""
+    return pathlib.Path(_builder(data_dir).data_dir)
+
+
 def build_dataset(data_dir: str | os.PathLike, partial: bool = False) -> pathlib.Path:
     """Builds (or reuses) the array_record dataset from `data_dir/raw`; no TensorFlow, no network.
 

@@ -76,8 +76,13 @@ def _grows(stored_limit: int | None, limit: int | None) -> bool:
 
 
 def open_run(out_dir: str | os.PathLike, settings: dict,
-             make_plan: Callable[[], list[dict]], extend: bool = False) -> list[dict]:
+             make_plan: Callable[[], list[dict]], extend: bool = False,
+             write: bool = True) -> list[dict]:
     """Starts a run in `out_dir`, or resumes the one there if its settings are equal.
+
+    With `write=False` (the other processes of a multi-process job; process 0 writes), the
+    same plan is returned and nothing is written: a plan is a pure function of the settings
+    and the sources, so it is the same whether read before or after process 0 stores it.
 
     With `extend`, a run whose settings differ only by a larger `limit` grows instead: the prompts
     the larger limit adds (by prompt text and system variant) are appended to the plan with new
@@ -97,8 +102,9 @@ def open_run(out_dir: str | os.PathLike, settings: dict,
             have = {(r["prompt_text"], r["with_system"]) for r in plan}
             added = [r for r in make_plan() if (r["prompt_text"], r["with_system"]) not in have]
             plan += [{**r, "index": len(plan) + i} for i, r in enumerate(added)]
-            write_atomic(raw / PLAN_FILE, jsonl(plan))  # a kill here: --extend again adds none
-            write_atomic(settings_path, json.dumps(settings, indent=1) + "\n")
+            if write:
+                write_atomic(raw / PLAN_FILE, jsonl(plan))  # a kill here: --extend adds none
+                write_atomic(settings_path, json.dumps(settings, indent=1) + "\n")
             return plan
         if diff:
             hint = (" (--extend grows a run to a larger --limit)" if diff == ["limit"] and
@@ -110,11 +116,12 @@ def open_run(out_dir: str | os.PathLike, settings: dict,
         return plan
     if chunk_files(raw):
         raise DistillError(f"{raw} has chunk files but no {SETTINGS_FILE}; use a new --out")
-    raw.mkdir(parents=True, exist_ok=True)
     plan = make_plan()
     if not plan:
         raise DistillError("no prompts to answer: the sources are empty or every prompt is "
                            "longer than --max-prompt-tokens")
-    write_atomic(raw / PLAN_FILE, jsonl(plan))
-    write_atomic(settings_path, json.dumps(settings, indent=1) + "\n")  # commits the plan
+    if write:
+        raw.mkdir(parents=True, exist_ok=True)
+        write_atomic(raw / PLAN_FILE, jsonl(plan))
+        write_atomic(settings_path, json.dumps(settings, indent=1) + "\n")  # commits the plan
     return plan
