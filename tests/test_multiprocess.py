@@ -5,7 +5,8 @@ environment a launcher gives each host, and the mesh spans every process's devic
 - Decoding (`tests/multiprocess_decode.py`): each process must print the token ids that one
   device gives, plain greedy and BiTA, and hold only its own shards of the KV cache.
 - Training (`train/train.py`, tiny-test): stopped at step 4 and resumed, as 2 processes of 2
-  devices, it must give the losses and adapter of one uninterrupted single-device run.
+  devices and as 3 of 1, it must give the losses and adapter of one uninterrupted
+  single-device run.
 - Self-distillation (`tests/multiprocess_distill.py`) as 3 processes into one shared run
   directory: process 0 alone writes it, and the dataset equals one process's.
 - A process killed mid-job stops the other at once: a killed worker with one line of ours; a
@@ -137,23 +138,30 @@ def _wait(procs, timeout=600) -> list[str]:
     return outs
 
 
-def test_training_across_processes_resumes_and_equals_one_device(tmp_path):
+@pytest.mark.parametrize("processes,devices,mesh,batch", [(2, 2, "[2,2]", 4), (3, 1, "[3,1]", 6)],
+                         ids=["2procs-x2-data2-model2", "3procs-x1-data3"])
+def test_training_across_processes_resumes_and_equals_one_device(tmp_path, processes, devices,
+                                                                 mesh, batch):
+    """The data axis spans the processes, so each builds only its own rows of every batch."""
     from safetensors.numpy import load_file
 
     data = tmp_path / "data.jsonl"
     _records(data)
-    args = [*TINY, "--data", str(data), "run.mesh=[2,2]"]
+    args = [*TINY, "--data", str(data), f"run.batch_size={batch}"]
     job = tmp_path / "job"
-    outs = _wait(start_job(2, [*args, "--out", str(job), "--stop-at", "4"], devices=2))
-    assert _printed(outs[1]) == []  # only process 0 prints
+    outs = _wait(start_job(processes, [*args, f"run.mesh={mesh}", "--out", str(job),
+                                       "--stop-at", "4"], devices=devices))
+    assert all(_printed(out) == [] for out in outs[1:])  # only process 0 prints
     assert sorted(os.listdir(job / "checkpoints")) == ["2", "4"]
-    outs = _wait(start_job(2, [*args, "--out", str(job), "--resume"], devices=2))
-    assert json.loads(_printed(outs[0])[-1])["steps"] == 6 and _printed(outs[1]) == []
+    outs = _wait(start_job(processes, [*args, f"run.mesh={mesh}", "--out", str(job), "--resume"],
+                           devices=devices))
+    assert json.loads(_printed(outs[0])[-1])["steps"] == 6
+    assert all(_printed(out) == [] for out in outs[1:])
 
     one = tmp_path / "one"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_cpu_use_fusion_emitters=false "
                "--xla_backend_optimization_level=1")
-    proc = subprocess.run([sys.executable, *TINY, "--data", str(data), "--out", str(one)],
+    proc = subprocess.run([sys.executable, *args, "--out", str(one)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -167,7 +175,7 @@ def test_training_across_processes_resumes_and_equals_one_device(tmp_path):
     a = load_file(str(job / "adapter" / "adapter.safetensors"))
     b = load_file(str(one / "adapter" / "adapter.safetensors"))
     assert sorted(a) == sorted(b)
-    for name in a:  # 4 devices against 1: only the reductions' order differs
+    for name in a:  # several devices against 1: only the reductions' order differs
         np.testing.assert_allclose(a[name], b[name], atol=1e-6, err_msg=name)
 
 
