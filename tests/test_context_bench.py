@@ -39,5 +39,7 @@ def test_bench_runs_every_engine_side_by_side(llm):
         assert r["identical_to_hf"] and r["identical_to_ours"], r  # fp32: HF's tokens exactly
         assert r["ttft_s"] > 0 and r["decode_ms_per_step"] > 0 and 1 <= r["new_tokens"] <= 6
         assert r["prefill_floor_s"] > 0 and r["step_floor_ms"] > 0
+        assert r["decode_speed_vs_hf"] > 0
+    assert rows[0]["tokens_per_step"] == 1.0  # HF: one forward per token after the prefill
     table = context_bench.markdown_table(rows)
     assert len(table.splitlines()) == 2 + len(rows)
