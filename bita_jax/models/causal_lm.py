@@ -92,9 +92,13 @@ class CausalLM(nn.Module):
             return self.final_norm(x), block_kv
         kvs = []
         for i, blk in enumerate(self.blocks):  # cache: stacked [L, ...] or L-tuples
-            x, kv = blk(x, {k: (v[0][i], v[1][i]) if k == "cache" else
-                            jax.tree.map(lambda a, i=i: a[i], v)
-                            for k, v in layer_inputs.items()}, ctx)
+            inputs = {k: (v[0][i], v[1][i]) if k == "cache" else
+                      jax.tree.map(lambda a, i=i: a[i], v) for k, v in layer_inputs.items()}
+            if self.is_initializing() or not isinstance(x, jax.core.Tracer):
+                x, kv = blk(x, inputs, ctx)  # op by op outside jit, as one program's would be
+            else:  # one trace serves every layer: a jitted call per layer, inlined by XLA
+                x, kv = _unrolled_block(cfg, self.variables["params"][f"layers_{i}"], x,
+                                        inputs, ctx)
             kvs.append(kv)
         return self.final_norm(x), jax.tree.map(lambda *a: jnp.stack(a), *kvs)
 
@@ -109,6 +113,19 @@ class CausalLM(nn.Module):
                 return logits.astype(jnp.float32)
             return jnp.einsum("...e,ve->...v", hidden, table, preferred_element_type=jnp.float32)
         return self.lm_head(hidden).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _unrolled_block(cfg: ModelConfig, params, x, inputs, ctx: AttnContext):
+    """Block `i` of the unrolled layout as its own jitted function of (its params, x, its
+    inputs, ctx). Every layer has the same shapes, so tracing the model traces one block, not
+    L of them (tracing the L blocks inline cost about 10 s per SmolLM2 decoding command); XLA
+    inlines the calls, so the compiled program is the same. Only under a trace: called eagerly,
+    each block would become its own program, and a mask-only LoRA's presence could then change
+    how the real rows round (`tests/test_lora.py`)."""
+    block = {"llama": LlamaBlock, "falcon": FalconBlock}[cfg.arch](cfg, transposed=True,
+                                                                 parent=None)
+    return block.apply({"params": params}, x, inputs, ctx)
 
 
 def forward(cfg: ModelConfig, base_params: Params, tokens, positions, block_mask,
