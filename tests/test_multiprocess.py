@@ -55,25 +55,16 @@ def start_job(processes: int, argv: list[str], devices: int | None = None, **env
     return procs
 
 
-def run_job(processes: int, devices_per_process: int, data: int, model: int) -> list[dict]:
-    """Runs the decoding script as one job; returns each process's JSON line."""
-    procs = start_job(processes, [str(SCRIPT), str(devices_per_process), str(data), str(model)])
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=900)
-            assert p.returncode == 0, err[-3000:]
-            outs.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            p.kill()
-    return outs
+def run_job(processes: int, argv: list[str]) -> list[dict]:
+    """Runs a script of ours (`argv`) as one job; returns each process's last JSON line."""
+    return [json.loads(out.strip().splitlines()[-1])
+            for out in _wait(start_job(processes, argv), timeout=900)]
 
 
 @pytest.mark.parametrize("processes,devices,data,model", [(2, 2, 2, 2), (3, 1, 1, 3)],
                          ids=["2procs-x2-data2-model2", "3procs-x1-model3"])
 def test_every_process_decodes_what_one_device_does(processes, devices, data, model):
-    outs = run_job(processes, devices, data, model)
+    outs = run_job(processes, [str(SCRIPT), str(devices), str(data), str(model)])
     assert sorted(o["process"] for o in outs) == list(range(processes))
     for o in outs:
         assert o["processes"] == processes and o["devices"] == processes * devices
@@ -191,17 +182,7 @@ def test_distillation_across_processes_writes_once_and_equals_one_process(tmp_pa
                                   cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
             assert done.returncode == 0, done.stderr[-3000:]
             return [json.loads(done.stdout.strip().splitlines()[-1])]
-        procs = start_job(processes, [str(DISTILL_SCRIPT), str(out), str(sources)])
-        outs = []
-        try:
-            for p in procs:
-                stdout, err = p.communicate(timeout=600)
-                assert p.returncode == 0, err[-3000:]
-                outs.append(json.loads(stdout.strip().splitlines()[-1]))
-        finally:
-            for p in procs:
-                p.kill()
-        return outs
+        return run_job(processes, [str(DISTILL_SCRIPT), str(out), str(sources)])
 
     (one,) = run(1, tmp_path / "one")
     job = run(3, tmp_path / "job")

@@ -18,7 +18,7 @@ What goes into an entry is up to its users: the float32 tensors and config
 
 Compiled XLA programs go to `{root}/xla` (`enable_xla_cache`, JAX's persistent compilation
 cache, keyed by JAX on the program, the jax version, the backend and XLA's flags): a second run of
-the same command skips XLA's compile (README's first command on 2 CPU cores: 39.5 s -> 29 s).
+the same command skips XLA's compile (README's first command on 2 CPU cores: 39.5 s -> 28 s).
 `BITA_JAX_NO_XLA_CACHE=1` turns off this part alone; a `jax_compilation_cache_dir` the user set
 (`JAX_COMPILATION_CACHE_DIR`) is left as it is. JAX writes these files itself, not atomically: an
 entry cut short by a kill is read as a miss (the program is compiled, the run is correct) and is
