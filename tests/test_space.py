@@ -294,3 +294,123 @@ def test_a_lora_step_moves_only_the_trainable_pytree():
         np.testing.assert_array_equal(np.asarray(a), b)
     moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), params, before[0])
     assert moved["mask_embed"] and all(ab["b"] for ab in moved["lora"].values())
+
+
+# --- the many-cuts layout (run.sar_layout: groups) ---------------------------------------------
+
+GSPEC = sar_samples.SarGroupSpec(num_masks=3, max_groups=2, cutoff=14)
+
+
+class _Window:
+    """An rng stand-in for BiTA's window draw: `integers` returns the window start s."""
+
+    def __init__(self, s):
+        self.s = s
+
+    def integers(self, low, high):
+        assert low <= self.s < high, (low, self.s, high)
+        return self.s
+
+
+def test_group_sample_by_hand():
+    s = sar_samples.build_group_sample(SRC, TGT, GSPEC, _Window(1))
+    # every real token of src + tgt, each slot's next token from the last prompt token on
+    assert s["tokens"].tolist() == SRC + TGT + [0] * 4
+    assert s["ar_labels"].tolist() == [-1, -1] + TGT + [-1] * 5
+    # window start 1: cuts after tgt[:1] and tgt[:2], i.e. 4 and 5 visible real tokens; mask k of
+    # the cut at p predicts tgt[p + 1 + k]
+    assert s["anchors"].tolist() == [4, 5]
+    assert s["labels"].tolist() == [22, 23, 24, 23, 24, 25]
+    # a response of M tokens or fewer: next-token targets only, no group
+    s = sar_samples.build_group_sample(SRC, TGT[:3], GSPEC, _Window(0))
+    assert s["ar_labels"][:5].tolist() == [-1, -1] + TGT[:3]
+    assert s["anchors"].tolist() == [0, 0] and (s["labels"] == -1).all()
+    # the cutoff truncates the response; the last cut still has M targets inside it
+    short = sar_samples.SarGroupSpec(num_masks=3, max_groups=8, cutoff=8)
+    s = sar_samples.build_group_sample(SRC, TGT, short, _Window(0))
+    assert s["tokens"].tolist() == SRC + TGT[:5]
+    assert s["anchors"].tolist() == [3, 4] + [0] * 6
+    assert s["labels"][:6].tolist() == [21, 22, 23, 22, 23, 24]
+    assert not short.usable(8, 3) and short.usable(7, 1)
+
+
+def test_group_layout_is_the_cut_layout_in_one_pass():
+    """Each mask group's logits equal those of an official cut sample at its point, and the real
+    rows' logits those of the plain SFT sample: the many-cuts loss is their sum, in one pass. The
+    gradients reach the LoRA through the real keys/values too."""
+    base = models.init_params(CFG, jax.random.key(1))
+    _, params = _space_params(CFG)
+    keys = iter(jax.random.split(jax.random.key(5), 64))
+    params = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(next(keys), a.shape), params)
+    spec = sar_samples.SarGroupSpec(num_masks=3, max_groups=3, cutoff=14)
+    sample = sar_samples.build_group_sample(SRC, TGT, spec, _Window(1))  # cuts at p = 1, 2, 3
+    batch = {k: jnp.asarray(v)[None] for k, v in sample.items()}
+    real_logits, mask_logits = sar_loss_lib.sar_group_logits(CFG, spec, params, base, batch)
+    sft = sar_samples.build_sample(SRC, TGT, SPEC, _Draws(0.9))
+    want = sar_loss_lib.sar_logits(CFG, params, base, {"tokens": jnp.asarray(sft["tokens"])[None]})
+    np.testing.assert_allclose(real_logits[0, :10], want[0, :10], atol=2e-5)
+    for j, p in enumerate((1, 2, 3)):
+        cut = sar_samples.build_sample(SRC, TGT, SPEC, _Draws(0.0, c=p))
+        logits = sar_loss_lib.sar_logits(CFG, params, base,
+                                         {"tokens": jnp.asarray(cut["tokens"])[None]})
+        at = len(SRC) + p  # the cut sample's mask slots
+        np.testing.assert_allclose(mask_logits[0, 3 * j:3 * j + 3], logits[0, at:at + 3],
+                                   atol=2e-5)
+        assert batch["labels"][0, 3 * j:3 * j + 3].tolist() == cut["labels"][at:at + 3].tolist()
+    loss, metrics = sar_loss_lib.sar_loss_fn(params, base, batch, cfg=CFG, spec=spec)
+    assert metrics["count"].tolist() == [3, 3, 3] and int(metrics["ar_count"]) == 7
+    logp_real, logp_mask = jax.nn.log_softmax(real_logits), jax.nn.log_softmax(mask_logits)
+    ar, lab = np.asarray(batch["ar_labels"][0]), np.asarray(batch["labels"][0])
+    nll = ([-logp_real[0, t, ar[t]] for t in np.nonzero(ar >= 0)[0]]
+           + [-logp_mask[0, t, lab[t]] for t in np.nonzero(lab >= 0)[0]])
+    np.testing.assert_allclose(float(loss), np.mean(nll), rtol=1e-5)
+
+    # the masks' loss alone still reaches the LoRA of every layer through the real rows' keys
+    def mask_loss(lora):
+        return jnp.sum(sar_loss_lib.sar_group_logits(
+            CFG, spec, {**params, "lora": lora}, base, batch)[1][..., 0])
+    grads = jax.grad(mask_loss)(params["lora"])
+    k_grad = [ab for name, ab in grads.items() if "k_proj" in name]
+    assert k_grad and all(float(jnp.max(jnp.abs(ab["b"]))) > 0 for ab in k_grad)
+
+
+def test_lora_learning_rate_sets_the_weights_rate_alone():
+    """One Adam step moves every weight by about its own peak rate (Adam's first step is
+    lr * sign(grad)): the LoRA by lora_learning_rate, the masks by learning_rate."""
+    from bita_jax import sharding
+
+    base = models.init_params(CFG, jax.random.key(1))
+    bcfg = models.BitaConfig(num_masks=3, lora_rank=4, method="space")
+    tx = step_lib.make_optimizer(1e-2, total_steps=100, lora_learning_rate=1e-4, clip_norm=0)
+    mesh = sharding.make_mesh(1, 1)
+    params, opt_state = step_lib.init_state(CFG, bcfg, tx, jax.random.key(0), mesh)
+    before = jax.tree.map(np.asarray, params)
+    batch = {k: jnp.asarray(v) for k, v in batches.stack(
+        [sar_samples.build_group_sample(SRC, TGT, GSPEC, _Window(0))] * 2).items()}
+    step = step_lib.make_train_step(CFG, bcfg, GSPEC, tx, mesh)
+    params, _, metrics = step(params, opt_state, base, batch, jax.random.key(1))
+    delta = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), params, before)
+    assert 0.5e-2 < delta["mask_embed"] <= 1.01e-2
+    for ab in delta["lora"].values():
+        assert 0.5e-4 < ab["b"] <= 1.01e-4
+    assert int(metrics["ar_count"]) == 2 * 7 and metrics["count"].tolist() == [4, 4, 4]
+
+
+def test_space_group_training_resumes_exactly(tmp_path):
+    kw = {"sar_layout": "groups", "max_groups": 4, "lora_learning_rate": 1e-3}
+    tc = _config(tmp_path, **kw)
+    assert loop.train(tc, quiet=True, stop_at=4) == 0
+    assert loop.train(tc, quiet=True, resume=True) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "grad_norm" in r]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert evals and len(evals[-1]["eval_acc"]) == 3 and 0 <= evals[-1]["eval_ar_acc"] <= 1
+    (tmp_path / "one").mkdir()
+    assert loop.train(_config(tmp_path / "one", **kw), quiet=True) == 0
+    a = models.load_adapter(tmp_path / "run" / "adapter", CFG)[0]
+    b = models.load_adapter(tmp_path / "one" / "run" / "adapter", CFG)[0]
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with pytest.raises(run_config.ConfigFileError, match="sar_layout"):
+        _config(tmp_path, sar_layout="many")

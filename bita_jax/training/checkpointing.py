@@ -61,7 +61,7 @@ class Checkpoints:
 
 
 # Settings added after checkpoints were first written: an older checkpoint ran with these values.
-_ADDED_SETTINGS = {"sample": {"anchors": "window"}}
+_ADDED_SETTINGS = {"sample": {"anchors": "window"}, "optimizer": {"lora_learning_rate": None}}
 # Settings that older checkpoints did not record at all: they cannot be checked against them.
 _UNRECORDED_BEFORE = ("optimizer",)
 

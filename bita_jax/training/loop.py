@@ -201,7 +201,10 @@ class Trainer:
         if bcfg.method == "space":
             spec = self.tc.model
             vocab = loading.model_config(spec.name, spec.dtype, spec.hf_config).vocab_size
-            self.spec = sar_samples.SarSpec(bcfg.num_masks, run.cutoff, run.mask_prob, vocab)
+            self.spec = (sar_samples.SarGroupSpec(bcfg.num_masks, run.max_groups, run.cutoff,
+                                                  run.real_len, run.anchors)
+                         if run.sar_layout == "groups" else
+                         sar_samples.SarSpec(bcfg.num_masks, run.cutoff, run.mask_prob, vocab))
         else:
             self.spec = samples.SampleSpec(bcfg.num_masks, run.max_groups, run.cutoff,
                                            run.real_len, run.anchors)

@@ -54,11 +54,15 @@ def estimate(tc, devices: int | None = None) -> dict:
                                    + (heads + 2 * kv) * cfg.head_dim) * itemsize
 
     if bcfg.method == "space":  # one causal pass over every slot, the backward through it all
-        t = run.cutoff
+        groups = run.sar_layout == "groups"
+        t = run.real_len if groups and run.real_len is not None else run.cutoff
         saved = cfg.num_layers * b * t * saved_per_token(t)
-        logits = 3 * b * t * vocab * 4
+        gm = run.max_groups * bcfg.num_masks if groups else 0
+        if gm:  # the mask groups' second pass over the real keys/values
+            saved += cfg.num_layers * b * gm * saved_per_token(t + gm)
+        logits = 3 * b * (t + gm) * vocab * 4
         breakdown = {"saved_for_backward": int(saved), "logits": int(logits)}
-        sample = {"tokens": t}
+        sample = {"tokens": t, "mask_tokens": gm} if gm else {"tokens": t}
         tree = "chain"
     else:
         spec = samples.SampleSpec(bcfg.num_masks, run.max_groups, run.cutoff, run.real_len,

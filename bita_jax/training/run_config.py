@@ -26,6 +26,7 @@ import yaml
 
 from bita_jax.models.bita_params import BitaConfig
 from bita_jax.training.samples import ANCHOR_MODES
+from bita_jax.training.sar_samples import SAR_LAYOUTS
 
 
 class ConfigFileError(ValueError):
@@ -82,8 +83,15 @@ class RunConfig:
         response positions from a random start) or "spread" (max_groups positions drawn
         uniformly from the whole response; see `samples.SampleSpec`).
       real_len: real-token slots per sample (default cutoff - M - 1).
-      mask_prob: SPACE (bita.method: space): the share of samples cut and followed by M masks
-        (official 0.5; `sar_samples`).
+      mask_prob: SPACE (bita.method: space), layout "cut": the share of samples cut and followed
+        by M masks (official 0.5; `sar_samples`).
+      sar_layout: SPACE's samples: "cut" (the official release: at most one cut per sample,
+        `sar_samples.SarSpec`) or "groups" (ours: every sample the whole response with its
+        next-token targets plus up to `max_groups` mask groups at `anchors`, in BiTA's two-pass
+        layout, `sar_samples.SarGroupSpec`).
+      lora_learning_rate: the peak rate of the model weights among the trainable params (a LoRA,
+        or the whole base when fully fine-tuned); `learning_rate` then applies to the prefix and
+        mask embeddings only. None: `learning_rate` for everything.
       data: training data, a tfds data directory or a .jsonl file (`data.dataset.load_records`).
       train_split: tfds split for training.
       eval_data: evaluation data (path); None uses `eval_split` of `data` (a directory).
@@ -123,6 +131,8 @@ class RunConfig:
     anchors: str = "window"
     real_len: int | None = None
     mask_prob: float = 0.5
+    sar_layout: str = "cut"
+    lora_learning_rate: float | None = None
     data: str | None = None
     train_split: str = "train"
     eval_data: str | None = None
@@ -156,6 +166,10 @@ class RunConfig:
         need(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         need(self.max_groups >= 1, "max_groups must be >= 1")
         need(0.0 <= self.mask_prob <= 1.0, f"mask_prob must be in [0, 1], got {self.mask_prob}")
+        need(self.sar_layout in SAR_LAYOUTS,
+             f"sar_layout must be one of {SAR_LAYOUTS}, got {self.sar_layout!r}")
+        need(self.lora_learning_rate is None or self.lora_learning_rate > 0,
+             f"lora_learning_rate must be > 0, got {self.lora_learning_rate}")
         need(self.anchors in ANCHOR_MODES,
              f"anchors must be one of {ANCHOR_MODES}, got {self.anchors!r}")
         need(len(self.mesh) == 2 and self.mesh[1] >= 1
@@ -187,7 +201,7 @@ class RunConfig:
         return {"learning_rate": self.learning_rate, "schedule": self.schedule,
                 "warmup_steps": self.warmup_steps, "final_lr_ratio": self.final_lr_ratio,
                 "b1": self.b1, "b2": self.b2, "eps": self.eps, "weight_decay": self.weight_decay,
-                "clip_norm": self.clip_norm}
+                "clip_norm": self.clip_norm, "lora_learning_rate": self.lora_learning_rate}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,11 @@
 is the mean cross-entropy over every target of the batch, real next tokens and masks alike (the
 official recipe: plain SFT's loss with the masks' targets added).
 
+A sample of the many-cuts layout (`sar_samples.SarGroupSpec`) runs in two passes, as BiTA's
+(`loss.mask_logits`), but with gradients through both: the real tokens causally through the
+fine-tuned model (their next-token logits, and their keys/values), then the G * M mask tokens
+over those keys/values, each group up to its anchor. The loss is the same mean over every target.
+
 Metrics are sums, as the BiTA loss's (`loss.mask_metrics`), so steps, micro-batches and hosts
 add up: nll [], count [M] and correct [M] per mask index, ar_count [] and ar_correct [] for the
 real tokens' next-token predictions.
@@ -20,7 +25,10 @@ import jax.numpy as jnp
 
 from bita_jax import models
 from bita_jax.models.config import ModelConfig
-from bita_jax.training.sar_samples import SarSpec
+from bita_jax.models.kv_cache import KVCache
+from bita_jax.training.loss import mask_metrics
+from bita_jax.training.samples import group_mask, mask_ids, mask_offsets
+from bita_jax.training.sar_samples import SarGroupSpec, SarSpec
 
 Batch = dict[str, jax.Array]
 
@@ -37,6 +45,66 @@ def sar_logits(cfg: ModelConfig, params, base_params, batch: Batch):
                                bita_params={"mask_embed": params["mask_embed"]},
                                lora=params.get("lora"))
     return models.lm_logits(cfg, base_params, hidden)
+
+
+def sar_group_logits(cfg: ModelConfig, spec: SarGroupSpec, params, base_params, batch: Batch):
+    """fp32 (real logits [B, Tr, V], mask logits [B, G*M, V]) of a many-cuts batch, the LoRA (or
+    the fully fine-tuned "base") on every row; gradients flow through both passes."""
+    base_params = params.get("base", base_params)
+    lora = params.get("lora")
+    tokens, anchors = batch["tokens"], batch["anchors"]
+    b, tr = tokens.shape
+    m = spec.num_masks
+    positions = jnp.broadcast_to(jnp.arange(tr, dtype=jnp.int32), (b, tr))
+    causal = jnp.tril(jnp.ones((tr, tr), bool))
+    hidden, (k_real, v_real) = models.forward(cfg, base_params, tokens, positions, causal,
+                                              lora=lora)
+    group_anchor = jnp.repeat(anchors, m, axis=1)  # [B, G*M]
+    mask_tokens = jnp.broadcast_to(jnp.asarray(mask_ids(spec, cfg.vocab_size)), group_anchor.shape)
+    mask_pos = group_anchor + jnp.asarray(mask_offsets(spec))
+    visible = jnp.arange(tr, dtype=jnp.int32)[None, None, :] < group_anchor[:, :, None]
+    cache = KVCache(jnp.swapaxes(k_real, 2, 3), jnp.swapaxes(v_real, 2, 3),
+                    jnp.zeros((b,), jnp.int32))
+    mask_hidden, _ = models.forward(cfg, base_params, mask_tokens, mask_pos,
+                                    jnp.asarray(group_mask(spec)), cache=cache,
+                                    bita_params={"mask_embed": params["mask_embed"]},
+                                    cache_visible=visible, lora=lora)
+    return models.lm_logits(cfg, base_params, hidden), models.lm_logits(cfg, base_params,
+                                                                        mask_hidden)
+
+
+def sar_group_metrics(real_logits, mask_logits, batch: Batch, spec: SarGroupSpec,
+                      topk: int = 1) -> dict[str, jax.Array]:
+    """`sar_metrics`'s sums for a many-cuts batch: the mask rows by mask index, the real rows'
+    next tokens as ar_count / ar_correct."""
+    out = mask_metrics(mask_logits, batch["labels"], spec.num_masks, topk)
+    ar = batch["ar_labels"]
+    valid = ar >= 0
+    safe = jnp.where(valid, ar, 0)
+    logz = jax.nn.logsumexp(real_logits, axis=-1)
+    gold = jnp.take_along_axis(real_logits, safe[..., None], axis=-1)[..., 0]
+    out["nll"] = out["nll"] + jnp.sum(jnp.where(valid, logz - gold, 0.0))
+    out["ar_count"] = jnp.sum(valid).astype(jnp.int32)
+    out["ar_correct"] = jnp.sum(valid & (jnp.argmax(real_logits, -1) == ar)).astype(jnp.int32)
+    return out
+
+
+def num_targets(batch: Batch):
+    """Every target of a SAR batch of either layout (the loss's denominator)."""
+    count = jnp.sum(batch["labels"] >= 0)
+    if "ar_labels" in batch:
+        count = count + jnp.sum(batch["ar_labels"] >= 0)
+    return jnp.maximum(count, 1)
+
+
+def sar_eval_metrics(cfg: ModelConfig, spec: SarSpec | SarGroupSpec, params, base_params,
+                     batch: Batch, topk: int = 1) -> dict[str, jax.Array]:
+    """The summed metrics of a SAR batch of either layout."""
+    if isinstance(spec, SarGroupSpec):
+        real_logits, mask_logits = sar_group_logits(cfg, spec, params, base_params, batch)
+        return sar_group_metrics(real_logits, mask_logits, batch, spec, topk)
+    logits = sar_logits(cfg, params, base_params, batch)
+    return sar_metrics(logits, batch["tokens"], batch["labels"], spec, topk)
 
 
 def sar_metrics(logits, tokens, labels, spec: SarSpec, topk: int = 1) -> dict[str, jax.Array]:
@@ -61,14 +129,13 @@ def sar_metrics(logits, tokens, labels, spec: SarSpec, topk: int = 1) -> dict[st
     return out
 
 
-def sar_loss_fn(params, base_params, batch: Batch, rng=None, *, cfg: ModelConfig, spec: SarSpec,
-                denom=None):
+def sar_loss_fn(params, base_params, batch: Batch, rng=None, *, cfg: ModelConfig,
+                spec: SarSpec | SarGroupSpec, denom=None):
     """Mean cross-entropy over the batch's targets (sum / `denom` when given: micro-batches).
 
     `rng` is unused (SPACE has no dropout here); it keeps the BiTA loss's signature."""
     del rng
-    logits = sar_logits(cfg, params, base_params, batch)
-    metrics = sar_metrics(logits, batch["tokens"], batch["labels"], spec)
+    metrics = sar_eval_metrics(cfg, spec, params, base_params, batch)
     if denom is None:
-        denom = jnp.maximum(jnp.sum(batch["labels"] >= 0), 1)
+        denom = num_targets(batch)
     return metrics["nll"] / denom, metrics

@@ -20,6 +20,19 @@ in a batch:
 
     tokens [B, T]   input ids (mask k = V + k), padding 0
     labels [B, T]   the target of the prediction made at each slot, -1 = none
+
+`SarGroupSpec` is the many-cuts layout (`run.sar_layout: groups`, ours, not the official
+release's): every sample carries the whole response as real tokens, each with its next-token
+target, and up to G mask groups after them in BiTA's two-pass layout (`samples`): group j stands
+for a cut at response position p_j, sees the real tokens before it and its own masks causally, and
+mask k of it predicts tgt[p_j + 1 + k], as above. The real rows never see a mask, so this is the
+same training as G cut samples of the official layout plus one plain SFT sample, in one pass:
+a sample teaches the masks G * M targets where a cut sample teaches M. In a batch:
+
+    tokens     [B, Tr]     real tokens (src + tgt), right-padded with 0
+    ar_labels  [B, Tr]     each real slot's next-token target, -1 = none
+    anchors    [B, G]      visible real tokens of each mask group (0: a padding group)
+    labels     [B, G * M]  target of each mask token, -1 = none
 """
 
 from __future__ import annotations
@@ -29,7 +42,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bita_jax.training import samples
+
 IGNORE = -1
+SAR_LAYOUTS = ("cut", "groups")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,3 +111,47 @@ def build_sample(src: Sequence[int], tgt: Sequence[int], spec: SarSpec,
         tokens[:n + len(tgt)] = np.concatenate([src, tgt])
         labels[n - 1:n + len(tgt) - 1] = tgt
     return {"tokens": tokens, "labels": labels}
+
+
+@dataclasses.dataclass(frozen=True)
+class SarGroupSpec(samples.SampleSpec):
+    """The many-cuts SAR layout (module doc): BiTA's `SampleSpec` shapes, with the real rows'
+    next-token targets. `real_len` defaults to the cutoff (the whole response is real)."""
+
+    @property
+    def tr(self) -> int:
+        return self.real_len if self.real_len is not None else self.cutoff
+
+    def usable(self, prompt_len: int, response_len: int) -> bool:
+        """True when the record has a response token to learn inside the real slots."""
+        return 1 <= prompt_len < min(self.cutoff, self.tr) and response_len >= 1
+
+    def build(self, src: Sequence[int], tgt: Sequence[int], rng: np.random.Generator):
+        return build_group_sample(src, tgt, self, rng)
+
+    def empty(self) -> dict[str, np.ndarray]:
+        return {**samples.empty_sample(self), "ar_labels": np.full(self.tr, IGNORE, np.int32)}
+
+
+def build_group_sample(src: Sequence[int], tgt: Sequence[int], spec: SarGroupSpec,
+                       rng: np.random.Generator) -> dict[str, np.ndarray] | None:
+    """One sample: {"tokens": [Tr], "ar_labels": [Tr], "anchors": [G], "labels": [G * M]} int32,
+    or None when nothing is learnable.
+
+    The response is truncated to the cutoff and to the real slots. Its anchors are drawn as
+    BiTA's (`spec.anchors`: a window of G consecutive cuts at a random start, or G cuts spread
+    over the response); a response of M tokens or fewer gets no mask group, only its
+    next-token targets.
+    """
+    src = np.asarray(src, np.int32).reshape(-1)
+    n = len(src)
+    tgt = np.asarray(tgt, np.int32).reshape(-1)[:max(min(spec.cutoff, spec.tr) - n, 0)]
+    if n < 1 or len(tgt) < 1:
+        return None
+    out = spec.empty()
+    out["tokens"][:n + len(tgt)] = np.concatenate([src, tgt])
+    out["ar_labels"][n - 1:n + len(tgt) - 1] = tgt
+    if len(tgt) > spec.num_masks:
+        groups = samples.build_sample(src, tgt, spec, rng)
+        out["anchors"], out["labels"] = groups["anchors"], groups["labels"]
+    return out

@@ -24,8 +24,10 @@ from bita_jax.models.bita_params import BitaConfig
 from bita_jax.models.config import ModelConfig
 from bita_jax.training.loss import Batch, loss_fn, mask_logits, mask_metrics
 from bita_jax.training.samples import SampleSpec
-from bita_jax.training.sar_loss import sar_logits, sar_loss_fn, sar_metrics
-from bita_jax.training.sar_samples import SarSpec
+from bita_jax.training.sar_loss import num_targets, sar_eval_metrics, sar_loss_fn
+from bita_jax.training.sar_samples import SarGroupSpec, SarSpec
+
+AnySpec = SampleSpec | SarSpec | SarGroupSpec  # what a sample is: BiTA's, SPACE's two layouts
 
 # XLA CPU options that cut compile time 2-3x for small models (tests, CPU smoke runs); numerics
 # stay IEEE fp32 (no fast-math), only the LLVM optimisation level and fusion codegen change.
@@ -55,13 +57,33 @@ def make_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0,
 def make_optimizer(learning_rate: float = 3e-2, total_steps: int = 1, *, warmup_steps: int = 0,
                    schedule: str = "cosine", final_lr_ratio: float = 0.0, b1: float = 0.9,
                    b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
-                   clip_norm: float | None = 1.0) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW on a schedule (the official BiTA recipe by default)."""
-    lr = make_schedule(learning_rate, total_steps, warmup_steps, schedule, final_lr_ratio)
-    adamw = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+                   clip_norm: float | None = 1.0,
+                   lora_learning_rate: float | None = None) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW on a schedule (the official BiTA recipe by default).
+
+    With `lora_learning_rate`, the model weights among the trainable params (the top-level
+    "lora" or "base" subtree) take that peak rate on the same schedule and every other param
+    (prefix, mask embeddings) `learning_rate`; the clipping stays global."""
+    def adamw(peak):
+        lr = make_schedule(peak, total_steps, warmup_steps, schedule, final_lr_ratio)
+        return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+    update = adamw(learning_rate)
+    if lora_learning_rate is not None:
+        update = optax.multi_transform(
+            {"embeds": update, "weights": adamw(lora_learning_rate)}, param_groups)
     if clip_norm is None or clip_norm <= 0:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+        return update
+    return optax.chain(optax.clip_by_global_norm(clip_norm), update)
+
+
+def param_groups(params):
+    """"weights" for the leaves under a top-level "lora" or "base" key, "embeds" for the rest."""
+    return {key: jax.tree.map(lambda _, k=key: "weights" if k in WEIGHT_KEYS else "embeds", sub)
+            for key, sub in params.items()}
+
+
+WEIGHT_KEYS = ("lora", "base")  # trainable subtrees that are model weights
 
 
 def _split_micro(tree, accum: int):
@@ -72,7 +94,7 @@ def _split_micro(tree, accum: int):
     return jax.tree.map(split, tree)
 
 
-def method_loss(cfg: ModelConfig, bcfg: BitaConfig, spec: SampleSpec | SarSpec,
+def method_loss(cfg: ModelConfig, bcfg: BitaConfig, spec: AnySpec,
                 train: bool = True):
     """`loss(params, base_params, batch, rng, denom=None) -> (loss, summed metrics)` of the
     method: BiTA's two-pass mask loss (`loss.loss_fn`) or SPACE's SAR loss
@@ -83,13 +105,14 @@ def method_loss(cfg: ModelConfig, bcfg: BitaConfig, spec: SampleSpec | SarSpec,
 
 
 def train_step(bita_params, opt_state, base_params, batch: Batch, rng, *, cfg: ModelConfig,
-               bcfg: BitaConfig, spec: SampleSpec | SarSpec, tx: optax.GradientTransformation,
+               bcfg: BitaConfig, spec: AnySpec, tx: optax.GradientTransformation,
                grad_accum: int = 1):
     """One optimizer step on a [B, ...] batch (see `make_train_step`; this is the unjitted body).
 
     `bita_params` is the trainable pytree of the method (BiTA: prefix, masks and an optional
     mask-only LoRA; SPACE: masks and the LoRA); gradients are taken w.r.t. it alone."""
-    denom = jnp.maximum(jnp.sum(batch["labels"] >= 0), 1)
+    denom = (num_targets(batch) if bcfg.method == "space"
+             else jnp.maximum(jnp.sum(batch["labels"] >= 0), 1))
     # one dropout key per sample, split with the batch: a sample's mask is the same whatever the
     # micro-batching or the mesh
     sample_keys = jax.random.split(rng, batch["tokens"].shape[0])
@@ -120,11 +143,10 @@ def train_step(bita_params, opt_state, base_params, batch: Batch, rng, *, cfg: M
 
 
 def eval_step(bita_params, base_params, batch: Batch, *, cfg: ModelConfig,
-              spec: SampleSpec | SarSpec, topk: int = 5, bcfg: BitaConfig | None = None):
+              spec: AnySpec, topk: int = 5, bcfg: BitaConfig | None = None):
     """Summed eval metrics (no dropout): nll, count, correct (top-1), correct{topk}."""
     if bcfg is not None and bcfg.method == "space":
-        logits = sar_logits(cfg, bita_params, base_params, batch)
-        return sar_metrics(logits, batch["tokens"], batch["labels"], spec, topk)
+        return sar_eval_metrics(cfg, spec, bita_params, base_params, batch, topk)
     logits = mask_logits(cfg, spec, bita_params, base_params, batch)
     return mask_metrics(logits, batch["labels"], spec.num_masks, topk)
 
@@ -149,7 +171,7 @@ def trainable_shardings(cfg: ModelConfig, bcfg: BitaConfig, tx: optax.GradientTr
     return params, opt
 
 
-def make_train_step(cfg: ModelConfig, bcfg: BitaConfig, spec: SampleSpec | SarSpec,
+def make_train_step(cfg: ModelConfig, bcfg: BitaConfig, spec: AnySpec,
                     tx: optax.GradientTransformation, mesh: Mesh,
                     rules: sharding.Rules = sharding.DEFAULT_RULES, grad_accum: int = 1,
                     compiler_options: dict[str, Any] | None = None):
@@ -177,7 +199,7 @@ def make_train_step(cfg: ModelConfig, bcfg: BitaConfig, spec: SampleSpec | SarSp
         compiler_options=compiler_options)
 
 
-def make_eval_step(cfg: ModelConfig, spec: SampleSpec | SarSpec, mesh: Mesh,
+def make_eval_step(cfg: ModelConfig, spec: AnySpec, mesh: Mesh,
                    rules: sharding.Rules = sharding.DEFAULT_RULES, topk: int = 5,
                    compiler_options: dict[str, Any] | None = None,
                    bcfg: BitaConfig | None = None):
