@@ -212,6 +212,16 @@ def test_warm_start_from_an_adapter(workdir, full_run):
     after = _adapter(out)  # one step at lr 1e-9 from the loaded adapter: still the adapter
     for k in start:
         np.testing.assert_allclose(after[k], start[k], atol=1e-6)
+    # a mask-only LoRA added to the adapter starts at zero: the run starts where it stands
+    lora = workdir / "warm-lora"
+    _train(workdir, "--out", str(lora), "--steps", "1", f"run.init_adapter={full_run / 'adapter'}",
+           "run.learning_rate=1e-9", "bita.lora_rank=2")
+    after = _adapter(lora)
+    for k in start:
+        np.testing.assert_allclose(after[k], start[k], atol=1e-6)
+    added = [k for k in after if k not in start]
+    assert added and all("lora" in k for k in added)
+    assert max(float(np.max(np.abs(after[k]))) for k in added if k.endswith(".b")) < 1e-6
     bad = _train(workdir, "--out", str(workdir / "warm-m3"), "--steps", "1",
                  f"run.init_adapter={full_run / 'adapter'}", "bita.num_masks=3", check=False)
     err = bad.stderr.strip().splitlines()

@@ -76,15 +76,31 @@ def load_base(tc: run_config.TrainConfig, mesh, rules):
 def warm_start(directory, cfg, bcfg, identity, params):
     """The BiTA params of an exported adapter, placed like `params` (the fresh init).
 
-    Raises AdapterError if the adapter is for another base model or another P / M."""
+    A part this run trains that the adapter lacks keeps its fresh init: a mask-only LoRA added
+    to a trained adapter starts at zero (its `b`), so the run starts where the adapter stands.
+
+    Raises AdapterError if the adapter is for another base model, another P / M, or holds a part
+    (or a LoRA shape) this run does not train."""
     loaded, loaded_cfg, _ = models.load_adapter(directory, cfg, identity)
     if (loaded_cfg.num_prefix, loaded_cfg.num_masks) != (bcfg.num_prefix, bcfg.num_masks):
         raise AdapterError(
             f"run.init_adapter {directory} has P={loaded_cfg.num_prefix}, M={loaded_cfg.num_masks}"
             f" but this run trains P={bcfg.num_prefix}, M={bcfg.num_masks}: set bita.num_prefix /"
             " bita.num_masks to match, or drop run.init_adapter")
-    return jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
-                        loaded, params)
+    extra = sorted(set(loaded) - set(params))
+    mismatch = [k for k in set(loaded) & set(params)
+                if jax.tree.structure(loaded[k]) != jax.tree.structure(params[k])
+                or any(a.shape != b.shape for a, b in zip(jax.tree.leaves(loaded[k]),
+                                                          jax.tree.leaves(params[k])))]
+    if extra or mismatch:
+        raise AdapterError(
+            f"run.init_adapter {directory} holds {', '.join(extra + sorted(mismatch))} of another "
+            f"shape than this run trains (bita.lora_rank={bcfg.lora_rank}): match the adapter's "
+            "settings, or drop run.init_adapter")
+    return {key: (jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype),
+                                                               old.sharding),
+                               loaded[key], fresh) if key in loaded else fresh)
+            for key, fresh in params.items()}
 
 
 def process_rows(batch_size: int, batch_sharding) -> slice:
