@@ -4,6 +4,8 @@
     python infer/bench.py --prompts humaneval --tree chain,upper-triangle --out runs/bench-he
     python infer/bench.py --prompts my.jsonl --adapter random:0 --tree chain@2 --out /tmp/b
     python infer/bench.py --prompts sharegpt --select --out runs/select     # pick the tree
+    python infer/bench.py --prompts sharegpt --limit 30 --max-new-tokens 256 --save-acceptance \
+        --out runs/acc    # the adapter's acceptance statistics, which --tree auto reads
 
 Both engines are the same jitted code (`Generator`, `BitaGenerator`), compiled and run once per
 shape bucket before any timing; each prompt then runs plain greedy and every tree in turn.
@@ -64,6 +66,11 @@ def parse_args(argv=None):
                    help="--select: tokens/step predictor (see bita_jax/tree_select.py)")
     p.add_argument("--select-bench", default="all", choices=["all", "chosen", "none"],
                    help="--select: which candidates to bench afterwards (default all)")
+    p.add_argument("--save-acceptance", action="store_true",
+                   help="only measure the adapter's acceptance statistics (teacher-forced mask "
+                        "ranks on the prompts' greedy continuations) and save them beside it as "
+                        "acceptance.npz, which `--tree auto` reads; prints each candidate tree's "
+                        "predicted tokens per step")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per prompt and engine, engines taking turns; the fastest is kept")
     p.add_argument("--max-cache", type=int, default=None,
@@ -73,6 +80,28 @@ def parse_args(argv=None):
     add_dtype_argument(p)
     add_mesh_argument(p)
     return p.parse_args(argv)
+
+
+def save_acceptance(llm, prompts, args) -> int:
+    """--save-acceptance: the adapter's rank statistics into ADAPTER/acceptance.npz."""
+    from bita_jax.eval import auto_tree, bench, tree_select
+
+    adapter = pathlib.Path(llm.adapter)
+    if not adapter.is_dir():
+        return fail(ValueError(f"--save-acceptance needs an adapter directory, got "
+                               f"{llm.adapter!r}"))
+    stats = bench.acceptance_stats(llm.cfg, llm.params, llm.bita_params, prompts,
+                                   args.max_new_tokens, max_cache=args.max_cache, log=status)
+    path = auto_tree.save_acceptance(adapter, stats)
+    summary = stats.to_dict()
+    print(f"top-1 per mask {summary['top1']}, top-5 {summary['top5']} "
+          f"({summary['anchors']} anchors of {summary['texts']} texts)")
+    for tree in auto_tree.candidate_trees(llm.bita_config.num_masks):
+        tps = tree_select.predicted_tokens_per_step(tree, stats)
+        print(f"  {tree.name:24s} {tree.layout.num_tokens:3d} step tokens, predicted "
+              f"{tps:.2f} tokens/step")
+    status(f"wrote {path}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -91,7 +120,8 @@ def main(argv=None) -> int:
         if not texts:
             raise ValueError(f"no prompts from {args.prompts!r} (split {split})")
         status(f"loading {args.model} and adapter {args.adapter} ...")
-        llm = bita_jax.load(args.model, adapter=args.adapter, dtype=args.dtype, mesh=args.mesh)
+        llm = bita_jax.load(args.model, adapter=args.adapter, tree="chain", dtype=args.dtype,
+                            mesh=args.mesh)
         if not llm.has_bita:
             raise ValueError(f"no adapter ({args.adapter!r}): pass --adapter DIR or random:SEED")
         bita_params, bcfg = llm.bita_params, llm.bita_config
@@ -107,6 +137,8 @@ def main(argv=None) -> int:
     cfg, params = llm.cfg, llm.params
     status(f"{len(prompts)} prompts ({args.prompts}, {split}), {args.max_new_tokens} new tokens, "
            f"M={bcfg.num_masks}, trees: {', '.join(t.name for t in trees)}")
+    if args.save_acceptance:
+        return save_acceptance(llm, prompts, args)
     selection = None
     if args.select:
         selection = bench.select_tree(cfg, params, bita_params, trees, prompts,

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     for dtype in dtypes:
         try:
             status(f"loading {args.model} ({dtype}) and adapter {args.adapter} ...")
-            llm = bita_jax.load(args.model, adapter=args.adapter, dtype=dtype)
+            llm = bita_jax.load(args.model, adapter=args.adapter, tree="chain", dtype=dtype)
             if not llm.has_bita:
                 raise ValueError(f"no adapter ({args.adapter!r}): pass --adapter DIR or "
                                  "random:SEED")

@@ -152,6 +152,10 @@ def main(argv=None) -> int:
         if not args.json:
             what = (f"{llm.method.upper() if llm.method == 'space' else 'BiTA'}, tree "
                     f"{llm.tree.name}" if llm.has_bita else "plain decoding")
+            if llm.tree_choice is not None:  # --tree auto chose by measurement
+                best = next(p for p in llm.tree_choice.predictions if p.tree == llm.tree.name)
+                what += (f" (auto: predicted {best.tokens_per_step:.2f} tokens/step at "
+                         f"{best.step_ms / best.ar_step_ms:.2f}x a greedy step's cost)")
             status(f"[{what}; compiling ...]")
         result = run(True, stream=not args.json)
         baseline = run(False) if args.compare else None

@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         if not sources:
             raise ValueError("--sets is empty")
         status(f"loading {args.model} and adapter {args.adapter} ...")
-        llm = bita_jax.load(args.model, adapter=args.adapter, mesh=args.mesh)
+        llm = bita_jax.load(args.model, adapter=args.adapter, tree="chain", mesh=args.mesh)
         if not llm.has_bita:
             raise ValueError(f"no adapter ({args.adapter!r}): pass --adapter DIR or random:SEED")
         loaded, bita_params, bcfg = llm.loaded, llm.bita_params, llm.bita_config

@@ -197,9 +197,10 @@ def test_space_dry_run_counts_the_lora_and_masks():
     # per layer r * (I + O) over q, k, v, o, gate, up, down of SmolLM2 (E 576, kv 192, F 1536)
     per_layer = 16 * ((576 + 576) + 2 * (576 + 192) + (576 + 576) + 3 * (576 + 1536))
     assert est["trainable_params"] == 30 * per_layer + 5 * 576 == 4_887_360
-    assert "prefix" not in est["param_shapes"] and est["sample"] == {"tokens": 384}
+    assert "prefix" not in est["param_shapes"]
+    assert est["sample"] == {"tokens": 384, "mask_tokens": 32 * 5}  # 32 groups of 5 masks
     breakdown = est["memory_per_device_bytes"]["activations_breakdown"]
-    assert breakdown["logits"] == 3 * 8 * 384 * 49152 * 4  # batch 8 x 384 slots x V, fp32
+    assert breakdown["logits"] == 3 * 8 * (384 + 160) * 49152 * 4  # batch 8 x slots x V, fp32
 
 
 def test_full_fine_tuning_trains_every_weight_and_decodes_losslessly(tmp_path):

@@ -277,6 +277,20 @@ class Selection:
                 "predictions": [p.to_dict() for p in self.predictions]}
 
 
+def acceptance_stats(cfg: ModelConfig, params, bita_params, prompts: Sequence[Sequence[int]],
+                     max_new_tokens: int, *, greedy_tokens: Sequence[Sequence[int]] | None = None,
+                     max_rank: int = tree_select.MAX_RANK, max_cache: int | None = None,
+                     log: Log = quiet) -> tree_select.RankStats:
+    """Teacher-forced mask ranks on the prompts' greedy continuations (generated when None)."""
+    if greedy_tokens is None:
+        log("greedy continuations for the acceptance statistics ...")
+        ar = Generator(cfg, params, max_cache=max_cache)
+        greedy_tokens = [r["tokens"] for r in run_engine(ar, prompts, max_new_tokens)]
+    log("teacher-forced mask ranks ...")
+    return tree_select.rank_stats(cfg, params, bita_params, list(zip(prompts, greedy_tokens)),
+                                  max_rank)
+
+
 def select_tree(cfg: ModelConfig, params, bita_params, trees: Sequence[Tree],
                 prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                 greedy_tokens: Sequence[Sequence[int]] | None = None,
@@ -294,10 +308,9 @@ def select_tree(cfg: ModelConfig, params, bita_params, trees: Sequence[Tree],
     if greedy_tokens is None:
         log("greedy continuations for the acceptance statistics ...")
         greedy_tokens = [r["tokens"] for r in run_engine(ar, prompts, max_new_tokens)]
-    log("teacher-forced mask ranks ...")
     max_rank = max([tree_select.MAX_RANK] + [t.layout.max_rank for t in trees])
-    stats = tree_select.rank_stats(cfg, params, bita_params, list(zip(prompts, greedy_tokens)),
-                                   max_rank)
+    stats = acceptance_stats(cfg, params, bita_params, prompts, max_new_tokens,
+                             greedy_tokens=greedy_tokens, max_rank=max_rank, log=log)
     ids = prompts[int(np.argmax([len(t) for t in greedy_tokens]))]
     gens = {GREEDY: ar, **{t.name: BitaGenerator(cfg, params, bita_params, t, max_cache=max_cache)
                            for t in trees}}
