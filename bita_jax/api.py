@@ -252,7 +252,8 @@ def load(model: str | os.PathLike = loading.DEFAULT_MODEL, adapter: str | os.Pat
       tree: the draft tree: `auto` (BiTA: the tree of most predicted tokens per second on this
         machine, from the adapter's held-out acceptance statistics and this machine's measured
         step-cost curve, `eval.auto_tree`; an adapter without statistics, or a mesh: chain@1 on
-        CPU, the paper's upper-triangle on GPU / TPU; SPACE: its chain of every mask),
+        CPU, the paper's upper-triangle on GPU / TPU; SPACE: the same among chains of 1 to M
+        masks, without statistics its chain of every mask),
         a template (`upper-triangle[:K]`, `chain`, `full[:K]`, with `-pruned` and `@D`), or a
         JSON file of paths.
       dtype: `float32` (equals HF transformers), `bfloat16` (bf16 weights, fp32 activations
@@ -283,21 +284,22 @@ def load(model: str | os.PathLike = loading.DEFAULT_MODEL, adapter: str | os.Pat
         name = "chain" if bita_config.method == "space" else auto_tree_name(jax.default_backend())
     llm = LLM(loaded, bita_params, bita_config, Tree.make(name, bita_config.num_masks),
               adapter=spec, max_cache=max_cache, mesh=mesh)
-    if tree == "auto" and bita_config.method == "bita" and llm.mesh is None:
+    if tree == "auto" and llm.mesh is None:
         _choose_tree(llm, spec)
     return llm
 
 
 def _choose_tree(llm: LLM, adapter: str) -> None:
-    """`tree="auto"` for a BiTA adapter that ships its acceptance statistics: the tree with the
-    most predicted tokens per second on this machine (`eval.auto_tree`); without them, or on a
-    mesh, the backend's default tree stays."""
+    """`tree="auto"` for an adapter that ships its acceptance statistics: the tree with the
+    most predicted tokens per second on this machine (`eval.auto_tree`; SPACE: among chains of
+    1 to M masks); without them, or on a mesh, the default tree stays."""
     from bita_jax.eval import auto_tree
 
     stats = auto_tree.load_acceptance(adapter if os.path.isdir(adapter) else None)
-    if stats is None or stats.num_masks != llm.bita_config.num_masks:
+    m = llm.bita_config.num_masks
+    if stats is None or stats.num_masks != m:
         return
-    trees = auto_tree.candidate_trees(llm.bita_config.num_masks)
+    trees = auto_tree.candidates_for(llm.method, m)
     curve = auto_tree.step_cost_curve(llm.cfg, llm.params, llm.loaded.fingerprint,
                                       auto_tree.step_sizes(trees))
     llm.tree_choice = auto_tree.choose(trees, stats, curve)

@@ -68,6 +68,8 @@ def test_the_choice_follows_the_cost_curve():
     assert useless.tree.name == "chain@1"
     assert "| **chain@1** |" in useless.table()
     assert auto_tree.candidate_trees(1)[0].name == "chain@1"
+    assert [t.name for t in auto_tree.candidates_for("space", 3)] == ["chain@1", "chain@2",
+                                                                      "chain@3"]
     assert all(t.num_masks <= 1 for t in auto_tree.candidate_trees(1))
 
 

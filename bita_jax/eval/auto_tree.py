@@ -177,6 +177,14 @@ def candidate_trees(num_masks: int, names: Sequence[str] = CANDIDATES) -> list[T
     return out
 
 
+def candidates_for(method: str, num_masks: int) -> list[Tree]:
+    """`--tree auto`'s candidates for an adapter: BiTA's `CANDIDATES`, or for SPACE (whose
+    decoding is a chain) the chains of 1 to M masks."""
+    if method == "space":
+        return candidate_trees(num_masks, [f"chain@{d}" for d in range(1, num_masks + 1)])
+    return candidate_trees(num_masks)
+
+
 def step_sizes(trees: Sequence[Tree]) -> list[int]:
     """The step tokens the curve needs for `trees`: 1 (plain greedy) and each tree's."""
     return sorted({1} | {t.layout.num_tokens for t in trees})
