@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bita_jax import models
-from bita_jax.decoding import engine, lookup, placement
+from bita_jax.decoding import dynamic_tree, engine, lookup, placement
 from bita_jax.decoding.engine import HEADROOM, DecodeState, GenerationError
 from bita_jax.decoding.sampling import SamplingParams, filtered_logits
 from bita_jax.decoding.tree import Layout, Tree
@@ -37,11 +37,13 @@ NO_DRAFT = lookup.NO_DRAFT
 
 @flax.struct.dataclass
 class BitaState(DecodeState):
-    """`DecodeState` plus drafts: [B, Nn] the tree's node tokens for the next step, and history:
-    [B, S] every token by position (prompt and output; [B, 0] without a lookup branch)."""
+    """`DecodeState` plus drafts: [B, Nn] the tree's node tokens for the next step, history:
+    [B, S] every token by position (prompt and output; [B, 0] without a lookup branch), and
+    node_paths: [B, Nn] a dynamic tree's nodes as candidate indices ([B, 0] for a static tree)."""
 
     drafts: jnp.ndarray
     history: jnp.ndarray
+    node_paths: jnp.ndarray
 
 
 def next_drafts(logits, lay: Layout, group_rows, shift, retrieved=None):
@@ -86,12 +88,17 @@ def bita_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: Samp
                                                     bita_params=bita_params)
     history = (lookup.init_history(prompt, prompt_len, first, capacity) if tree.lookup
                else jnp.zeros((b, 0), jnp.int32))
-    group_rows = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, m))
-    drafts = next_drafts(models.lm_logits(cfg, base_params, mask_hidden), lay, group_rows,
-                         jnp.zeros((b,), jnp.int32), retrieve(tree, history, prompt_len))
+    mask_logits = models.lm_logits(cfg, base_params, mask_hidden)  # [B, M, V]
+    if tree.dynamic:
+        node_paths, drafts = dynamic_tree.select(mask_logits, tree.dynamic, tree.dynamic_top_k)
+    else:
+        group_rows = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, m))
+        drafts = next_drafts(mask_logits, lay, group_rows, jnp.zeros((b,), jnp.int32),
+                             retrieve(tree, history, prompt_len))
+        node_paths = jnp.zeros((b, 0), jnp.int32)
     return engine.first_state(BitaState, cache, first, rng, max_new, out_slots=out_slots,
                               eos_ids=eos_ids, step_tokens=lay.max_depth + 1, drafts=drafts,
-                              history=history)
+                              history=history, node_paths=node_paths)
 
 
 def verify_greedy(pred, drafts, lay: Layout):
@@ -179,6 +186,8 @@ def bita_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new,
 
     Greedy verification unless `sp` has temperature > 0 (then exact rejection sampling).
     """
+    if tree.dynamic:
+        return dynamic_step(cfg, tree, params, state, max_new, eos_ids)
     base_params, bita_params = params
     lay = tree.layout
     b, nn_ = state.drafts.shape
@@ -229,6 +238,45 @@ def bita_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new,
     return engine.count_step(state, count, live)
 
 
+def dynamic_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new,
+                 eos_ids: tuple[int, ...]) -> BitaState:
+    """`bita_step` for a dynamic tree (greedy): the same forward, verification, commit and
+    drafting, over the per-row layout of each row's chosen nodes (`dynamic_tree.row_layout`)."""
+    base_params, bita_params = params
+    lay = tree.layout  # the skeleton: static sizes and mask ids only
+    d, x = tree.num_masks, lay.max_depth + 1
+    b, nn_ = state.drafts.shape
+    n = state.cache.length
+    rows = dynamic_tree.row_layout(state.node_paths, d, tree.dynamic_top_k)
+    masks = jnp.broadcast_to(cfg.vocab_size + lay.mask_ids, (b, lay.mask_ids.shape[0]))
+    tokens = jnp.concatenate(
+        [state.last[:, None], jnp.maximum(state.drafts, 0), masks], axis=1)  # [B, T]
+    positions = n[:, None] + rows.offsets
+    hidden, block_kv = models.forward(cfg, base_params, tokens, positions, rows.mask,
+                                      state.cache, bita_params)
+    logits = models.lm_logits(cfg, base_params, hidden)  # [B, T, V]
+    pred = jnp.argmax(logits[:, : 1 + nn_], axis=-1).astype(jnp.int32)  # [B, 1 + Nn]
+    endpoint, depth = dynamic_tree.verify(pred, state.drafts, rows)
+    bonus = jnp.take_along_axis(pred, endpoint[:, None], axis=1)  # [B, 1]
+    path = dynamic_tree.path_rows(rows, endpoint, d)[:, :x]  # [B, X] rows root..endpoint
+    accepted_tokens = jnp.take_along_axis(tokens, path[:, 1:], axis=1)  # [B, X - 1]
+    j = jnp.arange(x)[None, :]
+    emitted = jnp.where(j < depth[:, None],
+                        jnp.concatenate([accepted_tokens, bonus], axis=1), bonus)
+    live = ~state.done
+    count = jnp.where(live, depth + 1, 0)
+    cache = kv_cache.commit(state.cache, block_kv, path, count)
+    group = dynamic_tree.group_rows(endpoint, nn_, d)  # [B, D]
+    group_logits = jnp.take_along_axis(logits, group[:, :, None], axis=1)
+    node_paths, drafts = dynamic_tree.select(group_logits, tree.dynamic, tree.dynamic_top_k)
+    keep = live[:, None]
+    state = state.replace(cache=cache, steps=state.steps + 1, row_steps=state.row_steps + live,
+                          drafts=jnp.where(keep, drafts, state.drafts),
+                          node_paths=jnp.where(keep, node_paths, state.node_paths))
+    state, count = engine.emit(state, emitted, depth + 1, max_new, eos_ids)
+    return engine.count_step(state, count, live)
+
+
 class BitaGenerator(engine.Engine):
     """Lossless BiTA generation (greedy, or exact sampling) with the same API as `Generator`;
     on a mesh the BiTA params are replicated."""
@@ -253,6 +301,12 @@ class BitaGenerator(engine.Engine):
 
     def run_params(self):
         return (self.params, self.bita_params)
+
+    def prepare(self, prompts, max_new_tokens, sp, seed=0):
+        if self.tree.dynamic and float(sp.temperature) > 0:
+            raise GenerationError(f"tree {self.tree.name!r} is dynamic, which decodes greedily "
+                                  "only: sample with a static tree (e.g. upper-triangle)")
+        return super().prepare(prompts, max_new_tokens, sp, seed)
 
     def static_args(self) -> dict:
         return dict(eos_ids=self.eos_ids, tree=self.tree)

@@ -21,6 +21,11 @@ Templates:
   full            every path up to depth M with ranks < K at every level (small K only).
   FILE.json       a JSON list of paths, e.g. [[0], [1], [0, 0]].
 
+`dynamic:N[:K][@D]` is a dynamic tree (`dynamic_tree.py`, EAGLE-2 style): each step takes the N
+most probable paths (product of the mask probabilities, ranks < K, depth <= D) from the drafting
+group, every node with its own group of D masks; its `paths` are only a skeleton of the same size
+and depth (the layout's shapes), the nodes themselves change from step to step.
+
 A `+lookup:L[:N]` suffix (e.g. `chain@1+lookup:4`) adds a retrieval branch: a chain of L nodes
 under the root whose tokens come from prompt lookup (`lookup.py`: the continuation of the latest
 earlier occurrence of the last N <= 3 tokens), not from the masks. Its nodes are paths of rank
@@ -45,6 +50,8 @@ import numpy as np
 Path = tuple[int, ...]
 LOOKUP = -1  # the rank of a retrieval-branch node (its token comes from prompt lookup)
 DEFAULT_NGRAM = 3
+DYNAMIC_TOP_K = 4  # candidate ranks per level of a dynamic tree
+MAX_DYNAMIC_CANDIDATES = 4096  # K + K^2 + ... + K^D paths scored per step
 
 
 class TreeError(ValueError):
@@ -152,9 +159,13 @@ class Tree:
     name: str = "custom"
     lookup: int = 0  # L: nodes of the retrieval branch
     lookup_ngram: int = DEFAULT_NGRAM  # N: the longest n-gram the lookup matches
+    dynamic: int = 0  # N > 0: a dynamic tree of N nodes per step (`dynamic_tree.py`)
+    dynamic_top_k: int = DYNAMIC_TOP_K  # K: candidate ranks per level of a dynamic tree
 
     def __post_init__(self):
         _validate(self.paths, self.num_masks)
+        if self.dynamic and self.lookup:
+            raise TreeError("a dynamic tree takes no +lookup branch: use a static tree with it")
         if self.lookup < 0 or self.lookup_ngram < 1:
             raise TreeError(f"bad lookup branch (lookup={self.lookup}, "
                             f"ngram={self.lookup_ngram}): use +lookup:L[:N] with L >= 1, N >= 1")
@@ -177,6 +188,12 @@ class Tree:
             name, num_masks = base, int(depth)
         if name.endswith("-pruned"):
             name, pruned = name[: -len("-pruned")], True
+        if name.partition(":")[0] == "dynamic":
+            if plus:
+                raise TreeError(f"bad tree {spec!r}: a dynamic tree takes no +lookup branch")
+            nodes, top_k = _parse_dynamic(name, spec, num_masks)
+            return cls(dynamic_skeleton(nodes, num_masks, top_k), num_masks, False, spec,
+                       dynamic=nodes, dynamic_top_k=top_k)
         return cls(named_tree(name, num_masks), num_masks, pruned,
                    spec if ("@" in spec or plus) else name + ("-pruned" if pruned else ""),
                    lookup, ngram)
@@ -184,6 +201,31 @@ class Tree:
     @property
     def layout(self) -> Layout:
         return _build_layout(self.paths, self.num_masks, self.pruned, self.lookup)
+
+
+def _parse_dynamic(name: str, spec: str, depth: int) -> tuple[int, int]:
+    parts = name.split(":")[1:]
+    if not 1 <= len(parts) <= 2 or not all(x.isdigit() and int(x) >= 1 for x in parts):
+        raise TreeError(f"bad tree {spec!r}: use dynamic:N or dynamic:N:K (N >= 1 nodes per "
+                        f"step, K >= 1 candidate ranks per level), optionally @D")
+    nodes, top_k = int(parts[0]), int(parts[1]) if len(parts) == 2 else DYNAMIC_TOP_K
+    count = sum(top_k ** d for d in range(1, depth + 1))
+    if nodes > count:
+        raise TreeError(f"bad tree {spec!r}: {nodes} nodes but only {count} candidate paths "
+                        f"(K={top_k}, depth {depth}): raise K or lower N")
+    if count > MAX_DYNAMIC_CANDIDATES:
+        raise TreeError(f"bad tree {spec!r}: {count} candidate paths per step (K={top_k}, depth "
+                        f"{depth}); at most {MAX_DYNAMIC_CANDIDATES}: lower K or use @D")
+    return nodes, top_k
+
+
+def dynamic_skeleton(nodes: int, depth: int, top_k: int) -> tuple[Path, ...]:
+    """A static tree of `nodes` nodes reaching `depth` (when nodes allow): the shapes of a
+    dynamic tree's step. The top-1 chain first, then the other candidates shallow first."""
+    chain_paths = [(0,) * d for d in range(1, min(nodes, depth) + 1)]
+    others = [p for p in sorted(full(depth, top_k), key=lambda p: (len(p), p))
+              if p not in chain_paths]
+    return tuple(chain_paths + others[: nodes - len(chain_paths)])
 
 
 def _parse_lookup(extra: str, spec: str) -> tuple[int, int]:

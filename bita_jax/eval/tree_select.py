@@ -44,7 +44,7 @@ import numpy as np
 
 from bita_jax.decoding.engine import Engine, bucket
 from bita_jax.decoding.sampling import SamplingParams
-from bita_jax.decoding.tree import Path, Tree
+from bita_jax.decoding.tree import Path, Tree, TreeError
 from bita_jax.models.config import ModelConfig
 from bita_jax.training import loss, samples
 
@@ -220,6 +220,10 @@ def replay(tree: Tree, stats: RankStats) -> tuple[int, int]:
 
 
 def predicted_tokens_per_step(tree: Tree, stats: RankStats, method: str = "replay") -> float:
+    if tree.dynamic:
+        raise TreeError(f"tree {tree.name!r} is dynamic: its nodes follow the drafts' "
+                        "probabilities, which rank statistics do not hold; bench it instead "
+                        "(infer/bench.py without --select)")
     if method == "independent":
         return expected_accepted(tree.paths, stats.probs()[:, : stats.max_rank]) + 1.0
     if method == "replay":
