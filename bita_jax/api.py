@@ -300,7 +300,6 @@ def _choose_tree(llm: LLM, adapter: str) -> None:
     if stats is None or stats.num_masks != m:
         return
     trees = auto_tree.candidates_for(llm.method, m)
-    curve = auto_tree.step_cost_curve(llm.cfg, llm.params, llm.loaded.fingerprint,
-                                      auto_tree.step_sizes(trees))
-    llm.tree_choice = auto_tree.choose(trees, stats, curve)
+    curve = auto_tree.CostCurve(llm.cfg, llm.params, llm.loaded.fingerprint)
+    llm.tree_choice = auto_tree.choose(trees, stats, curve.seconds)
     llm.tree = llm.tree_choice.tree

@@ -45,32 +45,56 @@ def test_acceptance_round_trips_beside_the_adapter(tmp_path):
     assert auto_tree.load_acceptance(tmp_path / "bad") is None  # a warning, the default tree
 
 
+class _Curve:
+    """A cost curve by formula that records which sizes were asked for."""
+
+    def __init__(self, cost):
+        self.cost, self.asked = cost, []
+
+    def __call__(self, tokens):
+        self.asked.append(tokens)
+        return self.cost(tokens)
+
+
 def test_the_choice_follows_the_cost_curve():
-    """Good drafts: on a flat curve (an accelerator) the largest tree wins; on a curve that
-    climbs with the step tokens (a small CPU) a small one does; with drafts that never hit,
-    the smallest step."""
+    """Good drafts: on a flat curve (an accelerator) the tree of most tokens per step wins; on a
+    curve that climbs with the step tokens (a small CPU) a small one does, and the sizes that
+    could not win are never measured; with drafts that never hit, the smallest step."""
     trees = auto_tree.candidate_trees(3)
     names = [t.name for t in trees]
     assert names[0] == "chain@1" and "upper-triangle" in names and len(set(names)) == len(names)
-    sizes = auto_tree.step_sizes(trees)
-    assert sizes[0] == 1 and 52 in sizes
     good = _stats(0.8)
-    flat = {t: 0.010 for t in sizes}
+    flat = _Curve(lambda t: 0.010)
     choice = auto_tree.choose(trees, good, flat)
     best_tps = max(p.tokens_per_step for p in choice.predictions)
     assert choice.tree.name in {p.tree for p in choice.predictions
                                 if p.tokens_per_step == best_tps}
     assert choice.tree.layout.num_tokens >= 16
-    steep = {t: 0.010 * t for t in sizes}  # cost grows as fast as the tokens
+    steep = _Curve(lambda t: 0.010 * t)  # cost grows as fast as the tokens
     small = auto_tree.choose(trees, good, steep)
     assert small.tree.name == "chain@1"
-    useless = auto_tree.choose(trees, _stats(0.0, miss_low=8), {t: 0.010 + 1e-4 * t for t in sizes})
+    # the big trees' tokens/step over the cost of a smaller size already lose: never measured
+    asked = set(steep.asked)
+    assert {1, 4} <= asked and 52 not in asked and 22 not in asked
+    chosen = next(p for p in small.predictions if p.tree == "chain@1")
+    best_rate = chosen.tokens_per_step / chosen.step_ms
+    skipped = [p for p in small.predictions if p.step_tokens not in asked]
+    for p in skipped:  # each loses even at the largest cost measured below its own size
+        floor_ms = 1e3 * max(steep.cost(t) for t in asked if t <= p.step_tokens)
+        assert p.tokens_per_step / floor_ms <= best_rate
+    assert skipped
+    assert "not measured" in small.table() and "| **chain@1** |" in small.table()
+    useless = auto_tree.choose(trees, _stats(0.0, miss_low=8), _Curve(lambda t: 0.010 + 1e-4 * t))
     assert useless.tree.name == "chain@1"
-    assert "| **chain@1** |" in useless.table()
+    # a curve with a knee: flat to 8 tokens, then steep (8-row tiles on a CPU)
+    knee = _Curve(lambda t: 0.010 if t <= 8 else 0.010 * t)
+    picked = auto_tree.choose(trees, good, knee)
+    fits = [p for p in picked.predictions if p.step_tokens <= 8]
+    assert picked.tree.name == max(fits, key=lambda p: p.tokens_per_step).tree
     assert auto_tree.candidate_trees(1)[0].name == "chain@1"
+    assert all(t.num_masks <= 1 for t in auto_tree.candidate_trees(1))
     assert [t.name for t in auto_tree.candidates_for("space", 3)] == ["chain@1", "chain@2",
                                                                       "chain@3"]
-    assert all(t.num_masks <= 1 for t in auto_tree.candidate_trees(1))
 
 
 def test_the_curve_is_measured_once_and_cached(tmp_path, monkeypatch):
@@ -85,15 +109,16 @@ def test_the_curve_is_measured_once_and_cached(tmp_path, monkeypatch):
         return real(cfg, params, sizes, repeats=1, loops=1)
 
     monkeypatch.setattr(auto_tree, "measure_curve", counting)
-    first = auto_tree.step_cost_curve(CFG, params, "fp", [1, 4], quiet=True)
-    assert calls == [[1, 4]] and set(first) == {1, 4} and all(s > 0 for s in first.values())
-    again = auto_tree.step_cost_curve(CFG, params, "fp", [1, 4], quiet=True)
-    assert calls == [[1, 4]] and again == first  # read back, not measured
-    more = auto_tree.step_cost_curve(CFG, params, "fp", [1, 4, 8], quiet=True)
-    assert calls == [[1, 4], [8]] and more[1] == first[1]  # only the new size is measured
+    curve = auto_tree.CostCurve(CFG, params, "fp", quiet=True)
+    first = {t: curve.seconds(t) for t in (1, 4)}
+    assert calls == [[1], [4]] and all(s > 0 for s in first.values())
+    assert curve.seconds(4) == first[4] and len(calls) == 2  # kept, not measured again
+    again = auto_tree.CostCurve(CFG, params, "fp", quiet=True)  # a later load: read back
+    assert {t: again.seconds(t) for t in (1, 4)} == first and again.measured == []
+    assert again.seconds(8) > 0 and calls[-1] == [8]  # only the new size is measured
     files = list((tmp_path / "step_cost").glob("*.json"))
     assert len(files) == 1 and set(json.loads(files[0].read_text())["seconds"]) == {"1", "4", "8"}
-    auto_tree.step_cost_curve(CFG, params, "other weights", [1], quiet=True)
+    auto_tree.CostCurve(CFG, params, "other weights", quiet=True).seconds(1)
     assert calls[-1] == [1]  # another model: another curve
 
 
