@@ -395,6 +395,16 @@ def test_lora_learning_rate_sets_the_weights_rate_alone():
     for ab in delta["lora"].values():
         assert 0.5e-4 < ab["b"] <= 1.01e-4
     assert int(metrics["ar_count"]) == 2 * 7 and metrics["count"].tolist() == [4, 4, 4]
+    # full fine-tuning: the whole base takes the weights' rate, its state sharded like it
+    full = models.BitaConfig(num_masks=3, method="space")
+    base_before = jax.tree.map(np.asarray, base)  # the step donates the trainable base
+    params, opt_state = step_lib.init_state(CFG, full, tx, jax.random.key(0), mesh,
+                                            base_params=base, rules=sharding.FSDP_RULES)
+    params, _, _ = step_lib.make_train_step(CFG, full, GSPEC, tx, mesh, sharding.FSDP_RULES)(
+        params, opt_state, {}, batch, jax.random.key(1))
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))),
+                         params["base"], base_before)
+    assert 0.5e-4 < max(jax.tree.leaves(moved)) <= 1.01e-4
 
 
 def test_space_group_training_resumes_exactly(tmp_path):

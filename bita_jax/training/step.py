@@ -63,27 +63,29 @@ def make_optimizer(learning_rate: float = 3e-2, total_steps: int = 1, *, warmup_
 
     With `lora_learning_rate`, the model weights among the trainable params (the top-level
     "lora" or "base" subtree) take that peak rate on the same schedule and every other param
-    (prefix, mask embeddings) `learning_rate`; the clipping stays global."""
-    def adamw(peak):
-        lr = make_schedule(peak, total_steps, warmup_steps, schedule, final_lr_ratio)
-        return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-
-    update = adamw(learning_rate)
+    (prefix, mask embeddings) `learning_rate`: AdamW's update of a weight is scaled by the
+    ratio of the two, which is AdamW at that rate (its weight decay included)."""
+    lr = make_schedule(learning_rate, total_steps, warmup_steps, schedule, final_lr_ratio)
+    parts = [optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)]
     if lora_learning_rate is not None:
-        update = optax.multi_transform(
-            {"embeds": update, "weights": adamw(lora_learning_rate)}, param_groups)
-    if clip_norm is None or clip_norm <= 0:
-        return update
-    return optax.chain(optax.clip_by_global_norm(clip_norm), update)
-
-
-def param_groups(params):
-    """"weights" for the leaves under a top-level "lora" or "base" key, "embeds" for the rest."""
-    return {key: jax.tree.map(lambda _, k=key: "weights" if k in WEIGHT_KEYS else "embeds", sub)
-            for key, sub in params.items()}
+        parts.append(scale_weights(lora_learning_rate / learning_rate))
+    if clip_norm is not None and clip_norm > 0:
+        parts.insert(0, optax.clip_by_global_norm(clip_norm))
+    return parts[0] if len(parts) == 1 else optax.chain(*parts)
 
 
 WEIGHT_KEYS = ("lora", "base")  # trainable subtrees that are model weights
+
+
+def scale_weights(ratio: float) -> optax.GradientTransformation:
+    """Multiplies the updates under a top-level "lora" or "base" key by `ratio` (stateless)."""
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(
+            lambda path, u: u * ratio if getattr(path[0], "key", None) in WEIGHT_KEYS else u,
+            updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def _split_micro(tree, accum: int):
