@@ -15,6 +15,7 @@ from bita_jax.decoding.engine import TRACES, GenerationError
 from bita_jax.decoding.sampling import SamplingParams
 from bita_jax.decoding.tree import Tree, TreeError
 from tests.test_decode import FALCON, LLAMA, PROMPTS
+from tests.test_lookup import check_eos_inside_an_accepted_run
 
 
 def _group_logits(probs_by_level, vocab=10):
@@ -112,43 +113,11 @@ def test_dynamic_trees_are_lossless_and_accept(setup, tree_name):
     assert deep > 0  # the drafts were accepted, not only the bonus tokens
 
 
-def _steps(gen, prompts, max_new):
-    """Per row, the number of tokens each step emitted (from the streaming callback)."""
-    seen, counts = None, [[] for _ in prompts]
-
-    def on_tokens(tokens):
-        nonlocal seen
-        if seen is not None:
-            for row, (old, new) in enumerate(zip(seen, tokens)):
-                if len(new) > len(old):
-                    counts[row].append(len(new) - len(old))
-        seen = [list(t) for t in tokens]
-
-    return gen.generate(prompts, max_new, on_tokens=on_tokens).tokens, counts
-
-
 def test_eos_inside_an_accepted_run_stops_exactly(setup):
     """An EOS that a dynamic tree's step emits before its last token: the row stops right at it,
     equal to plain greedy with that EOS."""
     cfg, params, bp = setup
-    tree = Tree.make("dynamic:6", 3)
-    free, counts = _steps(BitaGenerator(cfg, params, bp, tree, eos_ids=()), PROMPTS, 40)
-    found = None
-    for row, (toks, row_counts) in enumerate(zip(free, counts)):
-        index = 1  # the prefill emitted token 0
-        for c in row_counts:
-            for i in range(index, index + c - 1):  # not the step's last (bonus) token
-                if toks[i] not in toks[:i]:
-                    found = found or (row, i)
-            index += c
-    assert found is not None, (free, counts)
-    row, index = found
-    eos = free[row][index]
-    want = Generator(cfg, params, eos_ids=(eos,)).generate(PROMPTS, 40).tokens
-    assert want[row] == free[row][: index + 1]
-    got, got_counts = _steps(BitaGenerator(cfg, params, bp, tree, eos_ids=(eos,)), PROMPTS, 40)
-    assert got == want
-    assert sum(got_counts[row]) == index  # it stopped in the step that emitted the EOS
+    check_eos_inside_an_accepted_run(cfg, params, bp, Tree.make("dynamic:6", 3), PROMPTS, 40)
 
 
 def test_dynamic_step_compiles_once_and_refuses_sampling(setup):

@@ -159,21 +159,30 @@ def test_eos_inside_an_accepted_lookup_run_stops_exactly(setup):
     # drafts tokens that appeared in the prompt but not yet in the output.
     greedy = Generator(cfg, params, eos_ids=()).generate(PROMPTS, 40).tokens
     prompts = [p + g[:j] for p, g in zip(PROMPTS, greedy) for j in range(4, 40, 3)]  # batch 48
-    free, counts = _steps(BitaGenerator(cfg, params, bp, tree, eos_ids=()), prompts, 40)
+    # 3+ tokens: past the 1-mask chain, so a lookup node was accepted
+    check_eos_inside_an_accepted_run(cfg, params, bp, tree, prompts, 40, min_emitted=3)
+
+
+def check_eos_inside_an_accepted_run(cfg, params, bp, tree, prompts, max_new, min_emitted=2):
+    """Finds a token that a BiTA step emitted before its last (bonus) token, in a step that
+    emitted at least `min_emitted`, and the token's first occurrence in its row; makes it the
+    EOS: the row must stop right at it, equal to plain greedy with that EOS."""
+    free, counts = _steps(BitaGenerator(cfg, params, bp, tree, eos_ids=()), prompts, max_new)
     found = None
     for row, (toks, row_counts) in enumerate(zip(free, counts)):
         index = 1  # the prefill emitted token 0
         for c in row_counts:
             for i in range(index, index + c - 1):  # not the step's last (bonus) token
-                if c >= 3 and toks[i] not in toks[:i]:  # 3+: past the 1-mask chain
+                if c >= min_emitted and toks[i] not in toks[:i]:
                     found = found or (row, i)
             index += c
     assert found is not None, (free, counts)
     row, index = found
     eos = free[row][index]
-    want = Generator(cfg, params, eos_ids=(eos,)).generate(prompts, 40).tokens
+    want = Generator(cfg, params, eos_ids=(eos,)).generate(prompts, max_new).tokens
     assert want[row] == free[row][: index + 1]
-    got, got_counts = _steps(BitaGenerator(cfg, params, bp, tree, eos_ids=(eos,)), prompts, 40)
+    got, got_counts = _steps(BitaGenerator(cfg, params, bp, tree, eos_ids=(eos,)), prompts,
+                             max_new)
     assert got == want
     assert sum(got_counts[row]) == index  # it stopped in the step that emitted the EOS
 

@@ -29,14 +29,24 @@ def mask_logits(cfg: ModelConfig, spec: SampleSpec, bita_params, base_params, ba
     """fp32 logits [B, G*M, V] of every mask slot (two passes, see module doc)."""
     tokens, anchors = batch["tokens"], batch["anchors"]
     b, tr = tokens.shape
-    m = spec.num_masks
     # Pass 1: the real tokens, plain causal, no BiTA. Nothing here depends on the BiTA params.
     positions = jnp.broadcast_to(jnp.arange(tr, dtype=jnp.int32), (b, tr))
     causal = jnp.tril(jnp.ones((tr, tr), bool))
     _, (k_real, v_real) = models.forward(cfg, base_params, tokens, positions, causal)
     k_real, v_real = jax.lax.stop_gradient(k_real), jax.lax.stop_gradient(v_real)
     # Pass 2: the mask groups over the real keys/values, each group up to its anchor.
-    group_anchor = jnp.repeat(anchors, m, axis=1)  # [B, G*M]
+    hidden = mask_pass(cfg, spec, base_params, bita_params, (k_real, v_real), anchors)
+    return models.lm_logits(cfg, base_params, hidden)
+
+
+def mask_pass(cfg: ModelConfig, spec: SampleSpec, base_params, bita_params, real_kv, anchors,
+              lora=None):
+    """Pass 2: hidden states [B, G*M, E] of the mask groups over the real tokens' keys/values
+    `real_kv` (each [L, B, Tr, K, D]), each group seeing the real slots before its anchor
+    (anchors [B, G]); `lora` adapts every row (SPACE's fine-tuned model)."""
+    k_real, v_real = real_kv
+    b, tr = anchors.shape[0], k_real.shape[2]
+    group_anchor = jnp.repeat(anchors, spec.num_masks, axis=1)  # [B, G*M]
     mask_tokens = jnp.broadcast_to(jnp.asarray(mask_ids(spec, cfg.vocab_size)), group_anchor.shape)
     mask_pos = group_anchor + jnp.asarray(mask_offsets(spec))
     visible = jnp.arange(tr, dtype=jnp.int32)[None, None, :] < group_anchor[:, :, None]
@@ -45,8 +55,8 @@ def mask_logits(cfg: ModelConfig, spec: SampleSpec, bita_params, base_params, ba
                     jnp.zeros((b,), jnp.int32))
     hidden, _ = models.forward(cfg, base_params, mask_tokens, mask_pos,
                               jnp.asarray(group_mask(spec)), cache=cache,
-                              bita_params=bita_params, cache_visible=visible)
-    return models.lm_logits(cfg, base_params, hidden)
+                              bita_params=bita_params, cache_visible=visible, lora=lora)
+    return hidden
 
 
 def mask_metrics(logits, labels, num_masks: int, topk: int = 1) -> dict[str, jax.Array]:

@@ -25,9 +25,7 @@ import jax.numpy as jnp
 
 from bita_jax import models
 from bita_jax.models.config import ModelConfig
-from bita_jax.models.kv_cache import KVCache
-from bita_jax.training.loss import mask_metrics
-from bita_jax.training.samples import group_mask, mask_ids, mask_offsets
+from bita_jax.training.loss import mask_metrics, mask_pass
 from bita_jax.training.sar_samples import SarGroupSpec, SarSpec
 
 Batch = dict[str, jax.Array]
@@ -52,23 +50,13 @@ def sar_group_logits(cfg: ModelConfig, spec: SarGroupSpec, params, base_params, 
     the fully fine-tuned "base") on every row; gradients flow through both passes."""
     base_params = params.get("base", base_params)
     lora = params.get("lora")
-    tokens, anchors = batch["tokens"], batch["anchors"]
+    tokens = batch["tokens"]
     b, tr = tokens.shape
-    m = spec.num_masks
     positions = jnp.broadcast_to(jnp.arange(tr, dtype=jnp.int32), (b, tr))
     causal = jnp.tril(jnp.ones((tr, tr), bool))
-    hidden, (k_real, v_real) = models.forward(cfg, base_params, tokens, positions, causal,
-                                              lora=lora)
-    group_anchor = jnp.repeat(anchors, m, axis=1)  # [B, G*M]
-    mask_tokens = jnp.broadcast_to(jnp.asarray(mask_ids(spec, cfg.vocab_size)), group_anchor.shape)
-    mask_pos = group_anchor + jnp.asarray(mask_offsets(spec))
-    visible = jnp.arange(tr, dtype=jnp.int32)[None, None, :] < group_anchor[:, :, None]
-    cache = KVCache(jnp.swapaxes(k_real, 2, 3), jnp.swapaxes(v_real, 2, 3),
-                    jnp.zeros((b,), jnp.int32))
-    mask_hidden, _ = models.forward(cfg, base_params, mask_tokens, mask_pos,
-                                    jnp.asarray(group_mask(spec)), cache=cache,
-                                    bita_params={"mask_embed": params["mask_embed"]},
-                                    cache_visible=visible, lora=lora)
+    hidden, real_kv = models.forward(cfg, base_params, tokens, positions, causal, lora=lora)
+    mask_hidden = mask_pass(cfg, spec, base_params, {"mask_embed": params["mask_embed"]},
+                            real_kv, batch["anchors"], lora=lora)
     return models.lm_logits(cfg, base_params, hidden), models.lm_logits(cfg, base_params,
                                                                         mask_hidden)
 
