@@ -188,19 +188,11 @@ def bita_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new,
     """
     if tree.dynamic:
         return dynamic_step(cfg, tree, params, state, max_new, eos_ids)
-    base_params, bita_params = params
     lay = tree.layout
-    b, nn_ = state.drafts.shape
+    nn_ = state.drafts.shape[1]
     n = state.cache.length
-    masks = jnp.broadcast_to(cfg.vocab_size + lay.mask_ids, (b, lay.mask_ids.shape[0]))
-    tokens = jnp.concatenate(
-        [state.last[:, None], jnp.maximum(state.drafts, 0), masks], axis=1)  # [B, T]
-    positions = n[:, None] + lay.offsets[None, :]
-    hidden, block_kv = models.forward(cfg, base_params, tokens, positions, lay.mask,
-                                      state.cache, bita_params)
-    # One LM head over every row (nodes and mask groups): the weight is read once, and on CPU
-    # (`layers.product_t`) extra rows cost little.
-    logits = models.lm_logits(cfg, base_params, hidden)  # [B, T, V]
+    tokens, logits, block_kv = step_forward(cfg, params, state, lay.mask_ids, lay.offsets,
+                                            lay.mask)
     node_logits = logits[:, : 1 + nn_]  # [B, 1 + Nn, V]
     rng, key = jax.random.split(state.rng)
 
@@ -216,24 +208,56 @@ def bita_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new,
         endpoint, depth, bonus = greedy(None)
     else:
         endpoint, depth, bonus = jax.lax.cond(sp.temperature > 0, sampled, greedy, None)
-    bonus = bonus[:, None]
     path = jnp.take(lay.path_rows, endpoint, axis=0)  # [B, D + 1] rows root..endpoint
-    accepted_tokens = jnp.take_along_axis(tokens, path[:, 1:], axis=1)  # [B, D]
-    j = jnp.arange(lay.max_depth + 1)[None, :]
-    emitted = jnp.where(j < depth[:, None],
-                        jnp.concatenate([accepted_tokens, bonus], axis=1), bonus)
-    live = ~state.done
-    count = jnp.where(live, depth + 1, 0)
-    cache = kv_cache.commit(state.cache, block_kv, path, count)
+    emitted, count, cache = accept(state, tokens, block_kv, path, depth, bonus)
     history = state.history
     if tree.lookup:
         history = lookup.append(history, n, emitted, count)
     group_rows = jnp.take(lay.group_rows, jnp.take(lay.endpoint_group, endpoint), axis=0)
     drafts = next_drafts(logits, lay, group_rows, jnp.take(lay.endpoint_shift, endpoint),
                          retrieve(tree, history, cache.length))
+    return advance(state, cache, emitted, depth, {"drafts": drafts}, max_new, eos_ids, rng=rng,
+                   history=history)
+
+
+def step_forward(cfg: ModelConfig, params, state: BitaState, mask_ids, offsets, mask):
+    """The step's forward: tokens [B, T] (`[root | nodes | masks]`), logits [B, T, V] and the
+    block's keys/values. offsets [T] or [B, T], mask [T, T] or [B, T, T] (static or per row)."""
+    base_params, bita_params = params
+    b = state.drafts.shape[0]
+    masks = jnp.broadcast_to(cfg.vocab_size + mask_ids, (b, mask_ids.shape[0]))
+    tokens = jnp.concatenate(
+        [state.last[:, None], jnp.maximum(state.drafts, 0), masks], axis=1)  # [B, T]
+    positions = state.cache.length[:, None] + offsets
+    hidden, block_kv = models.forward(cfg, base_params, tokens, positions, mask, state.cache,
+                                      bita_params)
+    # One LM head over every row (nodes and mask groups): the weight is read once, and on CPU
+    # (`layers.product_t`) extra rows cost little.
+    return tokens, models.lm_logits(cfg, base_params, hidden), block_kv
+
+
+def accept(state: BitaState, tokens, block_kv, path, depth, bonus):
+    """The accepted path [B, X] (rows root..endpoint) of depth [B] plus the bonus token [B]:
+    the emitted tokens [B, X], how many each live row emits [B], and the cache with the root and
+    the accepted nodes committed."""
+    accepted_tokens = jnp.take_along_axis(tokens, path[:, 1:], axis=1)  # [B, X - 1]
+    j = jnp.arange(path.shape[1])[None, :]
+    emitted = jnp.where(j < depth[:, None],
+                        jnp.concatenate([accepted_tokens, bonus[:, None]], axis=1),
+                        bonus[:, None])
+    count = jnp.where(~state.done, depth + 1, 0)
+    return emitted, count, kv_cache.commit(state.cache, block_kv, path, count)
+
+
+def advance(state: BitaState, cache, emitted, depth, next_tree: dict, max_new, eos_ids,
+            **fields):
+    """The next state: the new cache and `fields`, the next tree's arrays (`next_tree`, e.g.
+    drafts [B, Nn]) for the live rows only, the emitted tokens appended (`engine.emit`), the step
+    counted."""
+    live = ~state.done
+    kept = {k: jnp.where(live[:, None], v, getattr(state, k)) for k, v in next_tree.items()}
     state = state.replace(cache=cache, steps=state.steps + 1, row_steps=state.row_steps + live,
-                          rng=rng, drafts=jnp.where(live[:, None], drafts, state.drafts),
-                          history=history)
+                          **kept, **fields)
     state, count = engine.emit(state, emitted, depth + 1, max_new, eos_ids)
     return engine.count_step(state, count, live)
 
@@ -242,39 +266,22 @@ def dynamic_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new
                  eos_ids: tuple[int, ...]) -> BitaState:
     """`bita_step` for a dynamic tree (greedy): the same forward, verification, commit and
     drafting, over the per-row layout of each row's chosen nodes (`dynamic_tree.row_layout`)."""
-    base_params, bita_params = params
     lay = tree.layout  # the skeleton: static sizes and mask ids only
     d, x = tree.num_masks, lay.max_depth + 1
-    b, nn_ = state.drafts.shape
-    n = state.cache.length
+    nn_ = state.drafts.shape[1]
     rows = dynamic_tree.row_layout(state.node_paths, d, tree.dynamic_top_k)
-    masks = jnp.broadcast_to(cfg.vocab_size + lay.mask_ids, (b, lay.mask_ids.shape[0]))
-    tokens = jnp.concatenate(
-        [state.last[:, None], jnp.maximum(state.drafts, 0), masks], axis=1)  # [B, T]
-    positions = n[:, None] + rows.offsets
-    hidden, block_kv = models.forward(cfg, base_params, tokens, positions, rows.mask,
-                                      state.cache, bita_params)
-    logits = models.lm_logits(cfg, base_params, hidden)  # [B, T, V]
+    tokens, logits, block_kv = step_forward(cfg, params, state, lay.mask_ids, rows.offsets,
+                                            rows.mask)
     pred = jnp.argmax(logits[:, : 1 + nn_], axis=-1).astype(jnp.int32)  # [B, 1 + Nn]
     endpoint, depth = dynamic_tree.verify(pred, state.drafts, rows)
-    bonus = jnp.take_along_axis(pred, endpoint[:, None], axis=1)  # [B, 1]
+    bonus = jnp.take_along_axis(pred, endpoint[:, None], axis=1)[:, 0]
     path = dynamic_tree.path_rows(rows, endpoint, d)[:, :x]  # [B, X] rows root..endpoint
-    accepted_tokens = jnp.take_along_axis(tokens, path[:, 1:], axis=1)  # [B, X - 1]
-    j = jnp.arange(x)[None, :]
-    emitted = jnp.where(j < depth[:, None],
-                        jnp.concatenate([accepted_tokens, bonus], axis=1), bonus)
-    live = ~state.done
-    count = jnp.where(live, depth + 1, 0)
-    cache = kv_cache.commit(state.cache, block_kv, path, count)
+    emitted, _, cache = accept(state, tokens, block_kv, path, depth, bonus)
     group = dynamic_tree.group_rows(endpoint, nn_, d)  # [B, D]
     group_logits = jnp.take_along_axis(logits, group[:, :, None], axis=1)
     node_paths, drafts = dynamic_tree.select(group_logits, tree.dynamic, tree.dynamic_top_k)
-    keep = live[:, None]
-    state = state.replace(cache=cache, steps=state.steps + 1, row_steps=state.row_steps + live,
-                          drafts=jnp.where(keep, drafts, state.drafts),
-                          node_paths=jnp.where(keep, node_paths, state.node_paths))
-    state, count = engine.emit(state, emitted, depth + 1, max_new, eos_ids)
-    return engine.count_step(state, count, live)
+    return advance(state, cache, emitted, depth, {"drafts": drafts, "node_paths": node_paths},
+                   max_new, eos_ids)
 
 
 class BitaGenerator(engine.Engine):
