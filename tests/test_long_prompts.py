@@ -17,7 +17,7 @@ from bita_jax.decoding import engine
 from bita_jax.decoding.ar import Generator
 from bita_jax.decoding.bita_step import BitaGenerator
 from bita_jax.decoding.tree import Tree
-from bita_jax.models import kv_cache, layers
+from bita_jax.models import causal_lm, kv_cache, layers
 from bita_jax.models.config import ModelConfig
 
 TOL = 1e-4  # fp32 logits
@@ -129,14 +129,23 @@ def test_cache_read_by_blocks_equals_one_piece(name, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
 
 
+@pytest.mark.parametrize("per_head_rows", [layers.PER_HEAD_MIN_ROWS, 1],
+                         ids=["default", "per-head"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_decoding_after_chunked_prefill_is_unchanged(name, monkeypatch):
+def test_decoding_after_chunked_prefill_is_unchanged(name, per_head_rows, monkeypatch,
+                                                     request):
     """Greedy and BiTA (three trees) after a chunked prefill, over a cache read in blocks, give
-    the token ids of today's one-piece path, alone and as one ragged batch."""
+    the token ids of today's one-piece path, alone and as one ragged batch; with `per-head`,
+    every forward of the decoding layout takes the per-head attention (`_part_per_head`)."""
     cfg, params, bita = _setup(name, seed=2)
     prompts = _prompts(cfg, (7, 8, 9, 17, 40), seed=3)
     want = Generator(cfg, params).generate(prompts, 40).tokens
     _sizes(monkeypatch, chunk=8, block=16)
+    if per_head_rows != layers.PER_HEAD_MIN_ROWS:  # traced anew, and not left to later tests
+        monkeypatch.setattr(layers, "PER_HEAD_MIN_ROWS", per_head_rows)
+        monkeypatch.setattr(engine, "EXECUTABLES", {})
+        causal_lm._unrolled_block.clear_cache()
+        request.addfinalizer(causal_lm._unrolled_block.clear_cache)
     greedy = Generator(cfg, params)
     assert [greedy.generate([p], 40).tokens[0] for p in prompts] == want
     assert greedy.generate(prompts, 40).tokens == want
@@ -145,6 +154,34 @@ def test_decoding_after_chunked_prefill_is_unchanged(name, monkeypatch):
         assert got.tokens == want, tree
         accepted = sum(n for hist in got.step_hist for n in hist[2:])
         assert accepted > 0, tree  # steps that emitted 2 or more tokens: drafts were used
+
+
+@pytest.mark.parametrize("heads_major", [True, False], ids=["cache", "block"])
+def test_per_head_attention_equals_batched(heads_major):
+    """`_part` with `per_head` (one [S, T*G] product per row and kv head, as a prefill chunk
+    runs on CPU) equals the batched einsum at fp32 rounding, ragged visibility and an all-hidden
+    row included; below `PER_HEAD_MIN_ROWS` query rows it is the batched form itself."""
+    rng = np.random.default_rng(11)
+    b, t, kv, g, d, s = 2, 40, 2, 2, 16, 48  # 80 query rows per kv head
+    assert t * g >= layers.PER_HEAD_MIN_ROWS
+    q = jnp.asarray(rng.standard_normal((b, t, kv, g, d)), jnp.float32)
+    kv_shape = (b, kv, s, d) if heads_major else (b, s, kv, d)
+    k, v = (jnp.asarray(3 * rng.standard_normal(kv_shape), jnp.float32) for _ in range(2))
+    visible = rng.random((b, 1, 1, t, s)) < 0.6
+    visible[1, 0, 0, 5] = False  # a query row that sees nothing
+    want = layers._part(q, k, v, visible, heads_major)
+    got = layers._part(q, k, v, visible, heads_major, per_head=True)
+    for name, w, x in zip(want._fields, want, got):
+        assert x.shape == w.shape, name
+        np.testing.assert_allclose(np.asarray(x), np.asarray(w), rtol=1e-5, atol=1e-5,
+                                   err_msg=name)
+    out = np.asarray(got.o / got.denom[..., None])
+    assert np.abs(out).max() > 1.0
+    few = q[:, : layers.PER_HEAD_MIN_ROWS // g - 1]  # too few rows: the batched form, bit for bit
+    for w, x in zip(layers._part(few, k, v, visible[:, :, :, : few.shape[1]], heads_major),
+                    layers._part(few, k, v, visible[:, :, :, : few.shape[1]], heads_major,
+                                 per_head=True)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(w))
 
 
 def test_prefill_compiles_once_for_many_lengths(monkeypatch):

@@ -207,9 +207,14 @@ class _Part(NamedTuple):
     o: jnp.ndarray  # [B, K, G, T, D] sum of exp(score - m) * v
 
 
-def _part(q, k, v, visible, heads_major: bool = False) -> _Part:
+def _part(q, k, v, visible, heads_major: bool = False, per_head: bool = False) -> _Part:
     """Unnormalised softmax statistics of q [B,T,K,G,D] against k, v [B,S,K,D] (or, with
-    `heads_major`, the cache's [B,K,S,D])."""
+    `heads_major`, the cache's [B,K,S,D]) where `visible` (broadcastable to [B,K,G,T,S]).
+
+    With `per_head` and at least `PER_HEAD_MIN_ROWS` query rows per kv head, as
+    `_part_per_head`: what the CPU decoding layout runs for prefill chunks and large trees."""
+    if per_head and q.shape[1] * q.shape[3] >= PER_HEAD_MIN_ROWS:
+        return _part_per_head(q, k, v, visible, heads_major)
     kv = "bksd" if heads_major else "bskd"
     s = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32)
     s = jnp.where(visible, s, MASKED)
@@ -218,6 +223,41 @@ def _part(q, k, v, visible, heads_major: bool = False) -> _Part:
     denom = jnp.sum(p, axis=-1)
     o = jnp.einsum(f"bkgts,{kv}->bkgtd", p, v.astype(jnp.float32))
     return _Part(m, denom, o)
+
+
+# Query rows per kv head (T x G) from which `_part(per_head=True)` takes the per-head form.
+PER_HEAD_MIN_ROWS = 64
+
+
+def _part_per_head(q, k, v, visible, heads_major: bool) -> _Part:
+    """`_part` as one 2-D product per batch row and kv head: scores [S, T*G] = k [S, D] @
+    q^T [D, T*G], the softmax down the slots, then p^T @ v. On XLA CPU, with 64 or more query
+    rows per head (a 256-token prefill chunk has 768), this runs the scores product at about
+    5x the rate of the batched einsum (141 against 28 GFLOP/s for 256 rows over 4,096 slots)
+    and a prefill chunk's whole attention about 20 % faster; below that the batched form wins
+    (docs/benchmarks.md, "Long prompts, second pass")."""
+    b, t, kv, g, d = q.shape
+    if not heads_major:
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    slots, rows = k.shape[2], t * g
+    visible = jnp.broadcast_to(visible, (b, kv, g, t, slots))
+    m, denom, o = [], [], []
+    for row in range(b):
+        for head in range(kv):
+            s = jnp.dot(k[row, head], q[row, :, head].reshape(rows, d).T,
+                        preferred_element_type=jnp.float32)  # [S, T*G], column t * G + g
+            seen = jnp.transpose(visible[row, head], (2, 1, 0)).reshape(slots, rows)
+            s = jnp.where(seen, s, MASKED)
+            m.append(jnp.max(s, axis=0))
+            p = jnp.exp(s - m[-1][None, :])
+            denom.append(jnp.sum(p, axis=0))
+            o.append(jnp.einsum("sr,sd->rd", p, v[row, head].astype(jnp.float32)))
+
+    def heads_first(parts, *tail):  # B*K stacked [T*G, *tail] -> [B, K, G, T, *tail]
+        x = jnp.stack(parts).reshape(b, kv, t, g, *tail)
+        return jnp.swapaxes(x, 2, 3)
+
+    return _Part(heads_first(m), heads_first(denom), heads_first(o, d))
 
 
 def _merge(a: _Part, b: _Part) -> _Part:
@@ -230,9 +270,9 @@ def _merge(a: _Part, b: _Part) -> _Part:
 CACHE_BLOCK = 512
 
 
-def _filled_cache_part(qg, k_cache, v_cache, cache_len) -> _Part:
+def _filled_cache_part(qg, k_cache, v_cache, cache_len, per_head: bool = False) -> _Part:
     """Softmax statistics of q [B, T, K, G, D] over the filled slots of a heads-major cache
-    [B, K, S, D] (slot < cache_len [B]).
+    [B, K, S, D] (slot < cache_len [B]); `per_head` as in `_part`.
 
     A cache of more than `CACHE_BLOCK` slots (a multiple of it, as the decode engine sizes it)
     is read block by block up to the longest row's length, merged with an online softmax, so a
@@ -240,7 +280,7 @@ def _filled_cache_part(qg, k_cache, v_cache, cache_len) -> _Part:
     s_slots = k_cache.shape[2]
     if s_slots <= CACHE_BLOCK or s_slots % CACHE_BLOCK:
         visible = (jnp.arange(s_slots)[None, :] < cache_len[:, None])[:, None, None, None]
-        return _part(qg, k_cache, v_cache, visible, heads_major=True)
+        return _part(qg, k_cache, v_cache, visible, heads_major=True, per_head=per_head)
     b, t, kv, g, _ = qg.shape
 
     def read_block(i, part):
@@ -249,7 +289,7 @@ def _filled_cache_part(qg, k_cache, v_cache, cache_len) -> _Part:
         v = jax.lax.dynamic_slice_in_dim(v_cache, start, CACHE_BLOCK, axis=2)
         slots = start + jnp.arange(CACHE_BLOCK)
         visible = (slots[None, :] < cache_len[:, None])[:, None, None, None]
-        return _merge(part, _part(qg, k, v, visible, heads_major=True))
+        return _merge(part, _part(qg, k, v, visible, heads_major=True, per_head=per_head))
 
     empty = _Part(jnp.full((b, kv, g, t), MASKED, jnp.float32),
                   jnp.zeros((b, kv, g, t), jnp.float32),
@@ -258,7 +298,8 @@ def _filled_cache_part(qg, k_cache, v_cache, cache_len) -> _Part:
     return jax.lax.fori_loop(0, blocks, read_block, empty)
 
 
-def block_attention(q, k_blk, v_blk, ctx: AttnContext, k_cache=None, v_cache=None, prefix=None):
+def block_attention(q, k_blk, v_blk, ctx: AttnContext, k_cache=None, v_cache=None, prefix=None,
+                    per_head: bool = False):
     """Attention of T new tokens over cache, block and (mask rows only) the BiTA prefix.
 
     Args:
@@ -276,13 +317,14 @@ def block_attention(q, k_blk, v_blk, ctx: AttnContext, k_cache=None, v_cache=Non
     kv = k_blk.shape[2]
     g = n // kv
     qg = (q.astype(jnp.float32) * (1.0 / math.sqrt(d))).reshape(b, t, kv, g, d)
-    part = _part(qg, k_blk, v_blk, ctx.block_mask[:, None, None, :, :])
+    part = _part(qg, k_blk, v_blk, ctx.block_mask[:, None, None, :, :], per_head=per_head)
     if k_cache is not None:
         if ctx.cache_visible is not None:
             visible = ctx.cache_visible[:, None, None, :, :]  # [B, 1, 1, T, S]
-            cache_part = _part(qg, k_cache, v_cache, visible, heads_major=True)
+            cache_part = _part(qg, k_cache, v_cache, visible, heads_major=True,
+                               per_head=per_head)
         else:
-            cache_part = _filled_cache_part(qg, k_cache, v_cache, ctx.cache_len)
+            cache_part = _filled_cache_part(qg, k_cache, v_cache, ctx.cache_len, per_head)
         part = _merge(cache_part, part)
     out = part.o / part.denom[..., None]
     if prefix is not None:
@@ -331,7 +373,7 @@ class Attention(nn.Module):
         q = apply_rope(q, ctx.cos, ctx.sin)
         k = apply_rope(k, ctx.cos, ctx.sin)
         k_cache, v_cache = cache_kv if cache_kv is not None else (None, None)
-        out = block_attention(q, k, v, ctx, k_cache, v_cache, prefix)
+        out = block_attention(q, k, v, ctx, k_cache, v_cache, prefix, per_head=tr)
         out = adapt(dense(cfg.hidden_size, ("heads", "head_dim", "embed"), ("embed",), bias, dt,
                           "o_proj", axis=(-2, -1), transposed=tr, param_dtype=pdt), out, n_in=2)
         return out, (k, v)
