@@ -104,10 +104,13 @@ def test_chunked_prefill_equals_one_shot(name, with_bita, monkeypatch):
         np.testing.assert_allclose(np.asarray(got_tail), np.asarray(want_tail), rtol=0, atol=TOL)
 
 
+@pytest.mark.parametrize("whole_from", [2.0, 0.0], ids=["blocks", "whole"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_cache_read_by_blocks_equals_one_piece(name, monkeypatch):
+def test_cache_read_by_blocks_equals_one_piece(name, whole_from, monkeypatch):
     """A forward of a 3-token tree block over a 64-slot cache: read in blocks of 16 up to the
-    longest row (ragged rows: 0, 5, 16 and 37 filled slots) equals the one-piece read."""
+    longest row (ragged rows: 0, 5, 16 and 37 filled slots), or, by the other branch of the
+    cond that chooses by fill (`WHOLE_READ_FILL`, forced here), in one piece, equals the read
+    of a cache within one block."""
     cfg, params, _ = _setup(name, seed=4)
     rng = np.random.default_rng(5)
     lens = jnp.asarray([37, 5, 16, 0], jnp.int32)
@@ -124,6 +127,7 @@ def test_cache_read_by_blocks_equals_one_piece(name, monkeypatch):
 
     want = logits()  # 64 slots <= the default block: one piece
     _sizes(monkeypatch, chunk=engine.PREFILL_CHUNK, block=16)
+    monkeypatch.setattr(layers, "WHOLE_READ_FILL", whole_from)
     got = logits()
     assert np.abs(want).max() > 1.0
     np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
