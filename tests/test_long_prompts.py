@@ -186,6 +186,8 @@ def test_per_head_attention_equals_batched(heads_major):
                     layers._part(few, k, v, visible[:, :, :, : few.shape[1]], heads_major,
                                  per_head=True)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(w))
+    many = jnp.tile(q, (layers.PER_HEAD_MAX_PRODUCTS // kv, 1, 1, 1, 1))  # 64 products: batched
+    assert not layers._takes_per_head(many) and layers._takes_per_head(q)
 
 
 def test_prefill_compiles_once_for_many_lengths(monkeypatch):

@@ -211,9 +211,10 @@ def _part(q, k, v, visible, heads_major: bool = False, per_head: bool = False) -
     """Unnormalised softmax statistics of q [B,T,K,G,D] against k, v [B,S,K,D] (or, with
     `heads_major`, the cache's [B,K,S,D]) where `visible` (broadcastable to [B,K,G,T,S]).
 
-    With `per_head` and at least `PER_HEAD_MIN_ROWS` query rows per kv head, as
-    `_part_per_head`: what the CPU decoding layout runs for prefill chunks and large trees."""
-    if per_head and q.shape[1] * q.shape[3] >= PER_HEAD_MIN_ROWS:
+    With `per_head`, at least `PER_HEAD_MIN_ROWS` query rows per kv head and at most
+    `PER_HEAD_MAX_PRODUCTS` (batch rows x kv heads), as `_part_per_head`: what the CPU decoding
+    layout runs for prefill chunks and large trees."""
+    if per_head and _takes_per_head(q):
         return _part_per_head(q, k, v, visible, heads_major)
     kv = "bksd" if heads_major else "bskd"
     s = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32)
@@ -225,8 +226,17 @@ def _part(q, k, v, visible, heads_major: bool = False, per_head: bool = False) -
     return _Part(m, denom, o)
 
 
-# Query rows per kv head (T x G) from which `_part(per_head=True)` takes the per-head form.
+# Query rows per kv head (T x G) from which `_part(per_head=True)` takes the per-head form, and
+# the most 2-D products (B x K) it unrolls: a batch of thousands of rows stays batched.
 PER_HEAD_MIN_ROWS = 64
+PER_HEAD_MAX_PRODUCTS = 32
+
+
+def _takes_per_head(q) -> bool:
+    """Whether q [B, T, K, G, D] is large enough per kv head, and its batch small enough, for
+    `_part_per_head`."""
+    b, t, kv, g, _ = q.shape
+    return t * g >= PER_HEAD_MIN_ROWS and b * kv <= PER_HEAD_MAX_PRODUCTS
 
 
 def _part_per_head(q, k, v, visible, heads_major: bool) -> _Part:
@@ -309,7 +319,7 @@ def _filled_cache_part(qg, k_cache, v_cache, cache_len, per_head: bool = False) 
         blocks = (jnp.max(cache_len) + CACHE_BLOCK - 1) // CACHE_BLOCK
         return jax.lax.fori_loop(0, blocks, read_block, empty)
 
-    if per_head and t * g >= PER_HEAD_MIN_ROWS:
+    if per_head and _takes_per_head(qg):
         return by_blocks()
     return jax.lax.cond(jnp.max(cache_len) >= WHOLE_READ_FILL * s_slots, whole, by_blocks)
 
