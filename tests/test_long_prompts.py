@@ -148,8 +148,8 @@ def test_decoding_after_chunked_prefill_is_unchanged(name, per_head_rows, monkey
     if per_head_rows != layers.PER_HEAD_MIN_ROWS:  # traced anew, and not left to later tests
         monkeypatch.setattr(layers, "PER_HEAD_MIN_ROWS", per_head_rows)
         monkeypatch.setattr(engine, "EXECUTABLES", {})
-        causal_lm._unrolled_block.clear_cache()
-        request.addfinalizer(causal_lm._unrolled_block.clear_cache)
+        causal_lm.clear_block_traces()
+        request.addfinalizer(causal_lm.clear_block_traces)
     greedy = Generator(cfg, params)
     assert [greedy.generate([p], 40).tokens[0] for p in prompts] == want
     assert greedy.generate(prompts, 40).tokens == want
@@ -162,7 +162,7 @@ def test_decoding_after_chunked_prefill_is_unchanged(name, per_head_rows, monkey
 
 @pytest.mark.parametrize("heads_major", [True, False], ids=["cache", "block"])
 def test_per_head_attention_equals_batched(heads_major):
-    """`_part` with `per_head` (one [S, T*G] product per row and kv head, as a prefill chunk
+    """`softmax_part` with `per_head` (one [S, T*G] product per row and kv head, as a prefill chunk
     runs on CPU) equals the batched einsum at fp32 rounding, ragged visibility and an all-hidden
     row included; below `PER_HEAD_MIN_ROWS` query rows it is the batched form itself."""
     rng = np.random.default_rng(11)
@@ -173,8 +173,8 @@ def test_per_head_attention_equals_batched(heads_major):
     k, v = (jnp.asarray(3 * rng.standard_normal(kv_shape), jnp.float32) for _ in range(2))
     visible = rng.random((b, 1, 1, t, s)) < 0.6
     visible[1, 0, 0, 5] = False  # a query row that sees nothing
-    want = layers._part(q, k, v, visible, heads_major)
-    got = layers._part(q, k, v, visible, heads_major, per_head=True)
+    want = layers.softmax_part(q, k, v, visible, heads_major)
+    got = layers.softmax_part(q, k, v, visible, heads_major, per_head=True)
     for name, w, x in zip(want._fields, want, got):
         assert x.shape == w.shape, name
         np.testing.assert_allclose(np.asarray(x), np.asarray(w), rtol=1e-5, atol=1e-5,
@@ -182,12 +182,12 @@ def test_per_head_attention_equals_batched(heads_major):
     out = np.asarray(got.o / got.denom[..., None])
     assert np.abs(out).max() > 1.0
     few = q[:, : layers.PER_HEAD_MIN_ROWS // g - 1]  # too few rows: the batched form, bit for bit
-    for w, x in zip(layers._part(few, k, v, visible[:, :, :, : few.shape[1]], heads_major),
-                    layers._part(few, k, v, visible[:, :, :, : few.shape[1]], heads_major,
+    for w, x in zip(layers.softmax_part(few, k, v, visible[:, :, :, : few.shape[1]], heads_major),
+                    layers.softmax_part(few, k, v, visible[:, :, :, : few.shape[1]], heads_major,
                                  per_head=True)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(w))
     many = jnp.tile(q, (layers.PER_HEAD_MAX_PRODUCTS // kv, 1, 1, 1, 1))  # 64 products: batched
-    assert not layers._takes_per_head(many) and layers._takes_per_head(q)
+    assert not layers.takes_per_head(many) and layers.takes_per_head(q)
 
 
 def test_prefill_compiles_once_for_many_lengths(monkeypatch):

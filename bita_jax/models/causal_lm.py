@@ -128,6 +128,12 @@ def _unrolled_block(cfg: ModelConfig, params, x, inputs, ctx: AttnContext):
     return block.apply({"params": params}, x, inputs, ctx)
 
 
+def clear_block_traces() -> None:
+    """Forgets the traced unrolled blocks, so that the next trace reads the module constants
+    of `layers` again (tests that change them)."""
+    _unrolled_block.clear_cache()
+
+
 def forward(cfg: ModelConfig, base_params: Params, tokens, positions, block_mask,
             cache: KVCache | None = None, bita_params: Params | None = None, cache_visible=None,
             lora: Params | None = None):

@@ -207,14 +207,14 @@ class _Part(NamedTuple):
     o: jnp.ndarray  # [B, K, G, T, D] sum of exp(score - m) * v
 
 
-def _part(q, k, v, visible, heads_major: bool = False, per_head: bool = False) -> _Part:
+def softmax_part(q, k, v, visible, heads_major: bool = False, per_head: bool = False) -> _Part:
     """Unnormalised softmax statistics of q [B,T,K,G,D] against k, v [B,S,K,D] (or, with
     `heads_major`, the cache's [B,K,S,D]) where `visible` (broadcastable to [B,K,G,T,S]).
 
     With `per_head`, at least `PER_HEAD_MIN_ROWS` query rows per kv head and at most
     `PER_HEAD_MAX_PRODUCTS` (batch rows x kv heads), as `_part_per_head`: what the CPU decoding
     layout runs for prefill chunks and large trees."""
-    if per_head and _takes_per_head(q):
+    if per_head and takes_per_head(q):
         return _part_per_head(q, k, v, visible, heads_major)
     kv = "bksd" if heads_major else "bskd"
     s = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32)
@@ -226,13 +226,13 @@ def _part(q, k, v, visible, heads_major: bool = False, per_head: bool = False) -
     return _Part(m, denom, o)
 
 
-# Query rows per kv head (T x G) from which `_part(per_head=True)` takes the per-head form, and
-# the most 2-D products (B x K) it unrolls: a batch of thousands of rows stays batched.
+# Query rows per kv head (T x G) from which `softmax_part(per_head=True)` takes the per-head
+# form, and the most 2-D products (B x K) it unrolls: a batch of thousands of rows stays batched.
 PER_HEAD_MIN_ROWS = 64
 PER_HEAD_MAX_PRODUCTS = 32
 
 
-def _takes_per_head(q) -> bool:
+def takes_per_head(q) -> bool:
     """Whether q [B, T, K, G, D] is large enough per kv head, and its batch small enough, for
     `_part_per_head`."""
     b, t, kv, g, _ = q.shape
@@ -240,7 +240,7 @@ def _takes_per_head(q) -> bool:
 
 
 def _part_per_head(q, k, v, visible, heads_major: bool) -> _Part:
-    """`_part` as one 2-D product per batch row and kv head: scores [S, T*G] = k [S, D] @
+    """`softmax_part` as one 2-D product per batch row and kv head: scores [S, T*G] = k [S, D] @
     q^T [D, T*G], the softmax down the slots, then p^T @ v. On XLA CPU, with 64 or more query
     rows per head (a 256-token prefill chunk has 768), this runs the scores product at about
     5x the rate of the batched einsum (141 against 28 GFLOP/s for 256 rows over 4,096 slots)
@@ -284,7 +284,7 @@ WHOLE_READ_FILL = 0.5
 
 def _filled_cache_part(qg, k_cache, v_cache, cache_len, per_head: bool = False) -> _Part:
     """Softmax statistics of q [B, T, K, G, D] over the filled slots of a heads-major cache
-    [B, K, S, D] (slot < cache_len [B]); `per_head` as in `_part`.
+    [B, K, S, D] (slot < cache_len [B]); `per_head` as in `softmax_part`.
 
     A cache of more than `CACHE_BLOCK` slots (a multiple of it, as the decode engine sizes it)
     is read block by block up to the longest row's length, merged with an online softmax, so a
@@ -299,7 +299,7 @@ def _filled_cache_part(qg, k_cache, v_cache, cache_len, per_head: bool = False) 
 
     def whole():
         visible = (jnp.arange(s_slots)[None, :] < cache_len[:, None])[:, None, None, None]
-        return _part(qg, k_cache, v_cache, visible, heads_major=True, per_head=per_head)
+        return softmax_part(qg, k_cache, v_cache, visible, heads_major=True, per_head=per_head)
 
     if s_slots <= CACHE_BLOCK or s_slots % CACHE_BLOCK:
         return whole()
@@ -310,7 +310,7 @@ def _filled_cache_part(qg, k_cache, v_cache, cache_len, per_head: bool = False) 
         v = jax.lax.dynamic_slice_in_dim(v_cache, start, CACHE_BLOCK, axis=2)
         slots = start + jnp.arange(CACHE_BLOCK)
         visible = (slots[None, :] < cache_len[:, None])[:, None, None, None]
-        return _merge(part, _part(qg, k, v, visible, heads_major=True, per_head=per_head))
+        return _merge(part, softmax_part(qg, k, v, visible, heads_major=True, per_head=per_head))
 
     def by_blocks():
         empty = _Part(jnp.full((b, kv, g, t), MASKED, jnp.float32),
@@ -319,7 +319,7 @@ def _filled_cache_part(qg, k_cache, v_cache, cache_len, per_head: bool = False) 
         blocks = (jnp.max(cache_len) + CACHE_BLOCK - 1) // CACHE_BLOCK
         return jax.lax.fori_loop(0, blocks, read_block, empty)
 
-    if per_head and _takes_per_head(qg):
+    if per_head and takes_per_head(qg):
         return by_blocks()
     return jax.lax.cond(jnp.max(cache_len) >= WHOLE_READ_FILL * s_slots, whole, by_blocks)
 
@@ -343,11 +343,11 @@ def block_attention(q, k_blk, v_blk, ctx: AttnContext, k_cache=None, v_cache=Non
     kv = k_blk.shape[2]
     g = n // kv
     qg = (q.astype(jnp.float32) * (1.0 / math.sqrt(d))).reshape(b, t, kv, g, d)
-    part = _part(qg, k_blk, v_blk, ctx.block_mask[:, None, None, :, :], per_head=per_head)
+    part = softmax_part(qg, k_blk, v_blk, ctx.block_mask[:, None, None, :, :], per_head=per_head)
     if k_cache is not None:
         if ctx.cache_visible is not None:
             visible = ctx.cache_visible[:, None, None, :, :]  # [B, 1, 1, T, S]
-            cache_part = _part(qg, k_cache, v_cache, visible, heads_major=True,
+            cache_part = softmax_part(qg, k_cache, v_cache, visible, heads_major=True,
                                per_head=per_head)
         else:
             cache_part = _filled_cache_part(qg, k_cache, v_cache, ctx.cache_len, per_head)
