@@ -184,7 +184,7 @@ def test_per_head_attention_equals_batched(heads_major):
     few = q[:, : layers.PER_HEAD_MIN_ROWS // g - 1]  # too few rows: the batched form, bit for bit
     for w, x in zip(layers.softmax_part(few, k, v, visible[:, :, :, : few.shape[1]], heads_major),
                     layers.softmax_part(few, k, v, visible[:, :, :, : few.shape[1]], heads_major,
-                                 per_head=True)):
+                                        per_head=True)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(w))
     many = jnp.tile(q, (layers.PER_HEAD_MAX_PRODUCTS // kv, 1, 1, 1, 1))  # 64 products: batched
     assert not layers.takes_per_head(many) and layers.takes_per_head(q)

@@ -348,7 +348,7 @@ def block_attention(q, k_blk, v_blk, ctx: AttnContext, k_cache=None, v_cache=Non
         if ctx.cache_visible is not None:
             visible = ctx.cache_visible[:, None, None, :, :]  # [B, 1, 1, T, S]
             cache_part = softmax_part(qg, k_cache, v_cache, visible, heads_major=True,
-                               per_head=per_head)
+                                      per_head=per_head)
         else:
             cache_part = _filled_cache_part(qg, k_cache, v_cache, ctx.cache_len, per_head)
         part = _merge(cache_part, part)
