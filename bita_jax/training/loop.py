@@ -277,9 +277,11 @@ class Trainer:
                                                run.schedule, run.final_lr_ratio)
         options = step_lib.FAST_CPU_COMPILE if run.fast_compile else None
         self.step_fn = step_lib.make_train_step(self.cfg, bcfg, self.spec, self.tx, self.mesh,
-                                                self.rules, run.grad_accum, options)
+                                                self.rules, run.grad_accum, options,
+                                                loss_chunk=run.loss_chunk)
         self.eval_fn = (step_lib.make_eval_step(self.cfg, self.spec, self.mesh, self.rules,
-                                                compiler_options=options, bcfg=bcfg)
+                                                compiler_options=options, bcfg=bcfg,
+                                                loss_chunk=run.loss_chunk)
                         if self.eval_records else None)
         self.batch_sharding = sharding.batch_sharding(self.mesh, 2, self.rules)
         self.rows = process_rows(self.tc.run.batch_size, self.batch_sharding)

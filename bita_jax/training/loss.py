@@ -2,11 +2,15 @@
 
     logits = mask_logits(cfg, spec, bita_params, base_params, batch)     # [B, G*M, V]
     loss, metrics = loss_fn(bita_params, base_params, batch, keys, cfg=cfg, bcfg=bcfg, spec=spec)
+    loss, metrics = loss_fn(..., loss_chunk=128)  # the LM head 128 positions at a time
 
 The real tokens run through the frozen base under `stop_gradient`, then the G*M mask tokens with
 the real keys/values as a cache that each mask group sees up to its anchor. Gradients are taken
 w.r.t. the BiTA pytree only, so the real-token pass needs no backward at all. The same
 teacher-forced mask logits measure an adapter's acceptance statistics (`eval.tree_select`).
+
+The loss goes through `token_stats`: with `loss_chunk` > 0 the LM head and cross-entropy run that
+many positions at a time and the [B, G*M, V] logits never exist at once.
 
 Metrics are sums (so they add across micro-batches, steps and hosts):
     nll [], count [M], correct [M] (top-1 per mask index), and with `topk` > 1 correct{k} [M].
@@ -21,12 +25,19 @@ from bita_jax import models
 from bita_jax.models.config import ModelConfig
 from bita_jax.models.kv_cache import KVCache
 from bita_jax.training.samples import SampleSpec, group_mask, mask_ids, mask_offsets
+from bita_jax.training.token_stats import TokenStats, token_stats
 
 Batch = dict[str, jax.Array]
 
 
 def mask_logits(cfg: ModelConfig, spec: SampleSpec, bita_params, base_params, batch: Batch):
     """fp32 logits [B, G*M, V] of every mask slot (two passes, see module doc)."""
+    return models.lm_logits(cfg, base_params,
+                            mask_hidden(cfg, spec, bita_params, base_params, batch))
+
+
+def mask_hidden(cfg: ModelConfig, spec: SampleSpec, bita_params, base_params, batch: Batch):
+    """Final hidden states [B, G*M, E] of every mask slot (two passes, see module doc)."""
     tokens, anchors = batch["tokens"], batch["anchors"]
     b, tr = tokens.shape
     # Pass 1: the real tokens, plain causal, no BiTA. Nothing here depends on the BiTA params.
@@ -35,8 +46,7 @@ def mask_logits(cfg: ModelConfig, spec: SampleSpec, bita_params, base_params, ba
     _, (k_real, v_real) = models.forward(cfg, base_params, tokens, positions, causal)
     k_real, v_real = jax.lax.stop_gradient(k_real), jax.lax.stop_gradient(v_real)
     # Pass 2: the mask groups over the real keys/values, each group up to its anchor.
-    hidden = mask_pass(cfg, spec, base_params, bita_params, (k_real, v_real), anchors)
-    return models.lm_logits(cfg, base_params, hidden)
+    return mask_pass(cfg, spec, base_params, bita_params, (k_real, v_real), anchors)
 
 
 def mask_pass(cfg: ModelConfig, spec: SampleSpec, base_params, bita_params, real_kv, anchors,
@@ -59,30 +69,25 @@ def mask_pass(cfg: ModelConfig, spec: SampleSpec, base_params, bita_params, real
     return hidden
 
 
-def mask_metrics(logits, labels, num_masks: int, topk: int = 1) -> dict[str, jax.Array]:
-    """Summed NLL and per-mask-index counts of logits [B, G*M, V] against labels [B, G*M]."""
-    valid = labels >= 0
-    safe = jnp.where(valid, labels, 0)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    gold = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    nll = jnp.sum(jnp.where(valid, logz - gold, 0.0))
+def mask_metrics(stats: TokenStats, labels, num_masks: int, topk: int = 1
+                 ) -> dict[str, jax.Array]:
+    """Summed NLL and per-mask-index counts of the mask slots' `TokenStats` ([B, G*M] each, of
+    that `topk`) against labels [B, G*M]: nll [], count [M], correct [M], with `topk` > 1
+    correct{topk} [M]."""
     b, gm = labels.shape
 
     def by_k(x):  # -> [M]
-        return jnp.sum(x.reshape(b, gm // num_masks, num_masks), axis=(0, 1))
+        return jnp.sum(x.reshape(b, gm // num_masks, num_masks).astype(jnp.int32), axis=(0, 1))
 
-    out = {"nll": nll, "count": by_k(valid.astype(jnp.int32)),
-           "correct": by_k((valid & (jnp.argmax(logits, -1) == labels)).astype(jnp.int32))}
+    out = {"nll": jnp.sum(stats.nll), "count": by_k(labels >= 0), "correct": by_k(stats.hit)}
     if topk > 1:
-        _, top = jax.lax.top_k(logits, topk)
-        hit = jnp.any(top == labels[..., None], axis=-1)
-        out[f"correct{topk}"] = by_k((valid & hit).astype(jnp.int32))
+        out[f"correct{topk}"] = by_k(stats.in_top)
     return out
 
 
 def loss_fn(bita_params, base_params, batch: Batch, rng, *, cfg: ModelConfig,
             bcfg: models.BitaConfig,
-            spec: SampleSpec, train: bool = True, denom=None):
+            spec: SampleSpec, train: bool = True, denom=None, loss_chunk: int = 0):
     """Mean cross-entropy over the batch's mask tokens (sum / `denom` when given).
 
     Args:
@@ -92,14 +97,16 @@ def loss_fn(bita_params, base_params, batch: Batch, rng, *, cfg: ModelConfig,
       rng: [B] prefix-dropout keys, one per sample (used when `train`).
       denom: number of mask tokens the loss is averaged over (micro-batching passes the whole
         batch's count so that micro-batch gradients add up exactly).
+      loss_chunk: positions per LM-head chunk (`token_stats`; 0: all at once).
 
     Returns:
       (loss, metrics) with the summed metrics of `mask_metrics`.
     """
     if train:
         bita_params = models.prefix_dropout(bita_params, rng, bcfg.prefix_dropout)
-    logits = mask_logits(cfg, spec, bita_params, base_params, batch)
-    metrics = mask_metrics(logits, batch["labels"], spec.num_masks)
+    hidden = mask_hidden(cfg, spec, bita_params, base_params, batch)
+    stats = token_stats(cfg, base_params, hidden, batch["labels"], chunk=loss_chunk)
+    metrics = mask_metrics(stats, batch["labels"], spec.num_masks)
     if denom is None:
         denom = jnp.maximum(jnp.sum(batch["labels"] >= 0), 1)
     return metrics["nll"] / denom, metrics

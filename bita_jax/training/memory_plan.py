@@ -47,6 +47,13 @@ def estimate(tc, devices: int | None = None) -> dict:
            else cfg.intermediate_size)
     vocab = cfg.vocab_size // msize if cfg.vocab_size % msize == 0 else cfg.vocab_size
 
+    def logit_bytes(rows: int) -> int:
+        """fp32 logits, their softmax and its gradient over `rows` rows of the micro-batch, or
+        one `run.loss_chunk` slice of positions of every sample (`training.token_stats`)."""
+        if run.loss_chunk:
+            rows = min(rows, b * run.loss_chunk)
+        return 3 * rows * vocab * 4
+
     def saved_per_token(keys: int) -> int:
         """Bytes one token keeps per layer for the backward pass: fp32 attention probabilities
         over `keys` keys, and the residual / normed / attention / MLP activations."""
@@ -60,7 +67,7 @@ def estimate(tc, devices: int | None = None) -> dict:
         gm = run.max_groups * bcfg.num_masks if groups else 0
         if gm:  # the mask groups' second pass over the real keys/values
             saved += cfg.num_layers * b * gm * saved_per_token(t + gm)
-        logits = 3 * b * (t + gm) * vocab * 4
+        logits = logit_bytes(b * t) + logit_bytes(b * gm)
         breakdown = {"saved_for_backward": int(saved), "logits": int(logits)}
         sample = {"tokens": t, "mask_tokens": gm} if gm else {"tokens": t}
         tree = "chain"
@@ -72,7 +79,7 @@ def estimate(tc, devices: int | None = None) -> dict:
         pass1_layer = (b * heads * tr * tr * 4 * 2
                        + b * tr * (4 * cfg.hidden_size + 3 * ffn) * itemsize)
         pass2_saved = cfg.num_layers * b * gm * saved_per_token(tr + gm + bcfg.num_prefix)
-        logits = 3 * b * gm * vocab * 4
+        logits = logit_bytes(b * gm)
         breakdown = {"real_kv": int(real_kv), "pass1_layer_peak": int(pass1_layer),
                      "pass2_saved": int(pass2_saved), "mask_logits": int(logits)}
         sample = {"real_tokens": tr, "mask_tokens": gm}

@@ -75,6 +75,12 @@ class RunConfig:
       clip_norm: global-norm gradient clipping (official: 1.0; 0 disables).
       batch_size: global batch (samples per optimizer step; official: 128).
       grad_accum: micro-batches per step (batch_size must divide by grad_accum * mesh data).
+      loss_chunk: positions per LM-head chunk of the loss (`training.token_stats`): the logits
+        of that many positions of every sample at a time, recomputed in the backward pass; 0
+        (default) computes them all at once. SPACE puts a target on every real position, so its
+        [B, T, V] logits grow with batch and cutoff (SmolLM2, batch 8, cutoff 2048: 6 GiB of
+        scratch in one piece, 456 MiB in chunks of 128); the chunks cost one more LM-head
+        product.
       steps: total optimizer steps; None derives them from `epochs`.
       epochs: passes over the usable records when `steps` is None (official: 4 copies, 1 epoch).
       cutoff: len(prompt) + len(response) limit (official: 2048).
@@ -124,6 +130,7 @@ class RunConfig:
     clip_norm: float = 1.0
     batch_size: int = 128
     grad_accum: int = 1
+    loss_chunk: int = 0
     steps: int | None = None
     epochs: float = 1.0
     cutoff: int = 2048
@@ -160,6 +167,8 @@ class RunConfig:
         need(self.warmup_steps >= 0, "warmup_steps must be >= 0")
         need(self.batch_size >= 1 and self.grad_accum >= 1,
              "batch_size and grad_accum must be >= 1")
+        need(self.loss_chunk >= 0, f"loss_chunk must be >= 0 (0: no chunks), got "
+             f"{self.loss_chunk}")
         need(self.batch_size % self.grad_accum == 0,
              f"batch_size={self.batch_size} must divide by grad_accum={self.grad_accum}")
         need(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}")

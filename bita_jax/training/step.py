@@ -22,10 +22,11 @@ from jax.sharding import Mesh
 from bita_jax import models, sharding
 from bita_jax.models.bita_params import BitaConfig
 from bita_jax.models.config import ModelConfig
-from bita_jax.training.loss import Batch, loss_fn, mask_logits, mask_metrics
+from bita_jax.training.loss import Batch, loss_fn, mask_hidden, mask_metrics
 from bita_jax.training.samples import SampleSpec
 from bita_jax.training.sar_loss import num_targets, sar_eval_metrics, sar_loss_fn
 from bita_jax.training.sar_samples import SarGroupSpec, SarSpec
+from bita_jax.training.token_stats import token_stats
 
 AnySpec = SampleSpec | SarSpec | SarGroupSpec  # what a sample is: BiTA's, SPACE's two layouts
 
@@ -97,18 +98,19 @@ def _split_micro(tree, accum: int):
 
 
 def method_loss(cfg: ModelConfig, bcfg: BitaConfig, spec: AnySpec,
-                train: bool = True):
+                train: bool = True, loss_chunk: int = 0):
     """`loss(params, base_params, batch, rng, denom=None) -> (loss, summed metrics)` of the
     method: BiTA's two-pass mask loss (`loss.loss_fn`) or SPACE's SAR loss
-    (`sar_loss.sar_loss_fn`)."""
+    (`sar_loss.sar_loss_fn`), the LM head `loss_chunk` positions at a time (0: all at once)."""
     if bcfg.method == "space":
-        return functools.partial(sar_loss_fn, cfg=cfg, spec=spec)
-    return functools.partial(loss_fn, cfg=cfg, bcfg=bcfg, spec=spec, train=train)
+        return functools.partial(sar_loss_fn, cfg=cfg, spec=spec, loss_chunk=loss_chunk)
+    return functools.partial(loss_fn, cfg=cfg, bcfg=bcfg, spec=spec, train=train,
+                             loss_chunk=loss_chunk)
 
 
 def train_step(bita_params, opt_state, base_params, batch: Batch, rng, *, cfg: ModelConfig,
                bcfg: BitaConfig, spec: AnySpec, tx: optax.GradientTransformation,
-               grad_accum: int = 1):
+               grad_accum: int = 1, loss_chunk: int = 0):
     """One optimizer step on a [B, ...] batch (see `make_train_step`; this is the unjitted body).
 
     `bita_params` is the trainable pytree of the method (BiTA: prefix, masks and an optional
@@ -119,7 +121,8 @@ def train_step(bita_params, opt_state, base_params, batch: Batch, rng, *, cfg: M
     # micro-batching or the mesh
     sample_keys = jax.random.split(rng, batch["tokens"].shape[0])
     grad_fn = jax.value_and_grad(
-        functools.partial(method_loss(cfg, bcfg, spec, train=True), denom=denom),
+        functools.partial(method_loss(cfg, bcfg, spec, train=True, loss_chunk=loss_chunk),
+                          denom=denom),
         argnums=0, has_aux=True)
     if grad_accum == 1:
         (loss, metrics), grads = grad_fn(bita_params, base_params, batch, sample_keys)
@@ -145,12 +148,14 @@ def train_step(bita_params, opt_state, base_params, batch: Batch, rng, *, cfg: M
 
 
 def eval_step(bita_params, base_params, batch: Batch, *, cfg: ModelConfig,
-              spec: AnySpec, topk: int = 5, bcfg: BitaConfig | None = None):
+              spec: AnySpec, topk: int = 5, bcfg: BitaConfig | None = None,
+              loss_chunk: int = 0):
     """Summed eval metrics (no dropout): nll, count, correct (top-1), correct{topk}."""
     if bcfg is not None and bcfg.method == "space":
-        return sar_eval_metrics(cfg, spec, bita_params, base_params, batch, topk)
-    logits = mask_logits(cfg, spec, bita_params, base_params, batch)
-    return mask_metrics(logits, batch["labels"], spec.num_masks, topk)
+        return sar_eval_metrics(cfg, spec, bita_params, base_params, batch, topk, loss_chunk)
+    hidden = mask_hidden(cfg, spec, bita_params, base_params, batch)
+    stats = token_stats(cfg, base_params, hidden, batch["labels"], chunk=loss_chunk, topk=topk)
+    return mask_metrics(stats, batch["labels"], spec.num_masks, topk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +181,7 @@ def trainable_shardings(cfg: ModelConfig, bcfg: BitaConfig, tx: optax.GradientTr
 def make_train_step(cfg: ModelConfig, bcfg: BitaConfig, spec: AnySpec,
                     tx: optax.GradientTransformation, mesh: Mesh,
                     rules: sharding.Rules = sharding.DEFAULT_RULES, grad_accum: int = 1,
-                    compiler_options: dict[str, Any] | None = None):
+                    compiler_options: dict[str, Any] | None = None, loss_chunk: int = 0):
     """`step(bita_params, opt_state, base_params, batch, rng) -> (bita_params, opt_state, metrics)`.
 
     Base params are sharded by the logical-axis `rules`, the batch over 'data', the BiTA params,
@@ -184,13 +189,14 @@ def make_train_step(cfg: ModelConfig, bcfg: BitaConfig, spec: AnySpec,
     Full fine-tuning (`bcfg.trains_base`) shards the trainable base and its optimizer state like
     the base (`trainable_shardings`) and takes `{}` for `base_params`.
     The batch size must divide by `grad_accum * mesh.shape['data']`. `compiler_options` go to
-    XLA for this function only (e.g. `FAST_CPU_COMPILE`).
+    XLA for this function only (e.g. `FAST_CPU_COMPILE`). `loss_chunk` > 0 runs the LM head and
+    the cross-entropy that many positions at a time (`token_stats`).
     """
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     rep = sharding.replicated(mesh)
     body = functools.partial(train_step, cfg=cfg, bcfg=bcfg, spec=spec, tx=tx,
-                             grad_accum=grad_accum)
+                             grad_accum=grad_accum, loss_chunk=loss_chunk)
     params, opt = trainable_shardings(cfg, bcfg, tx, mesh, rules)
     base = {} if bcfg.trains_base else sharding.param_shardings(cfg, mesh, rules)
     return jax.jit(
@@ -204,14 +210,16 @@ def make_train_step(cfg: ModelConfig, bcfg: BitaConfig, spec: AnySpec,
 def make_eval_step(cfg: ModelConfig, spec: AnySpec, mesh: Mesh,
                    rules: sharding.Rules = sharding.DEFAULT_RULES, topk: int = 5,
                    compiler_options: dict[str, Any] | None = None,
-                   bcfg: BitaConfig | None = None):
-    """`evaluate(bita_params, base_params, batch) -> summed metrics` (no dropout)."""
+                   bcfg: BitaConfig | None = None, loss_chunk: int = 0):
+    """`evaluate(bita_params, base_params, batch) -> summed metrics` (no dropout), the LM head
+    `loss_chunk` positions at a time (0: all at once)."""
     rep = sharding.replicated(mesh)
     trains_base = bcfg is not None and bcfg.trains_base
     params = (rep if not trains_base else
               {"mask_embed": rep, "base": sharding.param_shardings(cfg, mesh, rules)})
     return jax.jit(
-        functools.partial(eval_step, cfg=cfg, spec=spec, topk=topk, bcfg=bcfg),
+        functools.partial(eval_step, cfg=cfg, spec=spec, topk=topk, bcfg=bcfg,
+                          loss_chunk=loss_chunk),
         in_shardings=(params, {} if trains_base else sharding.param_shardings(cfg, mesh, rules),
                       sharding.batch_sharding(mesh, 2, rules)),
         out_shardings=rep,
