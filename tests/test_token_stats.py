@@ -10,8 +10,6 @@ import pytest
 from bita_jax import models, sharding
 from bita_jax.models.config import ModelConfig
 from bita_jax.training import batches, run_config, samples, sar_samples
-from bita_jax.training import loss as loss_lib
-from bita_jax.training import sar_loss as sar_loss_lib
 from bita_jax.training import step as step_lib
 from bita_jax.training.token_stats import logit_stats, token_stats
 
