@@ -100,7 +100,7 @@ def test_loss_metrics_and_gradients_equal_one_piece(method):
     for chunk in (0, 5):
         loss = step_lib.method_loss(CFG, bcfg, spec, train=False, loss_chunk=chunk)
         (value, metrics), grads = jax.value_and_grad(
-            lambda p: loss(p, frozen, batch, jax.random.split(jax.random.key(0), 4)),
+            lambda p, loss=loss: loss(p, frozen, batch, jax.random.split(jax.random.key(0), 4)),
             has_aux=True)(params)
         evals = step_lib.eval_step(params, frozen, batch, cfg=CFG, spec=spec, bcfg=bcfg,
                                    loss_chunk=chunk, topk=V // 2)
