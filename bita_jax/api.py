@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 from jax.sharding import Mesh
@@ -106,7 +107,9 @@ class LLM:
         self.method = bita_config.method if bita_config is not None else None
         self.max_cache = max_cache
         self.tree_choice = None  # `auto_tree.Choice` when `--tree auto` chose by measurement
-        self._engines: dict[bool, Engine] = {}
+        self.auto = None  # (acceptance statistics, candidates, cost curve) of `--tree auto`
+        self._choices: dict[int, Any] = {}  # context bucket -> `auto_tree.Choice`
+        self._engines: dict[str | None, Engine] = {}  # tree name (None: plain) -> engine
 
     def __repr__(self) -> str:
         bita = f"adapter={self.adapter!r}, tree={self.tree.name!r}" if self.tree else "no adapter"
@@ -116,18 +119,54 @@ class LLM:
     def has_bita(self) -> bool:
         return self.tree is not None
 
-    def engine(self, use_bita: bool = True) -> Engine:
-        """The jitted engine: BiTA when `use_bita` and an adapter is loaded, else plain."""
-        use_bita = use_bita and self.has_bita
-        if use_bita not in self._engines:
-            if use_bita:
-                self._engines[True] = bita_step.BitaGenerator(
-                    self.cfg, self.params, self.bita_params, self.tree, max_cache=self.max_cache,
+    def tree_for(self, prompt_tokens: int) -> Tree | None:
+        """The tree that decodes prompts of `prompt_tokens` tokens, None for plain decoding.
+
+        A fixed tree always; `tree="auto"` chooses per context bucket (`auto_tree.CONTEXTS`)
+        from this machine's step costs at that many cached tokens. For prompts longer than a
+        chat's (buckets past `auto_tree.CONTEXT`) it returns None where no tree predicts
+        `auto_tree.MIN_SPEEDUP` over plain greedy: on the 2-core CPU, prompts of about 2,000
+        tokens and more, whose whole cache a step's extra query rows also read. Chat-length
+        prompts keep the tree chosen at load, so a curve measured once on a busy machine
+        (cached for good) cannot switch drafting off for them."""
+        if self.auto is None:
+            return self.tree
+        from bita_jax.eval import auto_tree
+
+        bucket = auto_tree.context_bucket(prompt_tokens)
+        if bucket not in self._choices:
+            stats, trees, curve = self.auto
+            self._choices[bucket] = auto_tree.choose(trees, stats, curve.at(bucket))
+        choice = self._choices[bucket]
+        return choice.tree if choice.beats_greedy or bucket == auto_tree.CONTEXT else None
+
+    def auto_choice(self, prompt_tokens: int):
+        """`tree="auto"`'s `auto_tree.Choice` for prompts of `prompt_tokens` tokens (every
+        candidate's prediction at that context bucket), or None for a fixed tree."""
+        if self.auto is None:
+            return None
+        self.tree_for(prompt_tokens)
+        from bita_jax.eval import auto_tree
+
+        return self._choices[auto_tree.context_bucket(prompt_tokens)]
+
+    def engine(self, use_bita: bool = True, prompt_tokens: int | None = None) -> Engine:
+        """The jitted engine: BiTA when `use_bita` and an adapter is loaded, else plain. With
+        `tree="auto"`, the tree (or plain decoding) chosen for prompts of `prompt_tokens`
+        tokens (`tree_for`; None: the tree chosen at load, for chat-length prompts)."""
+        tree = None
+        if use_bita and self.has_bita:
+            tree = self.tree if prompt_tokens is None else self.tree_for(prompt_tokens)
+        key = None if tree is None else tree.name
+        if key not in self._engines:
+            if tree is not None:
+                self._engines[key] = bita_step.BitaGenerator(
+                    self.cfg, self.params, self.bita_params, tree, max_cache=self.max_cache,
                     mesh=self.mesh)
             else:
-                self._engines[False] = ar.Generator(self.cfg, self.params,
-                                                    max_cache=self.max_cache, mesh=self.mesh)
-        return self._engines[use_bita]
+                self._engines[key] = ar.Generator(self.cfg, self.params,
+                                                  max_cache=self.max_cache, mesh=self.mesh)
+        return self._engines[key]
 
     def encode(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:
         """Prompt ids: the chat template around one user turn (`chat`), or the raw text."""
@@ -148,7 +187,9 @@ class LLM:
           prompt: a string, or a list of strings (decoded together, one batch).
           max_new_tokens: at most this many new tokens per prompt (an EOS stops one earlier).
           use_bita: decode with the adapter (lossless: greedy output equals plain greedy
-            decoding); False, or no adapter loaded, runs plain decoding.
+            decoding); False, or no adapter loaded, runs plain decoding. With `tree="auto"` the
+            tree follows the longest prompt's length (`tree_for`), plain decoding where no
+            tree is predicted to be faster.
           temperature, top_k, top_p: 0 (the default) is greedy; above 0 samples, with top-k
             (0: off) and top-p (1: off). BiTA sampling is exact speculative sampling: each
             token follows the model's own sampling distribution.
@@ -171,7 +212,7 @@ class LLM:
             raise ValueError("no prompt given: pass a string or a non-empty list of strings")
         sp = SamplingParams.make(temperature, top_k, top_p)
         ids = [self.encode(t, chat, system) for t in texts]
-        gen = self.engine(use_bita)
+        gen = self.engine(use_bita, prompt_tokens=max(len(i) for i in ids))
         stream = None
         if on_text is not None:
             stream = _TextStream(self.tokenizer, on_text, single, len(texts))
@@ -194,7 +235,7 @@ class LLM:
                 token_ids=list(tokens), prompt_tokens=len(prompt_ids), steps=steps,
                 tokens_per_step=(len(tokens) - 1) / steps if steps else 1.0,
                 seconds=result.seconds, compile_seconds=result.compile_seconds,
-                finish_reason=finish, mode=mode, tree=self.tree.name if is_bita else None))
+                finish_reason=finish, mode=mode, tree=gen.tree.name if is_bita else None))
         return out
 
 
@@ -301,5 +342,7 @@ def _choose_tree(llm: LLM, adapter: str) -> None:
         return
     trees = auto_tree.candidates_for(llm.method, m)
     curve = auto_tree.CostCurve(llm.cfg, llm.params, llm.loaded.fingerprint)
-    llm.tree_choice = auto_tree.choose(trees, stats, curve.seconds)
+    llm.auto = (stats, trees, curve)
+    llm.tree_choice = auto_tree.choose(trees, stats, curve.at(auto_tree.CONTEXT))
+    llm._choices[auto_tree.CONTEXT] = llm.tree_choice
     llm.tree = llm.tree_choice.tree

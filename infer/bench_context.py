@@ -5,8 +5,9 @@
 
 For each --lengths, a chat prompt of about that many tokens is built from held-out ShareGPT
 prompts (the `test` split: questions people asked, then "summarize them"). HF transformers
-greedy, our plain greedy and BiTA (--tree, default auto) take turns over --repeats rounds, the
-fastest run kept. Prints a Markdown table (time to first token, decode ms/step, tokens/step,
+greedy, our plain greedy and BiTA (--tree, default auto: the tree chosen for each prompt length,
+or plain decoding where none is predicted to win) take turns over --repeats rounds, the fastest
+run kept. Prints a Markdown table (time to first token, decode ms/step, tokens/step,
 decode and end-to-end tokens/s, against the FLOP and byte floors measured in the same run) and
 writes OUT/results.json and OUT/context.png.
 """
@@ -64,8 +65,10 @@ def main(argv=None) -> int:
         prompts = {n: context_bench.long_prompt(llm.tokenizer, texts, n) for n in lengths}
     except (ValueError, FileNotFoundError, OSError) as e:
         return fail(e)
-    status(f"prompts of {', '.join(str(len(p)) for p in prompts.values())} tokens; tree "
-           f"{llm.tree.name if llm.has_bita else 'none'}; {args.repeats} rounds")
+    trees = {len(p): llm.tree_for(len(p)) if llm.has_bita else None for p in prompts.values()}
+    status(f"prompts of {', '.join(str(n) for n in trees)} tokens; trees "
+           f"{', '.join(t.name if t else 'plain' for t in trees.values())}; "
+           f"{args.repeats} rounds")
     rows, floors = context_bench.run_context_bench(
         llm, prompts, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
         hf=not args.no_hf, log=status)
@@ -76,7 +79,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {"config": {**vars(args), "machine": platform.processor() or platform.machine(),
                           "backend": jax.default_backend(),
-                          "tree": llm.tree.name if llm.has_bita else None},
+                          "tree": llm.tree.name if llm.has_bita else None,
+                          "trees_by_length": {n: t.name if t else None
+                                              for n, t in trees.items()}},
                "floors": dataclasses.asdict(floors), "rows": rows}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     context_bench.plot(rows, out / "context.png")

@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     import bita_jax
     from bita_jax import distributed
     from bita_jax.decoding import GenerationError
+    from bita_jax.eval import auto_tree
 
     if args.dry_run:
         try:
@@ -150,12 +151,18 @@ def main(argv=None) -> int:
 
     try:
         if not args.json:
+            tree = llm.tree_for(len(prompt_ids)) if llm.has_bita else None
             what = (f"{llm.method.upper() if llm.method == 'space' else 'BiTA'}, tree "
-                    f"{llm.tree.name}" if llm.has_bita else "plain decoding")
-            if llm.tree_choice is not None:  # --tree auto chose by measurement
-                best = next(p for p in llm.tree_choice.predictions if p.tree == llm.tree.name)
+                    f"{tree.name}" if tree is not None else "plain decoding")
+            choice = llm.auto_choice(len(prompt_ids))
+            if choice is not None and tree is not None:  # --tree auto chose by measurement
+                best = next(p for p in choice.predictions if p.tree == tree.name)
                 what += (f" (auto: predicted {best.tokens_per_step:.2f} tokens/step at "
                          f"{best.step_ms / best.ar_step_ms:.2f}x a greedy step's cost)")
+            elif choice is not None:
+                what += (f" (auto: at {len(prompt_ids)} prompt tokens no tree is predicted "
+                         f"{auto_tree.MIN_SPEEDUP:.1f}x faster than plain greedy; best "
+                         f"{choice.tree.name}, {choice.speedup:.2f}x)")
             status(f"[{what}; compiling ...]")
         result = run(True, stream=not args.json)
         baseline = run(False) if args.compare else None

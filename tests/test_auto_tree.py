@@ -15,7 +15,7 @@ from bita_jax.models.config import ModelConfig
 
 CFG = ModelConfig(arch="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                  max_position_embeddings=512)
+                  max_position_embeddings=1024)
 
 
 def _stats(top1: float, seed: int = 0, texts: int = 6, length: int = 60,
@@ -104,22 +104,40 @@ def test_the_curve_is_measured_once_and_cached(tmp_path, monkeypatch):
     calls = []
     real = auto_tree.measure_curve
 
-    def counting(cfg, params, sizes, **kw):
-        calls.append(list(sizes))
-        return real(cfg, params, sizes, repeats=1, loops=1)
+    def counting(cfg, params, sizes, context=auto_tree.CONTEXT, **kw):
+        calls.append((context, list(sizes)))
+        return real(cfg, params, sizes, context, repeats=1, loops=1)
 
     monkeypatch.setattr(auto_tree, "measure_curve", counting)
     curve = auto_tree.CostCurve(CFG, params, "fp", quiet=True)
     first = {t: curve.seconds(t) for t in (1, 4)}
-    assert calls == [[1], [4]] and all(s > 0 for s in first.values())
+    assert calls == [(300, [1]), (300, [4])] and all(s > 0 for s in first.values())
     assert curve.seconds(4) == first[4] and len(calls) == 2  # kept, not measured again
+    assert curve.at(1024)(4) > 0 and calls[-1] == (1024, [4])  # another context bucket
     again = auto_tree.CostCurve(CFG, params, "fp", quiet=True)  # a later load: read back
     assert {t: again.seconds(t) for t in (1, 4)} == first and again.measured == []
-    assert again.seconds(8) > 0 and calls[-1] == [8]  # only the new size is measured
+    assert again.seconds(4, 1024) == curve.seconds(4, 1024) and len(calls) == 3
+    assert again.seconds(8) > 0 and calls[-1] == (300, [8])  # only the new size is measured
     files = list((tmp_path / "step_cost").glob("*.json"))
-    assert len(files) == 1 and set(json.loads(files[0].read_text())["seconds"]) == {"1", "4", "8"}
+    assert len(files) == 1
+    saved = json.loads(files[0].read_text())["seconds"]
+    assert set(saved) == {"300", "1024"} and set(saved["300"]) == {"1", "4", "8"}
     auto_tree.CostCurve(CFG, params, "other weights", quiet=True).seconds(1)
-    assert calls[-1] == [1]  # another model: another curve
+    assert calls[-1] == (300, [1])  # another model: another curve
+
+
+def test_context_buckets_and_the_greedy_fallback():
+    """Prompt lengths map to the nearest context bucket on a log scale; a choice that predicts
+    less than MIN_SPEEDUP over plain greedy does not beat it."""
+    assert [auto_tree.context_bucket(n) for n in (1, 250, 540, 600, 1000, 2000, 4000, 10**6)] \
+        == [300, 300, 300, 1024, 1024, 2048, 4096, 8192]
+    trees = auto_tree.candidate_trees(3)
+    good = _stats(0.8)
+    cheap = auto_tree.choose(trees, good, _Curve(lambda t: 0.010 + 1e-4 * t))
+    assert cheap.beats_greedy and cheap.speedup > auto_tree.MIN_SPEEDUP
+    # a step of 4 tokens costs 1.6x a 1-token step (a long context on a small CPU)
+    dear = auto_tree.choose(trees, good, _Curve(lambda t: 0.010 * (1 + 0.2 * (t - 1))))
+    assert dear.tree.name == "chain@1" and not dear.beats_greedy, dear.speedup
 
 
 def test_auto_tree_decodes_losslessly(tmp_path, monkeypatch):
@@ -147,3 +165,25 @@ def test_auto_tree_decodes_losslessly(tmp_path, monkeypatch):
     want = Generator(llm.cfg, llm.params).generate(prompts, 24).tokens
     got = BitaGenerator(llm.cfg, llm.params, llm.bita_params, llm.tree).generate(prompts, 24)
     assert got.tokens == want
+
+    # Per prompt length, on a machine where every bigger step is dear: long prompts decode
+    # with plain greedy, chat-length ones keep the tree chosen at load (a curve measured once
+    # on a busy machine must not switch drafting off for good), and both equal plain greedy.
+    class Curve:
+        def at(self, context):
+            return lambda t: 0.010 * (1 + 0.3 * (t - 1))
+
+    stats, trees, _ = llm.auto
+    llm.auto, llm.tree_choice = (stats, trees, Curve()), None
+    llm._choices.clear()
+    assert not llm.auto_choice(8).beats_greedy
+    assert llm.tree_for(8).name == llm.auto_choice(8).tree.name
+    assert llm.tree_for(700) is None and not llm.auto_choice(700).beats_greedy
+    short, long_ = llm.engine(True, prompt_tokens=8), llm.engine(True, prompt_tokens=700)
+    assert isinstance(short, BitaGenerator) and type(long_) is Generator
+    assert long_ is llm.engine(False)  # the one plain engine, compiled once
+    rng = np.random.default_rng(0)
+    long_prompt = rng.integers(0, CFG.vocab_size, 700).tolist()
+    for prompt in ([3, 5, 7, 9], long_prompt):
+        gen = llm.engine(True, prompt_tokens=len(prompt))
+        assert gen.generate([prompt], 16).tokens == llm.engine(False).generate([prompt], 16).tokens

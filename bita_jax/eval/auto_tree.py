@@ -2,8 +2,8 @@
 
     stats = load_acceptance(adapter_dir)                   # None: the adapter has no profile
     curve = CostCurve(cfg, params, fingerprint)            # measured on demand, cached on disk
-    choice = choose(candidates_for("bita", num_masks), stats, curve.seconds)
-    choice.tree, choice.predictions
+    choice = choose(candidates_for("bita", num_masks), stats, curve.at(context_bucket(n)))
+    choice.tree, choice.predictions, choice.beats_greedy   # the tree for prompts of ~n tokens
 
 Two measurements meet here, Sequoia style:
 
@@ -15,9 +15,13 @@ Two measurements meet here, Sequoia style:
   step cost   this machine's curve of a cached forward of T new tokens against T
               (`step_cost.forward_fn`: LM head on every row, cache commit), measured at T = 1 and
               at each candidate's step tokens (not interpolated: XLA CPU's products work in
-              tiles of 8 rows, so 9 tokens cost about what 16 do). On a small CPU it climbs with
+              tiles of 8 rows, so 9 tokens cost about what 16 do), after a cached context of
+              the prompt's length bucket (`CONTEXTS`: 300 tokens for a chat prompt, up to 8,192):
+              with long prompts a step's extra query rows read the whole cache too, and on the
+              2-core CPU a 4-token step at 4,000 cached tokens costs 1.5x a 1-token step, where
+              at 300 it costs 1.13x. On a small CPU it climbs with
               T; on an accelerator it is nearly flat up to the tree sizes here. It is measured
-              once per (machine, model, dtype, jax version) and kept in
+              once per (machine, model, dtype, jax version, context bucket) and kept in
               `{cache root}/step_cost/` (a JSON file, sizes added as new ones are needed), so
               later loads only read it. Sizes that cannot win are not measured at all: the
               candidates are visited from the smallest step up, and one is skipped when its
@@ -28,8 +32,10 @@ Two measurements meet here, Sequoia style:
 The choice maximises predicted tokens per step / cost(T) over `candidate_trees`, and plain
 greedy's cost is cost(1), so the predicted speedup is tokens_per_step * cost(1) / cost(T). The
 forward omits the BiTA step's own work (tree attention mask, drafting, acceptance), which on the
-2-core CPU adds about 15 % to a small tree's step (docs/benchmarks.md), so predictions lean a
-little towards larger trees; the report (`infer/report.py`) measures the real thing. Retrieval
+2-core CPU adds about 10 % to a small tree's step (docs/benchmarks.md), so predictions lean a
+little towards larger trees. For prompts longer than a chat's, a tree is used only when it
+predicts at least `MIN_SPEEDUP` (`Choice.beats_greedy`); otherwise plain greedy decodes them
+(the api's `LLM.tree_for`). The report (`infer/report.py`) measures the real thing. Retrieval
 branches (`+lookup`) are not candidates: their acceptance depends on the text, which the rank
 statistics do not hold.
 """
@@ -54,8 +60,12 @@ from bita_jax.eval import step_cost, tree_select
 from bita_jax.models.config import ModelConfig
 
 ACCEPTANCE_FILE = "acceptance.npz"
-CONTEXT = 300  # cached tokens behind the timed forwards (a chat prompt and some answer)
-CURVE_FORMAT = 1  # bump when the measurement changes: cached curves then stop matching
+CONTEXT = 300  # cached tokens behind the timed forwards of a chat prompt (and some answer)
+CONTEXTS = (CONTEXT, 1024, 2048, 4096, 8192)  # the context buckets of the curve
+CURVE_FORMAT = 2  # bump when the measurement changes: cached curves then stop matching
+# A tree must predict this speedup over plain greedy to be used: the forward's cost leaves out
+# the BiTA step's own work, about 10 % of a small tree's step on the 2-core CPU.
+MIN_SPEEDUP = 1.1
 # Candidates from a one-mask chain to the paper's tree; those deeper than the adapter's masks
 # are skipped.
 CANDIDATES = ("chain@1", "chain@2", "chain", "upper-triangle:3@1", "upper-triangle:3@2",
@@ -107,15 +117,23 @@ def machine_key(cfg: ModelConfig, fingerprint: str | None) -> str:
     dev = jax.devices()[0]
     parts = [CURVE_FORMAT, dev.platform, dev.device_kind, jax.device_count(), os.cpu_count(),
              jax.__version__, cfg.arch, cfg.hidden_size, cfg.num_layers, cfg.vocab_size,
-             cfg.dtype, fingerprint, CONTEXT]
+             cfg.dtype, fingerprint]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
 
 
-def measure_curve(cfg: ModelConfig, params, sizes: Sequence[int], repeats: int = 3,
-                  loops: int = 4) -> dict[int, float]:
-    """Seconds of one cached forward of T tokens, for T in `sizes`: the fastest of `repeats`
-    rounds, the sizes taking turns within a round (so a change of load hits them alike)."""
-    fns = {t: step_cost.forward_fn(cfg, params, t, CONTEXT, loops) for t in sizes}
+def context_bucket(prompt_tokens: int) -> int:
+    """The `CONTEXTS` bucket nearest to a prompt's length (on a log scale): the context whose
+    step costs stand for that prompt's."""
+    n = max(int(prompt_tokens), 1)
+    return min(CONTEXTS, key=lambda c: abs(math.log(c / n)))
+
+
+def measure_curve(cfg: ModelConfig, params, sizes: Sequence[int], context: int = CONTEXT,
+                  repeats: int = 3, loops: int = 4) -> dict[int, float]:
+    """Seconds of one cached forward of T tokens after `context` cached ones, for T in
+    `sizes`: the fastest of `repeats` rounds, the sizes taking turns within a round (so a change
+    of load hits them alike)."""
+    fns = {t: step_cost.forward_fn(cfg, params, t, context, loops) for t in sizes}
     for fn in fns.values():
         step_cost.time_call(fn)  # compile
     best = {t: float("inf") for t in sizes}
@@ -126,38 +144,46 @@ def measure_curve(cfg: ModelConfig, params, sizes: Sequence[int], repeats: int =
 
 
 class CostCurve:
-    """This machine's seconds per forward of T tokens, read from the cache file or measured on
-    demand and added to it (`BITA_JAX_NO_CACHE=1`: measured every time). `measured` lists the
-    sizes this object measured (not read)."""
+    """This machine's seconds per forward of T tokens after a context of each `CONTEXTS` bucket,
+    read from the cache file or measured on demand and added to it (`BITA_JAX_NO_CACHE=1`:
+    measured every time). `measured` lists the (context, T) pairs this object measured (not
+    read)."""
 
     def __init__(self, cfg: ModelConfig, params, fingerprint: str | None, quiet: bool = False):
         self.cfg, self.params, self.quiet = cfg, params, quiet
         root = model_cache.cache_root()
         self.path = (None if root is None
                      else root / "step_cost" / f"{machine_key(cfg, fingerprint)}.json")
-        self.known: dict[int, float] = {}
-        self.measured: list[int] = []
+        self.known: dict[int, dict[int, float]] = {}  # context -> {T: seconds}
+        self.measured: list[tuple[int, int]] = []
         if self.path is not None and self.path.is_file():
             try:
-                self.known = {int(t): float(s)
-                              for t, s in json.loads(self.path.read_text())["seconds"].items()}
+                self.known = {int(c): {int(t): float(s) for t, s in by_t.items()}
+                              for c, by_t in json.loads(self.path.read_text())["seconds"].items()}
             except (OSError, ValueError, KeyError, AttributeError) as e:
                 model_cache.warn_unreadable(self.path, e)
 
-    def seconds(self, tokens: int) -> float:
-        if tokens not in self.known:
+    def seconds(self, tokens: int, context: int = CONTEXT) -> float:
+        """Seconds of a forward of `tokens` tokens after `context` cached ones (a bucket)."""
+        known = self.known.setdefault(context, {})
+        if tokens not in known:
             if not self.quiet and not self.measured:
-                print("--tree auto: measuring this machine's step cost (once; cached)",
-                      file=sys.stderr, flush=True)
-            self.known.update(measure_curve(self.cfg, self.params, [tokens]))
-            self.measured.append(tokens)
+                print(f"--tree auto: measuring this machine's step cost at {context} cached "
+                      "tokens (once; cached)", file=sys.stderr, flush=True)
+            known.update(measure_curve(self.cfg, self.params, [tokens], context))
+            self.measured.append((context, tokens))
             self._save()
-        return self.known[tokens]
+        return known[tokens]
+
+    def at(self, context: int) -> Callable[[int], float]:
+        """`seconds` at one context bucket, as `choose` takes it."""
+        return lambda tokens: self.seconds(tokens, context)
 
     def _save(self):
         if self.path is None:
             return
-        record = {"seconds": {str(t): s for t, s in sorted(self.known.items())},
+        record = {"seconds": {str(c): {str(t): s for t, s in sorted(by_t.items())}
+                              for c, by_t in sorted(self.known.items())},
                   "device": jax.devices()[0].device_kind, "jax": jax.__version__}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         model_cache.write_cache_file(self.path, json.dumps(record, indent=1).encode())
@@ -174,6 +200,16 @@ class Choice:
 
     tree: Tree
     predictions: tuple[tree_select.Prediction, ...]
+
+    @property
+    def speedup(self) -> float:
+        """The chosen tree's predicted speedup over plain greedy."""
+        return next(p.speedup for p in self.predictions if p.tree == self.tree.name)
+
+    @property
+    def beats_greedy(self) -> bool:
+        """Whether the chosen tree predicts at least `MIN_SPEEDUP` (else plain greedy is used)."""
+        return self.speedup >= MIN_SPEEDUP
 
     def table(self) -> str:
         lines = ["| tree | step tokens | predicted tokens/step | step ms | predicted speedup |",

@@ -160,8 +160,16 @@ def run_context_bench(llm, prompts: dict[int, list[int]], max_new_tokens: int = 
 
         engines[HF] = hf_run(load_hf_model(llm.loaded.source), llm.cfg.eos_token_ids[0])
     engines[OURS] = ours_run(llm.engine(use_bita=False))
-    if llm.has_bita:
-        engines[BITA] = ours_run(llm.engine(use_bita=True))
+    if llm.has_bita:  # the tree (or plain decoding) that `tree="auto"` takes for each length
+        by_engine: dict[int, Callable[[Sequence[int], int], Run]] = {}
+
+        def bita_run(ids, max_new_tokens):
+            gen = llm.engine(use_bita=True, prompt_tokens=len(ids))
+            if id(gen) not in by_engine:
+                by_engine[id(gen)] = ours_run(gen)
+            return by_engine[id(gen)](ids, max_new_tokens)
+
+        engines[BITA] = bita_run
     log("measuring the floors ...")
     floors = measure_floors(llm.params)
     rows = []
@@ -191,6 +199,9 @@ def _row(llm, n, ids, name, got: Run, best: dict[str, Run], floors: Floors) -> d
            "prefill_floor_s": prefill_flops(llm.cfg, llm.params, len(ids)) / floors.flops_per_s,
            "step_floor_ms": 1e3 * step_bytes(llm.cfg, llm.params, len(ids) + new // 2)
            / floors.bytes_per_s}
+    if name == BITA:
+        tree = llm.tree_for(len(ids))
+        row["tree"] = tree.name if tree is not None else "plain greedy"
     if OURS in best:
         row["identical_to_ours"] = got.tokens == best[OURS].tokens
     if HF in best:
@@ -210,12 +221,16 @@ def markdown_table(rows: Sequence[dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
-            f"| {r['prompt_tokens']} | {r['engine']} | {r['ttft_s']:.2f} | "
+            f"| {r['prompt_tokens']} | {r['engine']}{_tree(r)} | {r['ttft_s']:.2f} | "
             f"{r['ttft_s'] / r['prefill_floor_s']:.2f} | {r['decode_ms_per_step']:.1f} | "
             f"{r['decode_ms_per_step'] / r['step_floor_ms']:.2f} | {r['tokens_per_step']:.2f} | "
             f"{r['decode_tokens_per_s']:.1f} | {_fmt(r.get('decode_speed_vs_hf'))} | "
             f"{r['tokens_per_s']:.1f} | {_yes(r.get('identical_to_ours'))} |")
     return "\n".join(lines)
+
+
+def _tree(row: dict) -> str:
+    return f" ({row['tree']})" if row.get("tree") else ""
 
 
 def _fmt(x) -> str:

@@ -22,6 +22,7 @@ is not timed; the decode rows time whole loops of real steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -95,11 +96,13 @@ def forward_fn(cfg: ModelConfig, params, tokens: int, context: int, loops: int,
                bita_params=None) -> Callable[[], jax.Array]:
     """A call that runs `loops` cached forwards of `tokens` new tokens after `context` cached
     ones (batch 1): causal block mask, LM head on every row, argmax, the rows written into the
-    cache (which stays at `context` tokens, sized as for a 128-token request)."""
+    cache (which stays at `context` tokens, sized as for a 128-token request). The cache is
+    donated to each call and the next call takes the one it returns, so no call copies it (a
+    copy of a 4,096-token cache would add its own time to every size alike)."""
     capacity = engine.cache_slots(engine.bucket(context) + 128 + engine.HEADROOM)
     mask = engine.causal_mask(tokens)
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=1)
     def run(params, cache):
         def body(i, carry):
             cache, last = carry
@@ -112,12 +115,16 @@ def forward_fn(cfg: ModelConfig, params, tokens: int, context: int, loops: int,
             cache = kv_cache.commit(cache, block_kv, src, jnp.zeros((1,), jnp.int32))
             return cache, pred[0, -1]
 
-        cache, last = jax.lax.fori_loop(0, loops, body, (cache, jnp.int32(1)))
-        return last
+        return jax.lax.fori_loop(0, loops, body, (cache, jnp.int32(1)))
 
     cache = kv_cache.init_cache(cfg, 1, capacity, per_layer=models.is_unrolled(params))
-    cache = cache.replace(length=jnp.full((1,), context, jnp.int32))
-    return lambda: run(params, cache)
+    held = {"cache": cache.replace(length=jnp.full((1,), context, jnp.int32))}
+
+    def call():
+        held["cache"], last = run(params, held["cache"])
+        return last
+
+    return call
 
 
 def decode_fn(gen: engine.Engine, prompt: Sequence[int], steps: int,
