@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         return fail(e)
     report = {
         "model": llm.name,
-        "mode": (llm.method if llm.has_bita else "greedy") if not sampled else "sample",
+        "mode": ("greedy" if result.mode == "plain" else result.mode) if not sampled else "sample",
         "tree": result.tree,
         "adapter": llm.adapter,
         "text": result.text,
