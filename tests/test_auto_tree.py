@@ -38,6 +38,19 @@ def test_acceptance_round_trips_beside_the_adapter(tmp_path):
     assert back.max_rank == stats.max_rank and len(back.ranks) == len(stats.ranks)
     for a, b in zip(back.ranks, stats.ranks):
         np.testing.assert_array_equal(a, b)
+    assert back.texts is None  # ranks alone: no retrieval candidates
+    names = [t.name for t in auto_tree.candidates_for("bita", 3, lookup=True)]
+    assert "chain@1+lookup:4" in names and "chain@1" in names
+    assert not any("+lookup" in t.name for t in auto_tree.candidates_for("bita", 3))
+    # with the texts (prompt, greedy answer: one token more than the anchors) they round-trip
+    rng = np.random.default_rng(1)
+    texts = [(rng.integers(0, 50, 5), rng.integers(0, 50, len(r) + 1)) for r in stats.ranks]
+    auto_tree.save_acceptance(tmp_path, tree_select.RankStats(stats.ranks, stats.max_rank, texts))
+    back = auto_tree.load_acceptance(tmp_path)
+    assert len(back.texts) == len(texts)
+    for (a, b), (c, d) in zip(back.texts, texts):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
     assert auto_tree.load_acceptance(tmp_path / "none") is None
     assert auto_tree.load_acceptance(None) is None
     (tmp_path / "bad").mkdir()

@@ -16,8 +16,9 @@ CFG = ModelConfig(arch="llama", vocab_size=97, hidden_size=32, intermediate_size
                   num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256,
                   eos_token_ids=(96,))
 PROMPTS = [[5, 17, 33, 2, 80], [44], [9, 10, 11]]
-# Two trees, so that selection has a choice; each BiTA engine costs a ~10 s compile.
-TREES = ["upper-triangle:3-pruned", "chain@1"]
+# Trees so that selection has a choice, one with a retrieval branch (its replay looks drafts up
+# in the text); each BiTA engine costs a ~10 s compile.
+TREES = ["upper-triangle:3-pruned", "chain@1", "chain@1+lookup:4"]
 MAX_NEW = 40
 
 
@@ -80,11 +81,18 @@ def test_replay_predicts_real_decoding(setup):
     stats = tree_select.rank_stats(CFG, params, bp, list(zip(PROMPTS, greedy)))
     assert stats.num_masks == 3 and sum(len(r) for r in stats.ranks) == sum(
         len(g) - 1 for g in greedy)
+    assert [len(g) for _, g in stats.texts] == [len(g) for g in greedy]  # kept for lookup
+    replayed = {}
     for t in trees:
         tokens, steps = tree_select.replay(t, stats)
         rows = [r["trees"][t.name] for r in results["rows"]]
         assert steps == sum(r["steps"] for r in rows), t.name
         assert tokens == sum(r["new_tokens"] - 1 for r in rows), t.name
+        replayed[t.name] = steps
+    # the cyclic text makes the lookup branch win often: fewer steps than its tree alone
+    assert replayed["chain@1+lookup:4"] < replayed["chain@1"]
+    with pytest.raises(TreeError, match="retrieval branch"):  # ranks without their texts
+        tree_select.replay(trees[2], tree_select.RankStats(stats.ranks, stats.max_rank))
 
 
 def test_expected_accepted_by_hand():

@@ -11,7 +11,13 @@ from bita_jax import models
 from bita_jax.decoding.ar import Generator
 from bita_jax.decoding.bita_step import BitaGenerator
 from bita_jax.decoding.engine import TRACES, GenerationError
-from bita_jax.decoding.lookup import NO_DRAFT, append, init_history, lookup_drafts
+from bita_jax.decoding.lookup import (
+    NO_DRAFT,
+    append,
+    host_lookup_drafts,
+    init_history,
+    lookup_drafts,
+)
 from bita_jax.decoding.tree import LOOKUP, Tree, TreeError
 from tests.test_decode import FALCON, LLAMA, PROMPTS
 
@@ -63,6 +69,20 @@ def test_rows_are_independent_and_newest_bounds_the_search():
     got = lookup_drafts(history, jnp.asarray([4, 3]), 2, 2)
     # row 0 sees only 1, 2, 3, 1, 2 (the 9s are past its newest token); row 1 sees 5, 6, 5, 6
     assert np.asarray(got).tolist() == [[3, 1], [5, 6]]
+
+
+def test_host_lookup_equals_the_device_lookup():
+    """The numpy twin that `--tree auto` replays with drafts what the device drafts, on the
+    cases above and on random histories over a few tokens (many repeats, runs, no match)."""
+    cases = [[4, 5, 6, 7, 8, 1, 6, 9, 2, 4, 5, 6], [1, 2, 10, 1, 2, 30, 5, 8, 2], [1, 2, 3, 4],
+             [7], [1, 5, 5], [3, 7, 8, 7, 8, 7], [1, 2, 3, 9, 1, 2]]
+    rng = np.random.default_rng(0)
+    cases += [rng.integers(0, vocab, int(rng.integers(1, 24))).tolist()
+              for vocab in (2, 3, 5, 40) for _ in range(25)]
+    for tokens in cases:
+        for num, ngram in ((1, 1), (3, 2), (4, 3), (8, 3)):
+            want = _lookup(tokens, num, ngram)
+            assert host_lookup_drafts(tokens, num, ngram).tolist() == want, (tokens, num, ngram)
 
 
 def test_history_is_prompt_first_token_then_appended_tokens():

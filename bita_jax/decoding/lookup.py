@@ -17,6 +17,7 @@ plain greedy decoding's whatever the lookup proposes.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 NO_DRAFT = -1  # a placeholder node token: never equals a prediction, fed as token 0
 
@@ -65,3 +66,28 @@ def lookup_drafts(history, newest, num_tokens: int, max_ngram: int):
     follow = end[:, None] + 1 + jnp.arange(num_tokens)[None, :] % period  # [B, L]
     tokens = jnp.take_along_axis(history, jnp.clip(follow, 0, s - 1), axis=1)
     return jnp.where(end[:, None] >= 0, tokens, NO_DRAFT).astype(jnp.int32)
+
+
+def host_lookup_drafts(history, num_tokens: int, max_ngram: int) -> np.ndarray:
+    """`lookup_drafts` of one row on the host, in numpy: history [n + 1] holds the prompt and
+    every token so far, the newest last. Returns [L] tokens, NO_DRAFT without any match. The
+    replay of `--tree auto` uses it (`eval.tree_select.replay`); a test holds it to the device
+    version."""
+    h = np.asarray(history, np.int64)
+    newest = len(h) - 1
+    end = -1
+    for g in range(max_ngram, 0, -1):
+        if newest < g:  # no room for an earlier occurrence of g tokens
+            continue
+        suffix = h[newest - g + 1: newest + 1]
+        # occurrences ending at j in [g - 1, newest): h[j - g + 1 .. j] == suffix
+        windows = np.lib.stride_tricks.sliding_window_view(h[:newest], g)
+        hits = np.nonzero(np.all(windows == suffix, axis=1))[0]
+        if len(hits):
+            end = int(hits[-1]) + g - 1
+            break
+    if end < 0:
+        return np.full((num_tokens,), NO_DRAFT, np.int32)
+    period = max(newest - end, 1)
+    follow = end + 1 + np.arange(num_tokens) % period
+    return h[np.clip(follow, 0, newest)].astype(np.int32)

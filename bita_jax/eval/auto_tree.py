@@ -36,8 +36,10 @@ forward omits the BiTA step's own work (tree attention mask, drafting, acceptanc
 little towards larger trees. For prompts longer than a chat's, a tree is used only when it
 predicts at least `MIN_SPEEDUP` (`Choice.beats_greedy`); otherwise plain greedy decodes them
 (the api's `LLM.tree_for`). The report (`infer/report.py`) measures the real thing. Retrieval
-branches (`+lookup`) are not candidates: their acceptance depends on the text, which the rank
-statistics do not hold.
+branches (`+lookup`): their acceptance depends on the text, which the rank
+statistics alone do not hold, so they are candidates only when `acceptance.npz` also holds the
+texts (each held-out prompt and its greedy answer); the replay then looks the drafts up in the
+text as decoding does.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ MIN_SPEEDUP = 1.1
 # are skipped.
 CANDIDATES = ("chain@1", "chain@2", "chain", "upper-triangle:3@1", "upper-triangle:3@2",
               "upper-triangle-pruned", "upper-triangle")
+# With a retrieval branch, when the statistics hold their texts (its drafts come from them).
+LOOKUP_CANDIDATES = ("chain@1+lookup:2", "chain@1+lookup:4", "chain@1+lookup:8",
+                     "chain@2+lookup:4", "upper-triangle:3@1+lookup:4", "upper-triangle+lookup:8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,9 +83,13 @@ CANDIDATES = ("chain@1", "chain@2", "chain", "upper-triangle:3@1", "upper-triang
 
 def save_acceptance(adapter_dir: str | os.PathLike, stats: tree_select.RankStats) -> pathlib.Path:
     """Writes the adapter's rank statistics to `adapter_dir/acceptance.npz`: one int8 array of
-    ranks [A, M] per held-out text, and the rank cap."""
+    ranks [A, M] per held-out text, the rank cap, and (when the stats hold them) each text's
+    prompt and greedy ids."""
     path = pathlib.Path(adapter_dir) / ACCEPTANCE_FILE
     arrays = {f"text_{i:04d}": r.astype(np.int8) for i, r in enumerate(stats.ranks)}
+    for i, (src, tgt) in enumerate(stats.texts or ()):  # what replays a retrieval branch
+        arrays[f"prompt_{i:04d}"] = np.asarray(src, np.int32)
+        arrays[f"greedy_{i:04d}"] = np.asarray(tgt, np.int32)
     np.savez_compressed(path, max_rank=np.int32(stats.max_rank), **arrays)
     return path
 
@@ -98,13 +107,18 @@ def load_acceptance(adapter_dir: str | os.PathLike | None) -> tree_select.RankSt
             names = sorted(k for k in f.files if k.startswith("text_"))
             ranks = [f[k].astype(np.int32) for k in names]
             max_rank = int(f["max_rank"])
+            keys = [(k.replace("text_", "prompt_"), k.replace("text_", "greedy_")) for k in names]
+            texts = ([(f[a].astype(np.int32), f[b].astype(np.int32)) for a, b in keys]
+                     if all(a in f.files and b in f.files for a, b in keys) else None)
     except (OSError, ValueError, KeyError) as e:
         print(f"warning: {path} is unreadable ({e}); --tree auto uses the default tree",
               file=sys.stderr)
         return None
     if not ranks or any(r.ndim != 2 for r in ranks):
         return None
-    return tree_select.RankStats(ranks, max_rank)
+    if texts is not None and any(len(g) != len(r) + 1 for (_, g), r in zip(texts, ranks)):
+        texts = None  # not the texts of these ranks: no retrieval candidates
+    return tree_select.RankStats(ranks, max_rank, texts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,19 +247,22 @@ def candidate_trees(num_masks: int, names: Sequence[str] = CANDIDATES) -> list[T
             tree = Tree.make(name, num_masks)
         except TreeError:  # deeper than the adapter
             continue
-        key = (tree.paths, tree.num_masks, tree.pruned)
+        key = (tree.paths, tree.num_masks, tree.pruned, tree.lookup, tree.lookup_ngram)
         if key not in seen:
             seen.add(key)
             out.append(tree)
     return out
 
 
-def candidates_for(method: str, num_masks: int) -> list[Tree]:
+def candidates_for(method: str, num_masks: int, lookup: bool = False) -> list[Tree]:
     """`--tree auto`'s candidates for an adapter: BiTA's `CANDIDATES`, or for SPACE (whose
-    decoding is a chain) the chains of 1 to M masks."""
+    decoding is a chain) the chains of 1 to M masks; with `lookup` (statistics that hold their
+    texts), also those with a retrieval branch (`LOOKUP_CANDIDATES`; SPACE: its chains + 4)."""
     if method == "space":
-        return candidate_trees(num_masks, [f"chain@{d}" for d in range(1, num_masks + 1)])
-    return candidate_trees(num_masks)
+        chains = [f"chain@{d}" for d in range(1, num_masks + 1)]
+        return candidate_trees(num_masks, chains + ([c + "+lookup:4" for c in chains]
+                                                    if lookup else []))
+    return candidate_trees(num_masks, CANDIDATES + (LOOKUP_CANDIDATES if lookup else ()))
 
 
 def choose(trees: Sequence[Tree], stats: tree_select.RankStats,

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bita_jax.decoding import lookup
 from bita_jax.decoding.engine import Engine, bucket
 from bita_jax.decoding.sampling import SamplingParams
 from bita_jax.decoding.tree import Path, Tree, TreeError
@@ -64,10 +65,14 @@ class RankStats:
     ranks: list (one per text) of [A, M] int32 arrays: rank of tgt[a + 1 + k] under mask k of the
       group at anchor a (0 = top-1), clipped to `max_rank`; -1 where the text has ended.
     max_rank: R; rank R means "R or worse".
+    texts: list (one per ranks entry) of (prompt ids, greedy continuation ids), the text the
+      ranks were measured on, or None: what replays a retrieval branch (`+lookup`), whose drafts
+      come from the text itself.
     """
 
     ranks: list[np.ndarray]
     max_rank: int = MAX_RANK
+    texts: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     @property
     def num_masks(self) -> int:
@@ -156,8 +161,11 @@ def rank_stats(cfg: ModelConfig, base_params, bita_params,
     """Acceptance statistics of an adapter on (prompt ids, greedy continuation ids) pairs."""
     m = bita_params["mask_embed"].shape[0]
     ranks = [text_ranks(cfg, base_params, bita_params, src, tgt, m, max_rank) for src, tgt in texts]
-    ranks = [r for r in ranks if len(r)] or [np.zeros((0, m), np.int32)]
-    return RankStats(ranks, max_rank)
+    kept = [(r, (np.asarray(src, np.int32), np.asarray(tgt, np.int32)))
+            for r, (src, tgt) in zip(ranks, texts) if len(r)]
+    if not kept:
+        return RankStats([np.zeros((0, m), np.int32)], max_rank)
+    return RankStats([r for r, _ in kept], max_rank, [t for _, t in kept])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,19 +202,38 @@ def replay(tree: Tree, stats: RankStats) -> tuple[int, int]:
     """Replays greedy BiTA decoding of the stats' texts with `tree`; returns (tokens, steps).
 
     Counts as `GenerationResult.tokens_per_step` does: the prefill's first token is excluded.
+    A retrieval branch (`+lookup:L[:N]`) is replayed exactly from the texts (`stats.texts`): at
+    each step its L drafts are the lookup of the prompt and the tokens so far
+    (`lookup.host_lookup_drafts`, the device lookup's twin), and the step accepts the deeper of
+    the mask path and the leading lookup drafts that equal the greedy text.
     """
+    if tree.lookup and (stats.texts is None or tree.pruned):
+        raise TreeError(f"tree {tree.name!r} has a retrieval branch: replaying it needs the "
+                        "texts beside the ranks (save the statistics again) and groups on "
+                        "every node (no -pruned)")
     paths = set(tree.paths)
     has_children = {p[:-1] for p in tree.paths}
     m = tree.num_masks  # masks per group of this tree (may be fewer than the adapter's)
     tokens = steps = 0
-    for ranks in stats.ranks:
+    for i, ranks in enumerate(stats.ranks):
         length = len(ranks) + 1  # len(tgt)
+        if tree.lookup:
+            src, tgt = stats.texts[i]
+            text = np.concatenate([src, tgt])
         emitted, anchor, shift = 1, 0, 0  # the prefill emitted tgt[0]; drafts from anchor 0
         while emitted < length:
             levels = [int(ranks[anchor, lv + shift]) if lv + shift < m else -1 for lv in range(m)]
             levels = [r if r < stats.max_rank else -1 for r in levels]  # R = "R or worse"
             d = _accepted_depth(paths, levels)
             end = tuple(levels[:d])
+            if tree.lookup:
+                drafts = lookup.host_lookup_drafts(text[: len(src) + emitted], tree.lookup,
+                                                   tree.lookup_ngram)
+                truth = tgt[emitted: emitted + tree.lookup]
+                same = drafts[: len(truth)] == truth
+                d_lookup = int(np.argmin(same)) if not same.all() else len(truth)
+                if d_lookup > d:  # the lookup endpoint has its own group: no walk up
+                    d, end = d_lookup, ()
             steps += 1
             tokens += min(d + 1, length - emitted)
             emitted += d + 1
