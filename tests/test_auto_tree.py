@@ -119,22 +119,25 @@ def test_the_curve_is_measured_once_and_cached(tmp_path, monkeypatch):
 
     def counting(cfg, params, sizes, context=auto_tree.CONTEXT, **kw):
         calls.append((context, list(sizes)))
-        return real(cfg, params, sizes, context, repeats=1, loops=1)
+        return real(cfg, params, sizes, context, repeats=1, loops=1, built=kw.get("built"))
 
     monkeypatch.setattr(auto_tree, "measure_curve", counting)
     curve = auto_tree.CostCurve(CFG, params, "fp", quiet=True)
     first = {t: curve.seconds(t) for t in (1, 4)}
-    assert calls == [(300, [1]), (300, [4])] and all(s > 0 for s in first.values())
+    # each new size is timed beside a 1-token forward and kept relative to it
+    assert calls == [(300, [1]), (300, [1, 4])] and all(s > 0 for s in first.values())
     assert curve.seconds(4) == first[4] and len(calls) == 2  # kept, not measured again
-    assert curve.at(1024)(4) > 0 and calls[-1] == (1024, [4])  # another context bucket
+    assert curve.ratio[300][1] == 1.0 and curve.seconds(4) == curve.ratio[300][4] * curve.base[300]
+    assert curve.at(1024)(4) > 0 and calls[-1] == (1024, [1, 4])  # another context bucket
     again = auto_tree.CostCurve(CFG, params, "fp", quiet=True)  # a later load: read back
-    assert {t: again.seconds(t) for t in (1, 4)} == first and again.measured == []
-    assert again.seconds(4, 1024) == curve.seconds(4, 1024) and len(calls) == 3
-    assert again.seconds(8) > 0 and calls[-1] == (300, [8])  # only the new size is measured
+    assert {t: again.seconds(t) for t in (1, 4)} == {t: curve.seconds(t) for t in (1, 4)}
+    assert again.measured == [] and again.seconds(4, 1024) == curve.seconds(4, 1024)
+    assert len(calls) == 3
+    assert again.seconds(8) > 0 and calls[-1] == (300, [1, 8])  # only the new size is measured
     files = list((tmp_path / "step_cost").glob("*.json"))
     assert len(files) == 1
-    saved = json.loads(files[0].read_text())["seconds"]
-    assert set(saved) == {"300", "1024"} and set(saved["300"]) == {"1", "4", "8"}
+    saved = json.loads(files[0].read_text())["contexts"]
+    assert set(saved) == {"300", "1024"} and set(saved["300"]["ratio"]) == {"1", "4", "8"}
     auto_tree.CostCurve(CFG, params, "other weights", quiet=True).seconds(1)
     assert calls[-1] == (300, [1])  # another model: another curve
 

@@ -64,7 +64,7 @@ from bita_jax.models.config import ModelConfig
 ACCEPTANCE_FILE = "acceptance.npz"
 CONTEXT = 300  # cached tokens behind the timed forwards of a chat prompt (and some answer)
 CONTEXTS = (CONTEXT, 1024, 2048, 4096, 8192)  # the context buckets of the curve
-CURVE_FORMAT = 2  # bump when the measurement changes: cached curves then stop matching
+CURVE_FORMAT = 3  # bump when the measurement changes: cached curves then stop matching
 # A tree must predict this speedup over plain greedy to be used: the forward's cost leaves out
 # the BiTA step's own work, about 10 % of a small tree's step on the 2-core CPU.
 MIN_SPEEDUP = 1.1
@@ -143,51 +143,66 @@ def context_bucket(prompt_tokens: int) -> int:
 
 
 def measure_curve(cfg: ModelConfig, params, sizes: Sequence[int], context: int = CONTEXT,
-                  repeats: int = 3, loops: int = 4) -> dict[int, float]:
+                  repeats: int = 3, loops: int = 4,
+                  built: dict | None = None) -> dict[int, float]:
     """Seconds of one cached forward of T tokens after `context` cached ones, for T in
     `sizes`: the fastest of `repeats` rounds, the sizes taking turns within a round (so a change
-    of load hits them alike)."""
-    fns = {t: step_cost.forward_fn(cfg, params, t, context, loops) for t in sizes}
-    for fn in fns.values():
-        step_cost.time_call(fn)  # compile
+    of load hits them alike). `built` keeps the compiled forwards by (context, T) for reuse."""
+    built = {} if built is None else built
+    for t in sizes:
+        if (context, t) not in built:
+            built[context, t] = step_cost.forward_fn(cfg, params, t, context, loops)
+            step_cost.time_call(built[context, t])  # compile
     best = {t: float("inf") for t in sizes}
     for _ in range(repeats):
-        for t, fn in fns.items():
-            best[t] = min(best[t], step_cost.time_call(fn) / loops)
+        for t in sizes:
+            best[t] = min(best[t], step_cost.time_call(built[context, t]) / loops)
     return best
 
 
 class CostCurve:
-    """This machine's seconds per forward of T tokens after a context of each `CONTEXTS` bucket,
+    """This machine's cost of a forward of T tokens after a context of each `CONTEXTS` bucket,
     read from the cache file or measured on demand and added to it (`BITA_JAX_NO_CACHE=1`:
-    measured every time). `measured` lists the (context, T) pairs this object measured (not
-    read)."""
+    measured every time). Each new size is timed in the same rounds as a 1-token forward, the
+    two taking turns, and kept as its cost relative to that one: sizes timed at different times
+    (one on a busy machine, another on a quiet one) still compare, where absolute times would
+    not. `seconds(T)` is that ratio times the latest 1-token time. `measured` lists the
+    (context, T) pairs this object measured (not read)."""
 
     def __init__(self, cfg: ModelConfig, params, fingerprint: str | None, quiet: bool = False):
         self.cfg, self.params, self.quiet = cfg, params, quiet
         root = model_cache.cache_root()
         self.path = (None if root is None
                      else root / "step_cost" / f"{machine_key(cfg, fingerprint)}.json")
-        self.known: dict[int, dict[int, float]] = {}  # context -> {T: seconds}
+        self.ratio: dict[int, dict[int, float]] = {}  # context -> {T: cost(T) / cost(1)}
+        self.base: dict[int, float] = {}  # context -> seconds of the latest 1-token forward
         self.measured: list[tuple[int, int]] = []
+        self._built: dict = {}  # compiled forwards, reused within this object
         if self.path is not None and self.path.is_file():
             try:
-                self.known = {int(c): {int(t): float(s) for t, s in by_t.items()}
-                              for c, by_t in json.loads(self.path.read_text())["seconds"].items()}
-            except (OSError, ValueError, KeyError, AttributeError) as e:
+                record = json.loads(self.path.read_text())["contexts"]
+                for c, entry in record.items():
+                    self.base[int(c)] = float(entry["seconds_1"])
+                    self.ratio[int(c)] = {int(t): float(r) for t, r in entry["ratio"].items()}
+            except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
                 model_cache.warn_unreadable(self.path, e)
+                self.ratio, self.base = {}, {}
 
     def seconds(self, tokens: int, context: int = CONTEXT) -> float:
         """Seconds of a forward of `tokens` tokens after `context` cached ones (a bucket)."""
-        known = self.known.setdefault(context, {})
-        if tokens not in known:
+        ratios = self.ratio.setdefault(context, {})
+        if tokens not in ratios or context not in self.base:
             if not self.quiet and not self.measured:
                 print(f"--tree auto: measuring this machine's step cost at {context} cached "
                       "tokens (once; cached)", file=sys.stderr, flush=True)
-            known.update(measure_curve(self.cfg, self.params, [tokens], context))
+            got = measure_curve(self.cfg, self.params, sorted({1, tokens}), context,
+                                built=self._built)
+            self.base[context] = got[1]
+            ratios[1] = 1.0
+            ratios[tokens] = got[tokens] / got[1]
             self.measured.append((context, tokens))
             self._save()
-        return known[tokens]
+        return ratios[tokens] * self.base[context]
 
     def at(self, context: int) -> Callable[[int], float]:
         """`seconds` at one context bucket, as `choose` takes it."""
@@ -196,9 +211,11 @@ class CostCurve:
     def _save(self):
         if self.path is None:
             return
-        record = {"seconds": {str(c): {str(t): s for t, s in sorted(by_t.items())}
-                              for c, by_t in sorted(self.known.items())},
-                  "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+        contexts = {str(c): {"seconds_1": self.base[c],
+                             "ratio": {str(t): r for t, r in sorted(self.ratio[c].items())}}
+                    for c in sorted(self.base)}
+        record = {"contexts": contexts, "device": jax.devices()[0].device_kind,
+                  "jax": jax.__version__}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         model_cache.write_cache_file(self.path, json.dumps(record, indent=1).encode())
 
