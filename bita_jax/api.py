@@ -128,7 +128,10 @@ class LLM:
         `auto_tree.MIN_SPEEDUP` over plain greedy: on the 2-core CPU, prompts of about 2,000
         tokens and more, whose whole cache a step's extra query rows also read. Chat-length
         prompts keep the tree chosen at load, so a curve measured once on a busy machine
-        (cached for good) cannot switch drafting off for them."""
+        (cached for good) cannot switch drafting off for them. Past chat length the retrieval
+        branches are not candidates: their acceptance comes from chat answers, and on 2,000-token
+        prompts `chain@1+lookup:2` accepted 1.47 tokens per step where the replay predicted
+        2.03 (docs/benchmarks.md)."""
         if self.auto is None:
             return self.tree
         from bita_jax.eval import auto_tree
@@ -136,6 +139,8 @@ class LLM:
         bucket = auto_tree.context_bucket(prompt_tokens)
         if bucket not in self._choices:
             stats, trees, curve = self.auto
+            if bucket != auto_tree.CONTEXT:  # chat-calibrated lookup acceptance does not carry
+                trees = [t for t in trees if not t.lookup]
             self._choices[bucket] = auto_tree.choose(trees, stats, curve.at(bucket))
         choice = self._choices[bucket]
         return choice.tree if choice.beats_greedy or bucket == auto_tree.CONTEXT else None
