@@ -123,10 +123,11 @@ class LLM:
         """The tree that decodes prompts of `prompt_tokens` tokens, None for plain decoding.
 
         A fixed tree always; `tree="auto"` chooses per context bucket (`auto_tree.CONTEXTS`)
-        from this machine's step costs at that many cached tokens. For prompts longer than a
-        chat's (buckets past `auto_tree.CONTEXT`) it returns None where no tree predicts
-        `auto_tree.MIN_SPEEDUP` over plain greedy: on the 2-core CPU, prompts of about 2,000
-        tokens and more, whose whole cache a step's extra query rows also read. Chat-length
+        from this machine's step costs at that many cached tokens (a step's extra query rows
+        also read the whole cache). For prompts longer than a chat's (buckets past
+        `auto_tree.CONTEXT`) it returns None where no tree predicts `auto_tree.MIN_SPEEDUP`
+        over plain greedy (on the 2-core CPU, `chain@1` is predicted 1.11 to 1.17x at 1,000 to
+        4,000 tokens, so it stays; docs/benchmarks.md). Chat-length
         prompts keep the tree chosen at load, so a curve measured once on a busy machine
         (cached for good) cannot switch drafting off for them. Past chat length the retrieval
         branches are not candidates: their acceptance comes from chat answers, and on 2,000-token
@@ -217,7 +218,10 @@ class LLM:
             raise ValueError("no prompt given: pass a string or a non-empty list of strings")
         sp = SamplingParams.make(temperature, top_k, top_p)
         ids = [self.encode(t, chat, system) for t in texts]
-        gen = self.engine(use_bita, prompt_tokens=max(len(i) for i in ids))
+        longest = max(len(i) for i in ids)
+        if self.auto is not None:  # a request that cannot fit fails before any curve is timed
+            self.engine(use_bita=False).shapes([len(i) for i in ids], max_new_tokens)
+        gen = self.engine(use_bita, prompt_tokens=longest)
         stream = None
         if on_text is not None:
             stream = _TextStream(self.tokenizer, on_text, single, len(texts))

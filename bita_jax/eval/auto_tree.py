@@ -18,8 +18,8 @@ Two measurements meet here, Sequoia style:
               tiles of 8 rows, so 9 tokens cost about what 16 do), after a cached context of
               the prompt's length bucket (`CONTEXTS`: 300 tokens for a chat prompt, up to 8,192):
               with long prompts a step's extra query rows read the whole cache too, and on the
-              2-core CPU a 4-token step at 4,000 cached tokens costs 1.5x a 1-token step, where
-              at 300 it costs 1.13x. On a small CPU it climbs with
+              2-core CPU an 8-token step at 4,096 cached tokens costs 1.94x a 1-token step, where
+              at 300 it costs 1.57x. On a small CPU it climbs with
               T; on an accelerator it is nearly flat up to the tree sizes here. It is measured
               once per (machine, model, dtype, jax version, context bucket) and kept in
               `{cache root}/step_cost/` (a JSON file, sizes added as new ones are needed), so
