@@ -5,6 +5,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from bita_jax import models
 from bita_jax.checkpoints import model_cache
@@ -128,6 +129,9 @@ def test_the_curve_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert calls == [(300, [1]), (300, [1, 4])] and all(s > 0 for s in first.values())
     assert curve.seconds(4) == first[4] and len(calls) == 2  # kept, not measured again
     assert curve.ratio[300][1] == 1.0 and curve.seconds(4) == curve.ratio[300][4] * curve.base[300]
+    # costs compare as the ratios measured beside a 1-token forward, whenever they were timed
+    assert first[1] == curve.seconds(1)
+    assert curve.seconds(4) / curve.seconds(1) == pytest.approx(curve.ratio[300][4], rel=1e-12)
     assert curve.at(1024)(4) > 0 and calls[-1] == (1024, [1, 4])  # another context bucket
     again = auto_tree.CostCurve(CFG, params, "fp", quiet=True)  # a later load: read back
     assert {t: again.seconds(t) for t in (1, 4)} == {t: curve.seconds(t) for t in (1, 4)}

@@ -166,7 +166,8 @@ class CostCurve:
     measured every time). Each new size is timed in the same rounds as a 1-token forward, the
     two taking turns, and kept as its cost relative to that one: sizes timed at different times
     (one on a busy machine, another on a quiet one) still compare, where absolute times would
-    not. `seconds(T)` is that ratio times the latest 1-token time. `measured` lists the
+    not. `seconds(T)` is that ratio times the first 1-token time kept for the context, so any
+    two costs compare as their ratios, whenever they were timed. `measured` lists the
     (context, T) pairs this object measured (not read)."""
 
     def __init__(self, cfg: ModelConfig, params, fingerprint: str | None, quiet: bool = False):
@@ -197,7 +198,7 @@ class CostCurve:
                       "tokens (once; cached)", file=sys.stderr, flush=True)
             got = measure_curve(self.cfg, self.params, sorted({1, tokens}), context,
                                 built=self._built)
-            self.base[context] = got[1]
+            self.base.setdefault(context, got[1])  # fixed: seconds(T) / seconds(1) = ratio(T)
             ratios[1] = 1.0
             ratios[tokens] = got[tokens] / got[1]
             self.measured.append((context, tokens))
