@@ -175,10 +175,20 @@ def test_per_head_attention_equals_batched(heads_major):
     visible[1, 0, 0, 5] = False  # a query row that sees nothing
     want = layers.softmax_part(q, k, v, visible, heads_major)
     got = layers.softmax_part(q, k, v, visible, heads_major, per_head=True)
-    for name, w, x in zip(want._fields, want, got):
-        assert x.shape == w.shape, name
-        np.testing.assert_allclose(np.asarray(x), np.asarray(w), rtol=1e-5, atol=1e-5,
-                                   err_msg=name)
+    # the exact statistics in float64: both fp32 forms must be within fp32 rounding of them
+    # (sums of 48 terms of up to ~50: 1e-6 of the largest value)
+    q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+    kv_spec = "bksd" if heads_major else "bskd"
+    scores = np.where(visible, np.einsum(f"btkgd,{kv_spec}->bkgts", q64, k64), layers.MASKED)
+    m = scores.max(-1)
+    p = np.exp(scores - m[..., None])
+    exact = (m, p.sum(-1), np.einsum(f"bkgts,{kv_spec}->bkgtd", p, v64))
+    for name, w, x, e in zip(want._fields, want, got, exact):
+        assert x.shape == w.shape == e.shape, name
+        for form, y in (("batched", w), ("per head", x)):
+            np.testing.assert_allclose(np.asarray(y, np.float64), e, rtol=1e-6,
+                                       atol=1e-6 * np.abs(e[e > layers.MASKED]).max(),
+                                       err_msg=f"{name}, {form}")
     out = np.asarray(got.o / got.denom[..., None])
     assert np.abs(out).max() > 1.0
     few = q[:, : layers.PER_HEAD_MIN_ROWS // g - 1]  # too few rows: the batched form, bit for bit

@@ -240,34 +240,51 @@ def takes_per_head(q) -> bool:
 
 
 def _part_per_head(q, k, v, visible, heads_major: bool) -> _Part:
-    """`softmax_part` as one 2-D product per batch row and kv head: scores [S, T*G] = k [S, D] @
-    q^T [D, T*G], the softmax down the slots, then p^T @ v. On XLA CPU, with 64 or more query
-    rows per head (a 256-token prefill chunk has 768), this runs the scores product at about
-    5x the rate of the batched einsum (141 against 28 GFLOP/s for 256 rows over 4,096 slots)
-    and a prefill chunk's whole attention about 20 % faster; below that the batched form wins
-    (docs/benchmarks.md, "Long prompts, second pass")."""
+    """`softmax_part` as one 2-D product per batch row and kv head, queries major: scores
+    [T*G, S] = q [T*G, D] @ k^T (row t * G + g), the softmax along each row's slots, then
+    p @ v. On XLA CPU, with 64 or more query rows per head (a 256-token prefill chunk has 768),
+    this runs near the rate of the model's weight products, where the batched einsum runs a
+    chunk's scores at a fifth of it; below that the batched form wins (docs/benchmarks.md,
+    "Long prompts, third pass")."""
     b, t, kv, g, d = q.shape
     if not heads_major:
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     slots, rows = k.shape[2], t * g
     visible = jnp.broadcast_to(visible, (b, kv, g, t, slots))
-    m, denom, o = [], [], []
+    parts = []
     for row in range(b):
         for head in range(kv):
-            s = jnp.dot(k[row, head], q[row, :, head].reshape(rows, d).T,
-                        preferred_element_type=jnp.float32)  # [S, T*G], column t * G + g
-            seen = jnp.transpose(visible[row, head], (2, 1, 0)).reshape(slots, rows)
-            s = jnp.where(seen, s, MASKED)
-            m.append(jnp.max(s, axis=0))
-            p = jnp.exp(s - m[-1][None, :])
-            denom.append(jnp.sum(p, axis=0))
-            o.append(jnp.einsum("sr,sd->rd", p, v[row, head].astype(jnp.float32)))
+            seen = jnp.swapaxes(visible[row, head], 0, 1).reshape(rows, slots)
+            parts.append(_rows_part(q[row, :, head].reshape(rows, d), k[row, head],
+                                    v[row, head], seen))
+    return _heads_first(parts, b, kv, t, g)
 
-    def heads_first(parts, *tail):  # B*K stacked [T*G, *tail] -> [B, K, G, T, *tail]
-        x = jnp.stack(parts).reshape(b, kv, t, g, *tail)
-        return jnp.swapaxes(x, 2, 3)
 
-    return _Part(heads_first(m), heads_first(denom), heads_first(o, d))
+def _rows_part(q2, k, v, seen, carry=None):
+    """Softmax statistics of the query rows q2 [R, D] over k, v [S, D] where seen [R, S] (or
+    broadcastable), merged into `carry` (m [R], denom [R], o [R, D]) if given: the online
+    softmax step of `_part_per_head` and `_cache_part_per_head`."""
+    s = jnp.dot(q2, k.T, preferred_element_type=jnp.float32)  # [R, S]
+    s = jnp.where(seen, s, MASKED)
+    m = jnp.max(s, axis=1)
+    if carry is not None:
+        m = jnp.maximum(carry[0], m)
+    p = jnp.exp(s - m[:, None])
+    denom, o = jnp.sum(p, axis=1), jnp.dot(p, v.astype(jnp.float32))
+    if carry is None:
+        return m, denom, o
+    scale = jnp.exp(carry[0] - m)
+    return m, carry[1] * scale + denom, carry[2] * scale[:, None] + o
+
+
+def _heads_first(parts, b: int, kv: int, t: int, g: int) -> _Part:
+    """B*K per-head (m [T*G], denom [T*G], o [T*G, D]), row t * G + g -> a `_Part` [B, K, G,
+    T, ...]."""
+    def stack(xs, *tail):
+        return jnp.swapaxes(jnp.stack(xs).reshape(b, kv, t, g, *tail), 2, 3)
+
+    m, denom, o = zip(*parts)
+    return _Part(stack(m), stack(denom), stack(o, o[0].shape[-1]))
 
 
 def _merge(a: _Part, b: _Part) -> _Part:
@@ -290,10 +307,10 @@ def _filled_cache_part(qg, k_cache, v_cache, cache_len, per_head: bool = False) 
     is read block by block up to the longest row's length, merged with an online softmax, so a
     step costs what the cache holds, not its capacity. Once the longest row fills
     `WHOLE_READ_FILL` of the slots, a forward of few query rows (a decode step; not a prefill
-    chunk, which takes the per-head form) reads the whole cache in one piece instead: on XLA
-    CPU the block loop's slices and small ops cost about 1.7x a one-piece read per slot, so at
-    4,000 of 4,608 slots a greedy step takes 38 instead of 45 ms. Other caches are read in one
-    piece."""
+    chunk, which reads its blocks in `_cache_part_per_head`) reads the whole cache in one piece
+    instead: on XLA CPU the block loop's slices and small ops cost about 1.7x a one-piece read
+    per slot, so at 4,000 of 4,608 slots a greedy step takes 38 instead of 45 ms. Other caches
+    are read in one piece."""
     s_slots = k_cache.shape[2]
     b, t, kv, g, _ = qg.shape
 
@@ -310,7 +327,7 @@ def _filled_cache_part(qg, k_cache, v_cache, cache_len, per_head: bool = False) 
         v = jax.lax.dynamic_slice_in_dim(v_cache, start, CACHE_BLOCK, axis=2)
         slots = start + jnp.arange(CACHE_BLOCK)
         visible = (slots[None, :] < cache_len[:, None])[:, None, None, None]
-        return _merge(part, softmax_part(qg, k, v, visible, heads_major=True, per_head=per_head))
+        return _merge(part, softmax_part(qg, k, v, visible, heads_major=True))
 
     def by_blocks():
         empty = _Part(jnp.full((b, kv, g, t), MASKED, jnp.float32),
@@ -320,8 +337,34 @@ def _filled_cache_part(qg, k_cache, v_cache, cache_len, per_head: bool = False) 
         return jax.lax.fori_loop(0, blocks, read_block, empty)
 
     if per_head and takes_per_head(qg):
-        return by_blocks()
+        return _cache_part_per_head(qg, k_cache, v_cache, cache_len)
     return jax.lax.cond(jnp.max(cache_len) >= WHOLE_READ_FILL * s_slots, whole, by_blocks)
+
+
+def _cache_part_per_head(qg, k_cache, v_cache, cache_len) -> _Part:
+    """`_filled_cache_part` for many query rows (`takes_per_head`): the filled blocks of the
+    cache [B, K, S, D] (S a multiple of `CACHE_BLOCK`) in one loop, each row and kv head an
+    online softmax of queries-major products (`_rows_part`) that stays in that layout until
+    the end. A 256-token prefill chunk's attention over 3,840 cached tokens takes about 0.53
+    instead of 0.81 s for SmolLM2's 30 layers on this CPU (docs/benchmarks.md, "Long prompts,
+    third pass")."""
+    b, t, kv, g, d = qg.shape
+    rows = t * g
+    queries = [[qg[r, :, h].reshape(rows, d) for h in range(kv)] for r in range(b)]
+
+    def read_block(i, carry):
+        start = i * CACHE_BLOCK
+        k = jax.lax.dynamic_slice_in_dim(k_cache, start, CACHE_BLOCK, axis=2)
+        v = jax.lax.dynamic_slice_in_dim(v_cache, start, CACHE_BLOCK, axis=2)
+        seen = (start + jnp.arange(CACHE_BLOCK))[None, :] < cache_len[:, None]  # [B, block]
+        return [_rows_part(queries[r][h], k[r, h], v[r, h], seen[r][None, :], carry[r * kv + h])
+                for r in range(b) for h in range(kv)]
+
+    empty = (jnp.full((rows,), MASKED, jnp.float32), jnp.zeros((rows,), jnp.float32),
+             jnp.zeros((rows, d), jnp.float32))
+    blocks = (jnp.max(cache_len) + CACHE_BLOCK - 1) // CACHE_BLOCK
+    parts = jax.lax.fori_loop(0, blocks, read_block, [empty] * (b * kv))
+    return _heads_first(parts, b, kv, t, g)
 
 
 def block_attention(q, k_blk, v_blk, ctx: AttnContext, k_cache=None, v_cache=None, prefix=None,
