@@ -93,14 +93,24 @@ def dense(features, kernel_axes, bias_axes, use_bias, dtype, name, axis=-1, tran
 ROW_TILE = 8
 
 
+# From this many rows (prefill chunks) the plain product x2 @ kernel_t^T is the faster form on
+# XLA CPU: SmolLM2's 30 layers of products take 289 against 301 ms for 256 rows, 549 against
+# 677 for 512, 1,108 against 1,528 for 1,024; at 128 rows the transposed form still wins (153
+# against 159 ms), at 16 by 1.45x (docs/benchmarks.md, "Long prompts, third pass").
+PLAIN_PRODUCT_ROWS = 256
+
+
 def product_t(kernel_t, x2):
     """x2 [R, K] times kernel_t [F, K] (a kernel stored transposed) -> [R, F], computed as
     kernel_t @ x2^T. The optimization barrier keeps XLA from rewriting the transposed product
     back into x2 @ kernel_t^T: on XLA CPU the [F, R] form costs about 1.5x one row for R = 2 to
     8 rows and 1.8x for 16 (the weight streams through once), where the [R, F] form costs 1.9
     to 4.7x (docs/benchmarks.md, "Transposed kernels"). More than `ROW_TILE` rows are padded to a
-    multiple of it; each output row depends on its own input row only."""
+    multiple of it; each output row depends on its own input row only. From
+    `PLAIN_PRODUCT_ROWS` rows on, the plain x2 @ kernel_t^T."""
     rows = x2.shape[0]
+    if rows >= PLAIN_PRODUCT_ROWS:
+        return jnp.dot(x2, kernel_t.T)
     padded = rows if rows <= ROW_TILE else -(-rows // ROW_TILE) * ROW_TILE
     if padded != rows:
         x2 = jnp.pad(x2, ((0, padded - rows), (0, 0)))
