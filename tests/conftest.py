@@ -5,13 +5,19 @@ persistent cache): it compiles at `--xla_backend_optimization_level=0`, which ra
 test_decode cases in 69 s against 111 s. Every comparison in a test (BiTA against greedy, a mesh
 against one device, ours against HF within its tolerance) runs under the same flags, and
 subprocesses inherit them. The persistent cache of compiled programs that loading turns on
-(`model_cache.enable_xla_cache`) is off in the suite, so every test compiles what it runs and
-nothing is written to the user's cache; `tests/test_xla_cache.py` tests it. A
+(`model_cache.enable_xla_cache`) does not touch the user's cache in the suite: the run keeps
+its own, in a fresh temporary directory that the xdist workers and the subprocesses tests start
+(the CLI runs of SmolLM2) share and that the run removes at its end, so a program compiled by
+one test process (taking 1 s or more) is loaded by the next that compiles the same one
+(`tests/test_xla_cache.py` tests the cache itself, in fresh processes without this one). A
 different fast setting (`--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1`)
 crashed XLA's CPU compiler on a scan in this jax version; the suite does not use it in-process.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -20,6 +26,10 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 os.environ["BITA_JAX_NO_XLA_CACHE"] = "1"  # model_cache.NO_XLA_CACHE_ENV (no import before jax)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the run's own cache (this process made it)
+    _SUITE_XLA_CACHE = tempfile.mkdtemp(prefix="bita_jax_suite_xla_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SUITE_XLA_CACHE
+    atexit.register(shutil.rmtree, _SUITE_XLA_CACHE, True)
 
 
 # Compiled XLA programs keep their machine code in memory maps; one process running the whole
