@@ -9,7 +9,7 @@ import pytest
 
 from bita_jax import models
 from bita_jax.decoding.engine import causal_mask, decode_layout
-from bita_jax.models import kv_cache
+from bita_jax.models import kv_cache, layers
 from tests.test_decode import FALCON, LLAMA
 
 
@@ -61,6 +61,23 @@ def test_unrolled_forward_and_cache_equal_the_scanned_ones(cfg):
     np.testing.assert_allclose(jnp.stack(c1.k), c0.k, atol=1e-5)
     np.testing.assert_allclose(jnp.stack(c1.v), c0.v, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, FALCON], ids=["llama", "falcon"])
+def test_many_rows_take_the_plain_product_and_equal_the_scanned_layout(cfg):
+    """A forward of 2 x 160 tokens (320 rows: `layers.product_t`'s plain form, and the per-head
+    attention) on the unrolled layout equals the scanned one's, hidden states and keys/values."""
+    b, t = 2, 160
+    assert b * t >= layers.PLAIN_PRODUCT_ROWS
+    params = jax.tree.map(lambda x: 3 * x, models.init_params(cfg, jax.random.key(2)))
+    prompt = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    want, want_kv = models.forward(cfg, params, prompt, pos, causal_mask(t))
+    got, got_kv = models.forward(cfg, models.to_unrolled(params), prompt, pos, causal_mask(t))
+    assert np.abs(np.asarray(want)).max() > 1.0
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    for a, w in zip(got_kv, want_kv):
+        np.testing.assert_allclose(a, w, atol=1e-5)
 
 def test_decoding_uses_the_unrolled_layout_on_cpu():
     params = models.init_params(LLAMA, jax.random.key(0))

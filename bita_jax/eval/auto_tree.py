@@ -176,7 +176,7 @@ class CostCurve:
         self.path = (None if root is None
                      else root / "step_cost" / f"{machine_key(cfg, fingerprint)}.json")
         self.ratio: dict[int, dict[int, float]] = {}  # context -> {T: cost(T) / cost(1)}
-        self.base: dict[int, float] = {}  # context -> seconds of the latest 1-token forward
+        self.base: dict[int, float] = {}  # context -> seconds of its first 1-token forward
         self.measured: list[tuple[int, int]] = []
         self._built: dict = {}  # compiled forwards, reused within this object
         if self.path is not None and self.path.is_file():

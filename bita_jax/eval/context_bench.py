@@ -248,7 +248,7 @@ def plot(rows: Sequence[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained")
     engines = list(dict.fromkeys(r["engine"] for r in rows))
     for name in engines:
         mine = [r for r in rows if r["engine"] == name]
@@ -261,9 +261,8 @@ def plot(rows: Sequence[dict], path) -> None:
     axes[1].plot(x, [r["step_floor_ms"] for r in floor_rows], "k--", label="byte floor")
     axes[0].set(xlabel="prompt tokens", ylabel="time to first token, s")
     axes[1].set(xlabel="prompt tokens", ylabel="decode ms per model call")
-    for ax in axes:
+    for ax in axes:  # legends under the panels, never over the lines
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+        ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     fig.savefig(path, dpi=110)
     plt.close(fig)
