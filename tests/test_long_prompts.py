@@ -232,8 +232,55 @@ def test_chunked_prefill_pads_a_prompt_width_off_the_chunk(monkeypatch):
     want = first_tokens(64)
     _sizes(monkeypatch, chunk=8, block=16)
     np.testing.assert_array_equal(first_tokens(64), want)
-    with pytest.raises(ValueError, match="needs a cache of at least 32 slots"):
+    with pytest.raises(ValueError, match="needs a cache of whole 8-slot chunks, got 30"):
         first_tokens(30)
+
+
+def test_a_cache_that_holds_only_the_filled_chunks(monkeypatch):
+    """A cache of the longest prompt rounded up to the chunk (264 slots, less than the 384-slot
+    prompt bucket) holds every committed key and value of a ragged batch, as a roomy one does:
+    rows that ended early keep writing at their length, inside the cache."""
+    cfg, params, _ = _setup("llama_gqa", seed=10)
+    _sizes(monkeypatch, chunk=8, block=16)
+    lens = (262, 259, 250, 5)
+    prompts = _prompts(cfg, lens, seed=11)
+    tp = engine.prompt_bucket(max(lens))
+    assert tp == 384
+    prompt = np.zeros((len(lens), tp), np.int32)
+    for i, p in enumerate(prompts):
+        prompt[i, :len(p)] = p
+
+    def run(capacity):
+        cache, first, _, _ = engine.prefill(cfg, params, jnp.asarray(prompt),
+                                            jnp.asarray(lens, jnp.int32), None,
+                                            jax.random.key(0), capacity=capacity)
+        return cache, np.asarray(first)
+
+    want_cache, want_first = run(tp + 128)
+    cache, first = run(264)
+    np.testing.assert_array_equal(first, want_first)
+    np.testing.assert_array_equal(np.asarray(cache.length), lens)
+    for row, n in enumerate(lens):  # the caches are read whole and in blocks: fp32 rounding
+        for got_kv, want_kv in ((cache.k, want_cache.k), (cache.v, want_cache.v)):
+            assert np.abs(np.asarray(want_kv)[:, row, :, :n]).max() > 1.0
+            np.testing.assert_allclose(np.asarray(got_kv)[:, row, :, :n],
+                                       np.asarray(want_kv)[:, row, :, :n], rtol=0, atol=TOL)
+
+
+def test_decoding_in_a_cache_smaller_than_the_prompt_bucket(monkeypatch):
+    """The engine sizes a long prompt's cache by what the request needs (`request_slots`), below
+    its bucket: greedy and BiTA decoding in it give the token ids of a roomy cache."""
+    cfg, params, bita = _setup("llama_gqa", seed=12)
+    prompts = _prompts(cfg, (260, 251, 3), seed=13)
+    want = Generator(cfg, params).generate(prompts, 20).tokens  # production sizes: 512 slots
+    _sizes(monkeypatch, chunk=8, block=16)
+    tp, capacity, _ = Generator(cfg, params).shapes([260], 20)
+    assert (tp, capacity) == (384, 352)  # 260 + 64 output slots + 16 headroom, in blocks of 16
+    greedy = Generator(cfg, params)
+    assert greedy.generate(prompts, 20).tokens == want
+    assert [greedy.generate([p], 20).tokens[0] for p in prompts] == want
+    got = BitaGenerator(cfg, params, bita, Tree.make("upper-triangle:2+lookup:3", 3))
+    assert got.generate(prompts, 20).tokens == want
 
 
 def test_prompt_buckets_and_cache_slots():
@@ -248,3 +295,13 @@ def test_prompt_buckets_and_cache_slots():
         assert size % chunk == 0 and n <= size < 1.5 * n + chunk
     assert engine.cache_slots(block) == block and engine.cache_slots(block - 5) == block - 5
     assert engine.cache_slots(block + 1) == 2 * block
+    # a chunked prompt's cache: what the request needs, in whole blocks (not its bucket + out)
+    out, room = 64, engine.HEADROOM
+    assert engine.request_slots(4000, out) == 4096 == engine.prompt_bucket(4000)
+    assert engine.request_slots(3100, out) == 3584 < engine.prompt_bucket(3100)
+    assert engine.request_slots(4096 - out - room + 1, out) == 4608
+    assert engine.request_slots(chunk, out) == engine.cache_slots(chunk + out + room)
+    assert engine.request_slots(100, out) == engine.cache_slots(128 + out + room)
+    for n in range(chunk + 1, 20 * chunk, 97):
+        size = engine.request_slots(n, out)
+        assert size % block == 0 and n + out + room <= size < n + out + room + block

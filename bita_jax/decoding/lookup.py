@@ -26,7 +26,9 @@ def init_history(prompt, prompt_len, first, capacity: int):
     """The history after the prefill: prompts [B, Tp] (right-padded, lengths [B]) and the first
     token [B] at position `prompt_len`, in a [B, S] buffer of `capacity` slots."""
     b, tp = prompt.shape
-    history = jnp.zeros((b, capacity), jnp.int32).at[:, :tp].set(prompt)
+    if tp > capacity:  # a long prompt's bucket may pass the cache (`engine.request_slots`);
+        prompt = prompt[:, :capacity]  # its prompts themselves fit
+    history = jnp.zeros((b, capacity), jnp.int32).at[:, :prompt.shape[1]].set(prompt)
     return history.at[jnp.arange(b), prompt_len].set(first)
 
 
