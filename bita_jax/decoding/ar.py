@@ -38,7 +38,8 @@ def ar_step(cfg: ModelConfig, params, state: DecodeState, max_new, sp: SamplingP
                                       state.cache.length[:, None], np.ones((1, 1), bool),
                                       state.cache)
     live = (~state.done).astype(jnp.int32)
-    cache = kv_cache.commit(state.cache, block_kv, jnp.zeros((b, 1), jnp.int32), live)
+    cache = kv_cache.commit(state.cache, block_kv, jnp.zeros((b, 1), jnp.int32), live,
+                            after=hidden)
     rng, key = jax.random.split(state.rng)
     token = sample(models.lm_logits(cfg, params, hidden[:, 0]), key, sp)
     state = state.replace(cache=cache, rng=rng, steps=state.steps + 1,

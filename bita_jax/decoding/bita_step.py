@@ -239,14 +239,14 @@ def step_forward(cfg: ModelConfig, params, state: BitaState, mask_ids, offsets, 
 def accept(state: BitaState, tokens, block_kv, path, depth, bonus):
     """The accepted path [B, X] (rows root..endpoint) of depth [B] plus the bonus token [B]:
     the emitted tokens [B, X], how many each live row emits [B], and the cache with the root and
-    the accepted nodes committed."""
+    the accepted nodes committed (after the verification: `kv_cache.commit`'s `after`)."""
     accepted_tokens = jnp.take_along_axis(tokens, path[:, 1:], axis=1)  # [B, X - 1]
     j = jnp.arange(path.shape[1])[None, :]
     emitted = jnp.where(j < depth[:, None],
                         jnp.concatenate([accepted_tokens, bonus[:, None]], axis=1),
                         bonus[:, None])
     count = jnp.where(~state.done, depth + 1, 0)
-    return emitted, count, kv_cache.commit(state.cache, block_kv, path, count)
+    return emitted, count, kv_cache.commit(state.cache, block_kv, path, count, after=bonus)
 
 
 def advance(state: BitaState, cache, emitted, depth, next_tree: dict, max_new, eos_ids,
