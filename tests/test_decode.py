@@ -251,6 +251,33 @@ def test_step_compiles_once(setup):
     assert sum(k[0] == cfg and k[1] == "BitaGenerator" for k in EXECUTABLES) == 2
 
 
+@pytest.mark.parametrize("kind", ["greedy", "bita"])
+def test_decode_updates_the_cache_in_place(setup, kind, recwarn):
+    """`decode` takes its state donated: the cache buffers are reused, not copied (a streamed
+    generation calls it once per step), the input state is consumed, and streaming one step per
+    call gives the tokens of one whole loop. With `keep_state` a state can be decoded again."""
+    cfg, params = setup
+    bp = models.init_bita_params(cfg, models.BitaConfig(num_masks=3), jax.random.key(1))
+    gen = (Generator(cfg, params) if kind == "greedy"
+           else BitaGenerator(cfg, params, bp, Tree.make("upper-triangle:3", 3)))
+    greedy = SamplingParams.greedy()
+    start, decode = gen.prepare([PROMPTS[2], PROMPTS[0]], 12, greedy)
+    state = start()
+    end = decode(state, 12)
+    assert all(x.is_deleted() for x in jax.tree.leaves(state.cache))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(end.cache))
+    assert not [w for w in recwarn if "donated" in str(w.message)]  # every buffer was reused
+    streamed = []
+    got = gen.generate([PROMPTS[2], PROMPTS[0]], 12, on_tokens=streamed.append)
+    assert got.tokens == gen.generate([PROMPTS[2], PROMPTS[0]], 12).tokens
+    assert streamed[-1] == got.tokens and len(streamed) == got.steps + 1
+    start, decode = gen.prepare([PROMPTS[2]], 12, greedy, keep_state=True)
+    state = start()
+    first, again = decode(state, 3), decode(state, 3)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(state.cache))
+    np.testing.assert_array_equal(np.asarray(first.out), np.asarray(again.out))
+
+
 def test_tree_needing_more_masks_than_the_adapter_is_refused(setup):
     cfg, params = setup
     bp = models.init_bita_params(cfg, models.BitaConfig(num_masks=2), jax.random.key(1))

@@ -309,11 +309,11 @@ class BitaGenerator(engine.Engine):
     def run_params(self):
         return (self.params, self.bita_params)
 
-    def prepare(self, prompts, max_new_tokens, sp, seed=0):
+    def prepare(self, prompts, max_new_tokens, sp, seed=0, keep_state=False):
         if self.tree.dynamic and float(sp.temperature) > 0:
             raise GenerationError(f"tree {self.tree.name!r} is dynamic, which decodes greedily "
                                   "only: sample with a static tree (e.g. upper-triangle)")
-        return super().prepare(prompts, max_new_tokens, sp, seed)
+        return super().prepare(prompts, max_new_tokens, sp, seed, keep_state)
 
     def static_args(self) -> dict:
         return dict(eos_ids=self.eos_ids, tree=self.tree)

@@ -389,16 +389,17 @@ class Engine:
         out_slots = bucket(max_new_tokens, 64)
         return tp, request_slots(longest, out_slots), out_slots
 
-    def _executable(self, name, fn, args, static, shardings=None):
+    def _executable(self, name, fn, args, static, shardings=None, donate: tuple[int, ...] = ()):
         """`fn` compiled for `args` (and `static` keyword args), once per shape key; on a mesh,
-        `shardings` = (in_shardings, out_shardings) are part of the key and of the jit."""
+        `shardings` = (in_shardings, out_shardings) are part of the key and of the jit. The
+        args at `donate` are donated (their buffers reused for the outputs)."""
         key = (self.cfg, type(self).__name__, name, tuple(static.items()), jax.tree.structure(args),
-               (PREFILL_CHUNK, layers.CACHE_BLOCK),
+               (PREFILL_CHUNK, layers.CACHE_BLOCK), donate,
                tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args) if hasattr(a, "shape")))
-        jit_kwargs = {}
+        jit_kwargs = {"donate_argnums": donate} if donate else {}
         if shardings is not None:
             key += (jax.tree.structure(shardings), tuple(jax.tree.leaves(shardings)))
-            jit_kwargs = dict(in_shardings=shardings[0], out_shardings=shardings[1])
+            jit_kwargs.update(in_shardings=shardings[0], out_shardings=shardings[1])
         exe = EXECUTABLES.pop(key, None)
         if exe is None:
             t0 = time.perf_counter()
@@ -426,11 +427,14 @@ class Engine:
         return prompt, lens, max_new
 
     def prepare(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sp: SamplingParams,
-                seed: int = 0):
+                seed: int = 0, keep_state: bool = False):
         """Pads the prompts and compiles (once per shape) prefill and decode; runs nothing.
 
         Returns (start, decode): `start()` runs the prefill and returns the first `DecodeState`;
-        `decode(state, max_steps)` runs up to `max_steps` steps in one `lax.while_loop`.
+        `decode(state, max_steps)` runs up to `max_steps` steps in one `lax.while_loop` and
+        returns the next state. It consumes `state` (donated: the cache is updated in place, not
+        copied per call, which a streamed generation makes once per step), unless
+        `keep_state` (then a timing loop may decode the same state again).
         """
         tp, capacity, out_slots = self.shapes([len(p) for p in prompts], max_new_tokens)
         prompt, lens, max_new = self._host_inputs(prompts, max_new_tokens, tp)
@@ -457,7 +461,7 @@ class Engine:
         state_shape = prefill_exe.out_info  # the first DecodeState, as shapes (no new trace)
         decode_args = (params, state_shape, max_new, sp, np.int32(0))
         decode_exe = self._executable("decode", self.decode_fn(), decode_args, self.static_args(),
-                                      decode_sh)
+                                      decode_sh, donate=() if keep_state else (1,))
 
         def steps(max_steps):
             if self.mesh is None:
@@ -492,9 +496,10 @@ class Engine:
         if on_tokens is None:
             state = decode(state, max_new_tokens)
         else:
-            while True:
-                on_tokens(_tokens(state)[: len(prompts)])
-                if bool(jnp.all(state.done)):
+            while True:  # one fetch per step: the tokens so far and which rows are done
+                out, num, done = placement.fetch((state.out, state.num_new, state.done))
+                on_tokens([row[:n].tolist() for row, n in zip(out, num)][: len(prompts)])
+                if done.all():
                     break
                 state = decode(state, 1)
         b = len(prompts)

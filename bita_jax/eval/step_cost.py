@@ -131,7 +131,8 @@ def decode_fn(gen: engine.Engine, prompt: Sequence[int], steps: int,
               step_tokens: int = 1) -> Callable[[], jax.Array]:
     """A call that runs `steps` real decode steps of `gen` (an engine built with no EOS ids,
     emitting at most `step_tokens` per step) after the prefill of `prompt`."""
-    start, decode = gen.prepare([list(prompt)], steps * step_tokens + 1, SamplingParams.greedy())
+    start, decode = gen.prepare([list(prompt)], steps * step_tokens + 1, SamplingParams.greedy(),
+                                keep_state=True)
     state = start()
     return lambda: decode(state, steps).steps
 

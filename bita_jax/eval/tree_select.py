@@ -278,9 +278,10 @@ def step_seconds(gens: Mapping[str, Engine], prompt_ids: Sequence[int], max_new_
     for _ in range(repeats):
         for name, (start, decode) in runs.items():
             state = jax.block_until_ready(start())
+            before = int(state.steps)  # `decode` consumes the state
             t0 = time.perf_counter()
             end = jax.block_until_ready(decode(state, steps))
-            ran = int(end.steps) - int(state.steps)
+            ran = int(end.steps) - before
             if ran:
                 best[name] = min(best[name], (time.perf_counter() - t0) / ran)
     return best
