@@ -268,7 +268,7 @@ def _chunked_prefill(cfg, base_params, prompt, prompt_len, cache):
         hidden, block_kv = models.forward(cfg, base_params, tokens, positions, mask, cache)
         real = jnp.clip(prompt_len - start, 0, chunk)
         cache = kv_cache.commit(cache, block_kv, jnp.broadcast_to(jnp.arange(chunk), (b, chunk)),
-                                real, after=hidden)
+                                real)
         last = prompt_len - 1 - start  # the last prompt token's index in this chunk, if there
         here = jnp.take_along_axis(hidden, jnp.clip(last, 0, chunk - 1)[:, None, None], axis=1)
         last_hidden = jnp.where(((last >= 0) & (last < chunk))[:, None], here[:, 0], last_hidden)
