@@ -62,7 +62,6 @@ def test_unrolled_forward_and_cache_equal_the_scanned_ones(cfg):
     np.testing.assert_allclose(jnp.stack(c1.v), c0.v, atol=1e-5)
 
 
-
 @pytest.mark.parametrize("cfg", [LLAMA, FALCON], ids=["llama", "falcon"])
 def test_many_rows_take_the_plain_product_and_equal_the_scanned_layout(cfg):
     """A forward of 2 x 160 tokens (320 rows: `layers.product_t`'s plain form, and the per-head
@@ -78,6 +77,7 @@ def test_many_rows_take_the_plain_product_and_equal_the_scanned_layout(cfg):
     np.testing.assert_allclose(got, want, atol=1e-5)
     for a, w in zip(got_kv, want_kv):
         np.testing.assert_allclose(a, w, atol=1e-5)
+
 
 def test_decoding_uses_the_unrolled_layout_on_cpu():
     params = models.init_params(LLAMA, jax.random.key(0))
