@@ -82,10 +82,13 @@ def test_plain_model_and_bad_input(llm):
 
 
 def test_a_space_adapter_decodes_its_fine_tuned_model(llm, tmp_path):
-    """A SPACE adapter (random, non-zero LoRA) loads by directory: the method comes from the
-    adapter, the tree defaults to SPACE's chain, plain decoding is the fine-tuned model's greedy
-    (not the base model's), and SPACE's decoding equals it token for token."""
+    """A SPACE adapter (random, non-zero LoRA, stored in fp16 as the shipped one is) loads by
+    directory: the method comes from the adapter, the tree defaults to SPACE's chain, plain
+    decoding is the fine-tuned model's greedy (not the base model's), and SPACE's decoding
+    equals it token for token."""
     import jax
+    import numpy as np
+    from safetensors.numpy import load_file
 
     from bita_jax import models
 
@@ -94,7 +97,13 @@ def test_a_space_adapter_decodes_its_fine_tuned_model(llm, tmp_path):
     keys = iter(jax.random.split(jax.random.key(1), 32))
     params["lora"] = jax.tree.map(lambda a: 0.05 * jax.random.normal(next(keys), a.shape),
                                   params["lora"])
-    models.save_adapter(tmp_path, params, bcfg, llm.loaded.identity())
+    models.save_adapter(tmp_path, params, bcfg, llm.loaded.identity(), dtype="float16")
+    stored = load_file(str(tmp_path / "adapter.safetensors"))
+    assert {a.dtype for a in stored.values()} == {np.dtype(np.float16)}
+    loaded, _, _ = models.load_adapter(tmp_path, llm.cfg, llm.loaded.identity())
+    for target, ab in params["lora"].items():  # the fp16-rounded values, as fp32
+        want = np.asarray(ab["a"], np.float16).astype(np.float32)
+        assert np.array_equal(np.asarray(loaded["lora"][target]["a"]), want), target
     space = bita_jax.load("smollm2-135m", adapter=tmp_path)
     assert space.method == "space" and space.tree.name == "chain"
     out = space.generate(PROMPT, max_new_tokens=24)

@@ -1,7 +1,8 @@
 """Exported adapters: the BiTA params on disk, with what they were trained for.
 
 An adapter is a directory with `adapter.safetensors` (the `prefix` and `mask_embed` arrays, and
-`lora.<target>.a|b` with a LoRA; fp32) and `adapter.json` (the `BitaConfig`, its method
+`lora.<target>.a|b` with a LoRA; fp32, or fp16 to halve a LoRA adapter on disk; loaded as
+fp32) and `adapter.json` (the `BitaConfig`, its method
 included, the base model's identity, and training metadata).
 `load_adapter` refuses an adapter whose recorded base model differs from the one it is loaded
 onto (any of `config.IDENTITY_FIELDS`, or the weights fingerprint).
@@ -31,13 +32,21 @@ class AdapterError(ValueError):
 
 
 def save_adapter(directory: str | pathlib.Path, bita_params, bcfg: BitaConfig,
-                 base_identity: Mapping[str, Any], metadata: Mapping[str, Any] | None = None):
-    """Writes `adapter.safetensors` + `adapter.json` into `directory` (created if needed)."""
+                 base_identity: Mapping[str, Any], metadata: Mapping[str, Any] | None = None,
+                 dtype: str = "float32"):
+    """Writes `adapter.safetensors` + `adapter.json` into `directory` (created if needed).
+
+    dtype: how the arrays are stored, "float32" or "float16" (half the bytes, for a shipped
+      LoRA: the weights loaded are then the fp16-rounded ones, cast to fp32, and decoding is
+      lossless against the model those define).
+    """
     from safetensors.numpy import save_file
 
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"adapter dtype {dtype!r}: use float32 or float16")
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.asarray(jax.device_get(v), np.float32)
+    arrays = {k: np.asarray(jax.device_get(v), np.float32).astype(dtype)
               for k, v in flatten(bita_params).items()}
     tmp = directory / (ADAPTER_WEIGHTS + ".tmp")
     save_file(arrays, str(tmp))
@@ -96,6 +105,9 @@ def load_adapter(directory: str | pathlib.Path, cfg: ModelConfig,
             raise AdapterError(
                 f"adapter {key} has shape {tuple(arrays[key].shape)} but this model needs {shape}: "
                 "the adapter belongs to another base model")
+        if arrays[key].dtype not in (np.float32, np.float16):
+            raise AdapterError(f"adapter {key} in {weights} is {arrays[key].dtype}: expected "
+                               "float32 or float16; re-export the adapter")
         if not np.all(np.isfinite(arrays[key])):
             raise AdapterError(f"adapter {key} in {weights} contains NaN/inf: corrupt adapter")
     params = unflatten({k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()})
