@@ -76,6 +76,7 @@ def test_cli_json_contract(smollm2, hf_greedy):
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["--max-new-tokens", "9000"], "exceeds the cache size"),
     (["--max-cache", "64", "--max-new-tokens", "60"], "exceeds the cache size 64"),
+    (["--compare", "--compare-runs", "0"], "--compare-runs must be at least 1, got 0"),
 ])
 def test_cli_errors_are_one_line(args, message):
     run = _cli("--prompt", "hello", *args)
@@ -120,7 +121,7 @@ def test_shipped_space_adapter_decodes_its_fine_tuned_model():
     assert os.path.isfile(os.path.join(space, "adapter.safetensors")), \
         "adapters/smollm2-135m-space must ship with the repository"
     run = _cli("--prompt", CHATS[3], "--max-new-tokens", "64", "--json", "--compare",
-               "--tree", "chain", "--adapter", space)
+               "--tree", "chain", "--adapter", space, "--compare-runs", "1")
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert report["mode"] == "space" and report["tree"] == "chain", report
