@@ -175,7 +175,7 @@ def main(argv=None) -> int:
         first = result = run(True, stream=not args.json)
         baseline = None
         if args.compare:  # the engines take turns, each keeps its fastest run
-            timed = [] if not args.json else [first]  # a streamed run pays its round trips
+            timed = []  # as many runs each (the first, streamed or not, also compiled)
             for _ in range(args.compare_runs):
                 greedy = run(False)
                 if baseline is None or greedy.seconds < baseline.seconds:
