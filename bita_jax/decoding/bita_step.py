@@ -18,6 +18,7 @@ steps compiles once per (model, tree, batch, cache capacity).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import flax.struct
 import jax
@@ -25,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bita_jax import models
-from bita_jax.decoding import dynamic_tree, engine, lookup, placement
+from bita_jax.decoding import ar, dynamic_tree, engine, lookup, placement
+from bita_jax.decoding.fallback import Fallback, FallbackState, init_state, run_adaptive
 from bita_jax.decoding.engine import HEADROOM, DecodeState, GenerationError
 from bita_jax.decoding.sampling import SamplingParams, filtered_logits
 from bita_jax.decoding.tree import Layout, Tree
@@ -38,12 +40,16 @@ NO_DRAFT = lookup.NO_DRAFT
 @flax.struct.dataclass
 class BitaState(DecodeState):
     """`DecodeState` plus drafts: [B, Nn] the tree's node tokens for the next step, history:
-    [B, S] every token by position (prompt and output; [B, 0] without a lookup branch), and
-    node_paths: [B, Nn] a dynamic tree's nodes as candidate indices ([B, 0] for a static tree)."""
+    [B, S] every token by position (prompt and output; [B, 0] without a lookup branch),
+    node_paths: [B, Nn] a dynamic tree's nodes as candidate indices ([B, 0] for a static tree),
+    and fallback: the scalars of the switch to plain steps (`fallback.FallbackState`)."""
+
+    replicated: ClassVar[tuple[str, ...]] = DecodeState.replicated + ("fallback",)
 
     drafts: jnp.ndarray
     history: jnp.ndarray
     node_paths: jnp.ndarray
+    fallback: FallbackState
 
 
 def next_drafts(logits, lay: Layout, group_rows, shift, retrieved=None):
@@ -75,7 +81,7 @@ def retrieve(tree: Tree, history, newest):
 
 def bita_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: SamplingParams | None,
                  rng, *, capacity: int, out_slots: int, eos_ids: tuple[int, ...],
-                 tree: Tree) -> BitaState:
+                 tree: Tree, fallback: Fallback | None = None) -> BitaState:
     """Prompts [B, Tp] plus one mask group after each prompt: first token and first drafts."""
     base_params, bita_params = params
     lay = tree.layout
@@ -98,7 +104,8 @@ def bita_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: Samp
         node_paths = jnp.zeros((b, 0), jnp.int32)
     return engine.first_state(BitaState, cache, first, rng, max_new, out_slots=out_slots,
                               eos_ids=eos_ids, step_tokens=lay.max_depth + 1, drafts=drafts,
-                              history=history, node_paths=node_paths)
+                              history=history, node_paths=node_paths,
+                              fallback=init_state(fallback))
 
 
 def verify_greedy(pred, drafts, lay: Layout):
@@ -220,6 +227,19 @@ def bita_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new,
                    history=history)
 
 
+def plain_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new,
+               eos_ids: tuple[int, ...], sp: SamplingParams | None = None) -> BitaState:
+    """A plain 1-token step of the base model (`ar.ar_step`) on BiTA's state, for `Fallback`:
+    the drafts are left as they are, the lookup history gets the new token."""
+    base_params, _ = params
+    new = ar.ar_step(cfg, base_params, state, max_new, sp, eos_ids)
+    if not tree.lookup:
+        return new
+    count = new.num_new - state.num_new
+    return new.replace(history=lookup.append(state.history, state.cache.length,
+                                             new.last[:, None], count))
+
+
 def step_forward(cfg: ModelConfig, params, state: BitaState, mask_ids, offsets, mask):
     """The step's forward: tokens [B, T] (`[root | nodes | masks]`), logits [B, T, V] and the
     block's keys/values. offsets [T] or [B, T], mask [T, T] or [B, T, T] (static or per row)."""
@@ -292,8 +312,11 @@ class BitaGenerator(engine.Engine):
 
     def __init__(self, cfg: ModelConfig, params, bita_params, tree: Tree,
                  eos_ids: Sequence[int] | None = None, max_cache: int | None = None,
-                 mesh=None):
+                 mesh=None, fallback: Fallback | None = None):
+        """`fallback`: switch to plain steps where the drafts do not pay (`fallback.py`);
+        None: tree steps throughout."""
         super().__init__(cfg, params, eos_ids, max_cache, mesh)
+        self.fallback = fallback
         masks = bita_params["mask_embed"].shape[0]
         if tree.num_masks > masks:
             raise GenerationError(f"tree {tree.name!r} needs {tree.num_masks} masks but the "
@@ -316,23 +339,33 @@ class BitaGenerator(engine.Engine):
         return super().prepare(prompts, max_new_tokens, sp, seed, keep_state)
 
     def static_args(self) -> dict:
-        return dict(eos_ids=self.eos_ids, tree=self.tree)
+        return dict(eos_ids=self.eos_ids, tree=self.tree, fallback=self.fallback)
 
     def prefill_fn(self):
         cfg = self.cfg
 
-        def fn(params, prompt, lens, max_new, sp, rng, capacity, out_slots, eos_ids, tree):
+        def fn(params, prompt, lens, max_new, sp, rng, capacity, out_slots, eos_ids, tree,
+               fallback):
             return bita_prefill(cfg, params, prompt, lens, max_new, sp, rng, capacity=capacity,
-                                out_slots=out_slots, eos_ids=eos_ids, tree=tree)
+                                out_slots=out_slots, eos_ids=eos_ids, tree=tree,
+                                fallback=fallback)
 
         return fn
 
     def decode_fn(self):
         cfg = self.cfg
 
-        def decode(params, state, max_new, sp, max_steps, eos_ids, tree):
+        def decode(params, state, max_new, sp, max_steps, eos_ids, tree, fallback):
             engine.TRACES[("bita", cfg, tree)] += 1
-            return engine.run_steps(
-                lambda s: bita_step(cfg, tree, params, s, max_new, eos_ids, sp), state, max_steps)
+
+            def step(s):
+                return bita_step(cfg, tree, params, s, max_new, eos_ids, sp)
+
+            if fallback is not None:
+                def plain(s):
+                    return plain_step(cfg, tree, params, s, max_new, eos_ids, sp)
+
+                return run_adaptive(step, plain, fallback, state, max_steps)
+            return engine.run_steps(step, state, max_steps)
 
         return decode

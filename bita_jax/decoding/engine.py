@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import flax.struct
 import jax
@@ -73,6 +74,9 @@ class DecodeState:
     step can emit, 1 for plain decoding); the prefill's token is not counted.
     Methods that carry more (BiTA's drafts) subclass it.
     """
+
+    # Fields shared by the batch, not per row: replicated on a mesh (`placement`).
+    replicated: ClassVar[tuple[str, ...]] = ("steps", "rng")
 
     cache: kv_cache.KVCache
     out: jnp.ndarray

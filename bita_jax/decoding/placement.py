@@ -98,8 +98,8 @@ class StateShardings:
 
     def state(self, state_type: type, per_layer: bool = False):
         """A `state_type` (a `DecodeState` dataclass) whose leaves are the fields' shardings:
-        the cache by batch and kv heads, `steps` and `rng` replicated, every other field a
-        per-row array sharded by batch."""
+        the cache by batch and kv heads, the batch's scalars (`state_type.replicated`: steps,
+        rng, ...) replicated, every other field a per-row array sharded by batch."""
         layers = self.cfg.num_layers
         if per_layer:
             kv = tuple(self.cache_per_layer for _ in range(layers))
@@ -109,7 +109,7 @@ class StateShardings:
         for field in dataclasses.fields(state_type):
             if field.name == "cache":
                 fields["cache"] = kv_cache.KVCache(kv, kv, self.batch)
-            elif field.name in ("steps", "rng"):
+            elif field.name in state_type.replicated:
                 fields[field.name] = self.replicated
             else:
                 fields[field.name] = self.batch
