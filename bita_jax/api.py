@@ -28,6 +28,7 @@ from bita_jax import sharding
 from bita_jax.checkpoints import loading
 from bita_jax.decoding import ar, bita_step
 from bita_jax.decoding.engine import Engine, GenerationResult, decode_layout
+from bita_jax.decoding.fallback import Fallback
 from bita_jax.decoding.sampling import SamplingParams
 from bita_jax.decoding.tree import Tree, auto_tree_name
 from bita_jax.models.bita_params import BitaConfig, decoding_params
@@ -50,6 +51,8 @@ class Completion:
       mode: "bita", "space" (the adapter's method) or "plain", with "-sampled" when
         temperature > 0.
       tree: the BiTA tree's name, or None for plain decoding.
+      plain_steps: of the batch's steps, those run as plain steps where the drafts did not pay
+        (`load(..., fallback=True)` with `tree="auto"`).
     """
 
     text: str
@@ -62,6 +65,7 @@ class Completion:
     finish_reason: str
     mode: str
     tree: str | None
+    plain_steps: int = 0
 
     @property
     def new_tokens(self) -> int:
@@ -78,7 +82,8 @@ class LLM:
     Build one with `bita_jax.load`. Attributes: `name`, `cfg` (ModelConfig), `params` (base
     pytree), `tokenizer`, `bita_params` and `bita_config` (None without an adapter), `tree` (None
     without an adapter), `adapter` (the adapter directory, `random:...` or "none"), `method`
-    ("bita", "space", or None without an adapter).
+    ("bita", "space", or None without an adapter), `fallback` (whether `tree="auto"` decoding
+    switches to plain steps where the drafts do not pay).
 
     A SPACE adapter fine-tunes the model: `params` are then the base weights with its LoRA
     merged, and plain decoding (`use_bita=False`) is that fine-tuned model's greedy decoding,
@@ -87,7 +92,8 @@ class LLM:
 
     def __init__(self, loaded: loading.LoadedModel, bita_params=None,
                  bita_config: BitaConfig | None = None, tree: Tree | None = None,
-                 adapter: str = "none", max_cache: int | None = None, mesh: Mesh | None = None):
+                 adapter: str = "none", max_cache: int | None = None, mesh: Mesh | None = None,
+                 fallback: bool = True):
         if (bita_params is None) != (tree is None):
             raise ValueError("BiTA params and a tree go together: pass both or neither")
         # Decoding's layout (unrolled on CPU; on a mesh, the sharded params as loaded), kept
@@ -106,10 +112,11 @@ class LLM:
         self.adapter = adapter
         self.method = bita_config.method if bita_config is not None else None
         self.max_cache = max_cache
+        self.fallback = fallback
         self.tree_choice = None  # `auto_tree.Choice` when `--tree auto` chose by measurement
         self.auto = None  # (acceptance statistics, candidates, cost curve) of `--tree auto`
         self._choices: dict[int, Any] = {}  # context bucket -> `auto_tree.Choice`
-        self._engines: dict[str | None, Engine] = {}  # tree name (None: plain) -> engine
+        self._engines: dict[Any, Engine] = {}  # (tree name, Fallback) or None (plain) -> engine
 
     def __repr__(self) -> str:
         bita = f"adapter={self.adapter!r}, tree={self.tree.name!r}" if self.tree else "no adapter"
@@ -156,19 +163,33 @@ class LLM:
 
         return self._choices[auto_tree.context_bucket(prompt_tokens)]
 
+    def fallback_for(self, prompt_tokens: int | None = None) -> Fallback | None:
+        """The switch to plain steps for prompts of `prompt_tokens` tokens (None: chat length):
+        with `tree="auto"` and `fallback`, at the chosen tree's measured break-even (its step
+        cost over a plain step's at that context, `auto_tree.Choice.break_even`); else None."""
+        if self.auto is None or not self.fallback:
+            return None
+        from bita_jax.eval import auto_tree
+
+        choice = self.auto_choice(auto_tree.CONTEXT if prompt_tokens is None else prompt_tokens)
+        return Fallback(break_even=round(choice.break_even, 3))
+
     def engine(self, use_bita: bool = True, prompt_tokens: int | None = None) -> Engine:
         """The jitted engine: BiTA when `use_bita` and an adapter is loaded, else plain. With
         `tree="auto"`, the tree (or plain decoding) chosen for prompts of `prompt_tokens`
-        tokens (`tree_for`; None: the tree chosen at load, for chat-length prompts)."""
-        tree = None
+        tokens (`tree_for`; None: the tree chosen at load, for chat-length prompts), switching
+        to plain steps where its drafts do not pay (`fallback_for`)."""
+        tree = fallback = None
         if use_bita and self.has_bita:
             tree = self.tree if prompt_tokens is None else self.tree_for(prompt_tokens)
-        key = None if tree is None else tree.name
+        if tree is not None:
+            fallback = self.fallback_for(prompt_tokens)
+        key = None if tree is None else (tree.name, fallback)
         if key not in self._engines:
             if tree is not None:
                 self._engines[key] = bita_step.BitaGenerator(
                     self.cfg, self.params, self.bita_params, tree, max_cache=self.max_cache,
-                    mesh=self.mesh)
+                    mesh=self.mesh, fallback=fallback)
             else:
                 self._engines[key] = ar.Generator(self.cfg, self.params,
                                                   max_cache=self.max_cache, mesh=self.mesh)
@@ -244,7 +265,8 @@ class LLM:
                 token_ids=list(tokens), prompt_tokens=len(prompt_ids), steps=steps,
                 tokens_per_step=(len(tokens) - 1) / steps if steps else 1.0,
                 seconds=result.seconds, compile_seconds=result.compile_seconds,
-                finish_reason=finish, mode=mode, tree=gen.tree.name if is_bita else None))
+                finish_reason=finish, mode=mode, tree=gen.tree.name if is_bita else None,
+                plain_steps=result.plain_steps))
         return out
 
 
@@ -289,7 +311,7 @@ def load_base(model: str | os.PathLike = loading.DEFAULT_MODEL, dtype: str = "fl
 
 def load(model: str | os.PathLike = loading.DEFAULT_MODEL, adapter: str | os.PathLike | None =
          "default", tree: str = "auto", dtype: str = "float32", mesh: Mesh | str | None = None,
-         max_cache: int | None = None) -> LLM:
+         max_cache: int | None = None, fallback: bool = True) -> LLM:
     """Loads a base model and its BiTA adapter, ready to generate.
 
     Args:
@@ -315,6 +337,10 @@ def load(model: str | os.PathLike = loading.DEFAULT_MODEL, adapter: str | os.Pat
         rows and kv heads, and a batch is padded to the 'data' size.
       max_cache: the longest prompt + max_new_tokens accepted (default and upper limit: the
         model's context length); the cache itself is sized per request.
+      fallback: with `tree="auto"`, the decode loop switches to plain steps (lossless, on
+        device) wherever the drafts accept fewer tokens per step than the chosen tree's step
+        costs over a plain step's, and tries the tree again after a pause
+        (`decoding.fallback`); False: tree steps throughout. A fixed tree never switches.
 
     Raises:
       ModelLoadError, ConfigError: an unknown, unreadable or unsupported model.
@@ -327,13 +353,13 @@ def load(model: str | os.PathLike = loading.DEFAULT_MODEL, adapter: str | os.Pat
         shipped = loading.shipped_adapter(loaded)
         spec = "none" if shipped is None else str(shipped)
     if spec == "none":
-        return LLM(loaded, adapter="none", max_cache=max_cache, mesh=mesh)
+        return LLM(loaded, adapter="none", max_cache=max_cache, mesh=mesh, fallback=fallback)
     bita_params, bita_config, _ = loading.load_bita(spec, loaded)
     name = tree
     if tree == "auto":  # SPACE decodes with its chain; BiTA with the backend's tree
         name = "chain" if bita_config.method == "space" else auto_tree_name(jax.default_backend())
     llm = LLM(loaded, bita_params, bita_config, Tree.make(name, bita_config.num_masks),
-              adapter=spec, max_cache=max_cache, mesh=mesh)
+              adapter=spec, max_cache=max_cache, mesh=mesh, fallback=fallback)
     if tree == "auto" and llm.mesh is None:
         _choose_tree(llm, spec)
     return llm

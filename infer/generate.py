@@ -57,6 +57,9 @@ def parse_args(argv=None):
                    help="upper-triangle[:K] | chain | full[:K] (+ -pruned, @D) | FILE.json | auto "
                         "(auto: chain@1 on CPU, where a step's cost grows with its tokens; "
                         "upper-triangle on GPU/TPU; see docs/benchmarks.md)")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="--tree auto: draft every step, even where the drafts do not pay (by "
+                        "default the loop switches to plain steps there, and back; lossless)")
     p.add_argument("--compare", action="store_true",
                    help="also run plain greedy on the same prompt: times, speedup, identical ids")
     p.add_argument("--compare-runs", type=int, default=2,
@@ -134,7 +137,8 @@ def main(argv=None) -> int:
     try:
         status(f"loading {args.model} ...", quiet=args.json)
         llm = bita_jax.load(args.model, adapter=args.adapter, tree=args.tree, dtype=args.dtype,
-                            max_cache=args.max_cache, mesh=args.mesh)
+                            max_cache=args.max_cache, mesh=args.mesh,
+                            fallback=not args.no_fallback)
         if llm.mesh is not None:
             status(f"mesh {dict(llm.mesh.shape)} over {llm.mesh.size} devices", quiet=args.json)
         prompt_ids = llm.encode(args.prompt, chat=not args.raw, system=args.system)
@@ -166,7 +170,9 @@ def main(argv=None) -> int:
             if choice is not None and tree is not None:  # --tree auto chose by measurement
                 best = next(p for p in choice.predictions if p.tree == tree.name)
                 what += (f" (auto: predicted {best.tokens_per_step:.2f} tokens/step at "
-                         f"{best.step_ms / best.ar_step_ms:.2f}x a greedy step's cost)")
+                         f"{best.step_ms / best.ar_step_ms:.2f}x a greedy step's cost" +
+                         ("; plain steps where fewer are accepted)"
+                          if llm.fallback_for(len(prompt_ids)) else ")"))
             elif choice is not None:
                 what += (f" (auto: at {len(prompt_ids)} prompt tokens no tree is predicted "
                          f"{auto_tree.MIN_SPEEDUP:.1f}x faster than plain greedy; best "
@@ -195,6 +201,7 @@ def main(argv=None) -> int:
         "new_tokens": result.new_tokens,
         "steps": result.steps,
         "tokens_per_step": round(result.tokens_per_step, 3),
+        "plain_steps": result.plain_steps,
         "seconds": round(result.seconds, 4),
         "tokens_per_second": round(result.tokens_per_second, 2),
         "compile_seconds": round(first.compile_seconds, 2),
@@ -217,6 +224,8 @@ def main(argv=None) -> int:
     line = (f"[{report['new_tokens']} tokens in {report['seconds']:.2f}s = "
             f"{report['tokens_per_second']:.1f} tok/s; {report['steps']} steps after prefill, "
             f"{report['tokens_per_step']:.2f} tokens/step")
+    if result.plain_steps:
+        line += f" ({result.plain_steps} of the steps plain: the drafts did not pay there)"
     if baseline is not None:
         of = " of the fine-tuned model" if llm.method == "space" else ""
         line += (f"; plain {'sampling' if sampled else 'greedy'}{of} "

@@ -54,6 +54,10 @@ def parse_args(argv=None):
                         "selection split for a training source (sharegpt, code-alpaca, "
                         "alpaca-seeds), else the prompts after the set's own")
     p.add_argument("--no-hf", action="store_true", help="leave out the HF transformers engines")
+    p.add_argument("--fallback", action="store_true",
+                   help="also run each BiTA tree switching to plain steps where its drafts do not "
+                        "pay (break-even: the tree's step cost over a plain step's on this "
+                        "machine, the --tree auto curve)")
     p.add_argument("--prompt-lookup", type=int, default=10,
                    help="HF prompt_lookup_num_tokens (default 10)")
     p.add_argument("--repeats", type=int, default=1,
@@ -169,9 +173,20 @@ def main(argv=None) -> int:
                                       calibration, args.max_new_tokens,
                                       max_cache=args.max_cache, log=status)
         status(f"selected: {selection.chosen.tree}")
+    fallbacks = None
+    if args.fallback:
+        from bita_jax.decoding.fallback import Fallback
+        from bita_jax.eval import auto_tree
+
+        cost = auto_tree.CostCurve(loaded.cfg, llm.params, loaded.fingerprint).at(
+            auto_tree.CONTEXT)
+        fallbacks = {t.name: Fallback(round(cost(t.layout.num_tokens) / cost(1), 3))
+                     for t in trees}
+        config["fallback_break_even"] = {n: f.break_even for n, f in fallbacks.items()}
     report = report_lib.run_report(loaded, bita_params, trees, sets, args.max_new_tokens,
                                    selection=selection, hf=hf, max_cache=args.max_cache,
-                                   repeats=args.repeats, log=status, space=space)
+                                   repeats=args.repeats, log=status, space=space,
+                                   fallbacks=fallbacks)
     report["config"] = config
     if selection is not None:
         report["selection"] = selection.to_dict()

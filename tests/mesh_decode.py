@@ -28,6 +28,7 @@ from bita_jax import models, sharding  # noqa: E402
 from bita_jax.decoding import engine, memory_plan  # noqa: E402
 from bita_jax.decoding.ar import Generator  # noqa: E402
 from bita_jax.decoding.bita_step import BitaGenerator  # noqa: E402
+from bita_jax.decoding.fallback import Fallback  # noqa: E402
 from bita_jax.decoding.sampling import SamplingParams  # noqa: E402
 from bita_jax.decoding.tree import Tree  # noqa: E402
 from bita_jax.models import layers  # noqa: E402
@@ -63,7 +64,8 @@ def _bytes_on(tree, device) -> int:
 
 def _runs(cfg, bita, prompts, sampled: bool) -> dict:
     """kind -> fn(base params) -> GenerationResult: greedy and BiTA, and with `sampled` both
-    sampled too (the same seed gives the same draws on any mesh)."""
+    sampled too (the same seed gives the same draws on any mesh) and BiTA switching to plain
+    steps (`Fallback`: its verdicts are the batch's, reduced over the data axis)."""
     tree = Tree.make(TREE, 3)
     runs = {"greedy": lambda p: Generator(cfg, p).generate(prompts, MAX_NEW),
             "bita": lambda p: BitaGenerator(cfg, p, bita, tree).generate(prompts, MAX_NEW)}
@@ -71,6 +73,10 @@ def _runs(cfg, bita, prompts, sampled: bool) -> dict:
         runs["sampled"] = lambda p: Generator(cfg, p).generate(prompts, MAX_NEW, SAMPLED, 3)
         runs["bita_sampled"] = lambda p: BitaGenerator(cfg, p, bita, tree).generate(
             prompts, MAX_NEW, SAMPLED, 3)
+        fallback = Fallback(1.8, window=2, pause=2)
+        runs["bita_fallback"] = lambda p: BitaGenerator(cfg, p, bita, tree,
+                                                        fallback=fallback).generate(prompts,
+                                                                                    MAX_NEW)
     return runs
 
 

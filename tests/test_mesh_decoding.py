@@ -2,7 +2,8 @@
 
 `tests/mesh_decode.py` runs in its own process (XLA_FLAGS must be set before JAX starts): LLaMA
 (MHA, GQA) and Falcon (7B-style MQA, new decoder architecture), each on the meshes (data 1,
-model 8), (2, 4) and (8, 1), plain greedy and BiTA greedy (and, for GQA, both sampled) on a
+model 8), (2, 4) and (8, 1), plain greedy and BiTA greedy (and, for GQA, both sampled and BiTA
+with a `Fallback`) on a
 ragged batch of 3 prompts that runs the chunked prefill and the block-wise cache reads. Here we
 check its output: the same tokens as one device, and the cache and weights really split.
 """
@@ -35,7 +36,8 @@ def results():
 def test_mesh_gives_the_tokens_of_one_device(results, name, mesh):
     case = results[name]
     got = case[f"{mesh[0]}x{mesh[1]}"]["tokens"]
-    kinds = {"greedy", "bita"} | ({"sampled", "bita_sampled"} if name == "llama_gqa" else set())
+    kinds = {"greedy", "bita"} | ({"sampled", "bita_sampled", "bita_fallback"}
+                                  if name == "llama_gqa" else set())
     assert set(got) == kinds
     for kind in sorted(kinds):
         want = case["one_device"][kind]
@@ -47,6 +49,8 @@ def test_mesh_gives_the_tokens_of_one_device(results, name, mesh):
 def test_bita_is_lossless_and_accepts_drafts(results, name):
     one = results[name]["one_device"]
     assert one["bita"] == one["greedy"]
+    if name == "llama_gqa":  # BiTA that switches to plain steps (`Fallback`)
+        assert one["bita_fallback"] == one["greedy"]
     assert results[name]["tokens_per_step"] > 1.1  # the lookup branch's drafts were accepted
 
 

@@ -6,6 +6,7 @@
 Modules: `sampling` (greedy / top-k / top-p), `tree` (draft-tree templates and their static
 buffers), `engine` (the shared state, emission rule, prefill, while-loop and executables), `ar`
 (plain decoding), `bita_step` (BiTA's verify-and-draft step), `lookup` (retrieval drafts),
+`fallback` (plain steps where the drafts do not pay),
 `placement` (shardings of params, cache and state on a mesh; global inputs and outputs across
 processes) and `memory_plan` (per-device memory of decoding, from shapes).
 

@@ -27,8 +27,8 @@ import numpy as np
 
 from bita_jax import models
 from bita_jax.decoding import ar, dynamic_tree, engine, lookup, placement
-from bita_jax.decoding.fallback import Fallback, FallbackState, init_state, run_adaptive
 from bita_jax.decoding.engine import HEADROOM, DecodeState, GenerationError
+from bita_jax.decoding.fallback import Fallback, FallbackState, init_state, run_adaptive
 from bita_jax.decoding.sampling import SamplingParams, filtered_logits
 from bita_jax.decoding.tree import Layout, Tree
 from bita_jax.models import kv_cache
@@ -340,6 +340,9 @@ class BitaGenerator(engine.Engine):
 
     def static_args(self) -> dict:
         return dict(eos_ids=self.eos_ids, tree=self.tree, fallback=self.fallback)
+
+    def plain_steps(self, state: BitaState) -> int:
+        return int(placement.fetch(state.fallback.plain_steps))
 
     def prefill_fn(self):
         cfg = self.cfg

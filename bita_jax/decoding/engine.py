@@ -316,6 +316,7 @@ class GenerationResult:
     seconds: float
     compile_seconds: float
     step_hist: list[list[int]] = dataclasses.field(default_factory=list)
+    plain_steps: int = 0
 
     @property
     def new_tokens(self) -> int:
@@ -512,7 +513,13 @@ class Engine:
         steps, row_steps, step_hist = placement.fetch((state.steps, state.row_steps,
                                                        state.step_hist))
         return GenerationResult(tokens, int(steps), row_steps[:b].tolist(), seconds,
-                                self._compile_seconds, step_hist[:b].tolist())
+                                self._compile_seconds, step_hist[:b].tolist(),
+                                self.plain_steps(state))
+
+    def plain_steps(self, state: DecodeState) -> int:
+        """How many of the loop's steps were plain steps in a method that can switch to them
+        (BiTA's `Fallback`); 0 here."""
+        return 0
 
 
 def _tokens(state: DecodeState) -> list[list[int]]:

@@ -239,6 +239,13 @@ class Choice:
         return next(p.speedup for p in self.predictions if p.tree == self.tree.name)
 
     @property
+    def break_even(self) -> float:
+        """The chosen tree's measured step cost over a plain step's: the tokens per step below
+        which plain decoding is faster (`decoding.fallback.Fallback`)."""
+        p = next(p for p in self.predictions if p.tree == self.tree.name)
+        return p.step_ms / p.ar_step_ms
+
+    @property
     def beats_greedy(self) -> bool:
         """Whether the chosen tree predicts at least `MIN_SPEEDUP` (else plain greedy is used)."""
         return self.speedup >= MIN_SPEEDUP

@@ -95,7 +95,7 @@ def _ours_run(gen: Engine) -> Callable[[Sequence[int], int], dict]:
         r = gen.generate([list(ids)], max_new_tokens)
         return {"tokens": r.tokens[0], "new_tokens": len(r.tokens[0]), "seconds": r.seconds,
                 "steps": r.row_steps[0], "tokens_per_step": r.tokens_per_step,
-                "step_hist": r.step_hist[0]}
+                "step_hist": r.step_hist[0], "plain_steps": r.plain_steps}
 
     return run
 
@@ -131,6 +131,7 @@ def summarize(rows: Sequence[dict], hf_rows: Sequence[dict] | None,
         out["identical_hf"] = sum(r["tokens"] == h["tokens"] for r, h in zip(rows, hf_rows))
     if rows and "step_hist" in rows[0]:
         out["step_hist"] = np.sum([r["step_hist"] for r in rows], axis=0).tolist()
+        out["plain_steps"] = sum(r.get("plain_steps", 0) for r in rows)
     return out
 
 
@@ -168,7 +169,7 @@ def run_report(loaded, bita_params, trees,
                prompt_sets: dict[str, tuple[list[str], list[list[int]]]],
                max_new_tokens: int, *, selection=None, hf: dict | None = None,
                max_cache: int | None = None, repeats: int = 1, log: Log = bench.quiet,
-               space: tuple | None = None) -> dict:
+               space: tuple | None = None, fallbacks: dict | None = None) -> dict:
     """The whole report.
 
     Args:
@@ -182,6 +183,8 @@ def run_report(loaded, bita_params, trees,
       repeats: runs per prompt and engine (the fastest kept).
       space: (params, BitaConfig, trees) of a SPACE adapter, or None: adds SPACE greedy and
         one SPACE engine per tree.
+      fallbacks: {tree name: `Fallback`}: adds "BiTA {tree} +fallback", that tree switching to
+        plain steps where its drafts do not pay.
 
     Returns a JSON-ready dict: {"engines": {name: {kind, tree, step_tokens, nodes}},
     "selected": name or None, "sets": {set: {"prompts", "rows", "summary"}}}.
@@ -202,6 +205,13 @@ def run_report(loaded, bita_params, trees,
         info[f"BiTA {t.name}"] = {"kind": "bita", "tree": t.name,
                                   "step_tokens": t.layout.num_tokens,
                                   "nodes": t.layout.num_nodes, "selected": t.name == selected}
+        fallback = (fallbacks or {}).get(t.name)
+        if fallback is not None:
+            name = f"BiTA {t.name} +fallback"
+            gens[name] = BitaGenerator(cfg, params, bita_params, t, max_cache=max_cache,
+                                       fallback=fallback)
+            info[name] = {**info[f"BiTA {t.name}"], "selected": False,
+                          "break_even": fallback.break_even}
     if space is not None:
         space_params, space_cfg, space_trees = space
         tuned, masks = decoding_params(params, space_params, space_cfg)
@@ -255,6 +265,9 @@ def markdown(report: dict) -> str:
         for name, s in summary.items():
             e = report["engines"][name]
             label = name + (" (selected)" if e.get("selected") else "")
+            if "break_even" in e:
+                label += (f" (break-even {e['break_even']:.2f}; {s['plain_steps']} of "
+                          f"{s['steps']} steps plain)")
             n = s["prompts"]
             out.append(
                 f"| {label} | {e.get('step_tokens', '-')} | {s['tokens_per_step']:.2f} | "
