@@ -229,15 +229,20 @@ def bita_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new,
 
 def plain_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new,
                eos_ids: tuple[int, ...], sp: SamplingParams | None = None) -> BitaState:
-    """A plain 1-token step of the base model (`ar.ar_step`) on BiTA's state, for `Fallback`:
-    the drafts are left as they are, the lookup history gets the new token."""
+    """A plain 1-token step of the base model (`ar.ar_step`) on BiTA's state, for `Fallback`.
+    The mask drafts are left as they are (stale); a lookup branch's history gets the new token
+    and its drafts are looked up afresh, so the first tree step after a pause can accept them."""
     base_params, _ = params
     new = ar.ar_step(cfg, base_params, state, max_new, sp, eos_ids)
     if not tree.lookup:
         return new
     count = new.num_new - state.num_new
-    return new.replace(history=lookup.append(state.history, state.cache.length,
-                                             new.last[:, None], count))
+    history = lookup.append(state.history, state.cache.length, new.last[:, None], count)
+    lay = tree.layout
+    retrieved = retrieve(tree, history, new.cache.length)
+    drafts = jnp.where(lay.node_rank < 0, jnp.take(retrieved, lay.node_level, axis=1),
+                       new.drafts)
+    return new.replace(history=history, drafts=drafts)
 
 
 def step_forward(cfg: ModelConfig, params, state: BitaState, mask_ids, offsets, mask):

@@ -40,9 +40,9 @@ class Fallback:
     """
 
     break_even: float
-    window: int = 8
+    window: int = 32
     pause: int = 16
-    max_pause: int = 128
+    max_pause: int = 64
 
     def __post_init__(self):
         if not self.break_even > 0:
