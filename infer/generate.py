@@ -57,9 +57,10 @@ def parse_args(argv=None):
                    help="upper-triangle[:K] | chain | full[:K] (+ -pruned, @D) | FILE.json | auto "
                         "(auto: chain@1 on CPU, where a step's cost grows with its tokens; "
                         "upper-triangle on GPU/TPU; see docs/benchmarks.md)")
-    p.add_argument("--no-fallback", action="store_true",
-                   help="--tree auto: draft every step, even where the drafts do not pay (by "
-                        "default the loop switches to plain steps there, and back; lossless)")
+    p.add_argument("--fallback", action="store_true",
+                   help="--tree auto: switch to plain steps where the drafts accept fewer tokens "
+                        "per step than the tree's measured cost, and back after a pause "
+                        "(lossless; see docs/benchmarks.md for when it pays)")
     p.add_argument("--compare", action="store_true",
                    help="also run plain greedy on the same prompt: times, speedup, identical ids")
     p.add_argument("--compare-runs", type=int, default=2,
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
         status(f"loading {args.model} ...", quiet=args.json)
         llm = bita_jax.load(args.model, adapter=args.adapter, tree=args.tree, dtype=args.dtype,
                             max_cache=args.max_cache, mesh=args.mesh,
-                            fallback=not args.no_fallback)
+                            fallback=args.fallback)
         if llm.mesh is not None:
             status(f"mesh {dict(llm.mesh.shape)} over {llm.mesh.size} devices", quiet=args.json)
         prompt_ids = llm.encode(args.prompt, chat=not args.raw, system=args.system)

@@ -185,6 +185,13 @@ def test_auto_tree_decodes_losslessly(tmp_path, monkeypatch):
     want = Generator(llm.cfg, llm.params).generate(prompts, 24).tokens
     got = BitaGenerator(llm.cfg, llm.params, llm.bita_params, llm.tree).generate(prompts, 24)
     assert got.tokens == want
+    # fallback=True: the auto tree's engine switches to plain steps below the chosen tree's
+    # measured break-even (its step cost over a plain step's), still lossless; off by default
+    assert llm.engine(True, prompt_tokens=4).fallback is None
+    switching = bita_jax.load("tiny", adapter=str(adapter), fallback=True)
+    gen = switching.engine(True, prompt_tokens=4)
+    assert gen.fallback.break_even == round(switching.tree_choice.break_even, 3) > 0
+    assert gen.generate(prompts, 24).tokens == want
 
     # Per prompt length, on a machine where every bigger step is dear: long prompts decode
     # with plain greedy, chat-length ones keep the tree chosen at load (a curve measured once
