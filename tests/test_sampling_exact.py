@@ -21,6 +21,7 @@ import pytest
 from bita_jax import models
 from bita_jax.decoding.ar import Generator
 from bita_jax.decoding.bita_step import BitaGenerator, bonus_key, node_key
+from bita_jax.decoding.fallback import Fallback
 from bita_jax.decoding.sampling import SamplingParams, filtered_logits
 from bita_jax.decoding.tree import Tree
 from bita_jax.models.config import ModelConfig
@@ -134,6 +135,22 @@ def test_bita_sampling_matches_autoregressive_law(setups, name):
     for samples, law in zip(_pairs(tokens), _exact_pairs(params, wrong_knobs)):
         stat, critical = _chi2(samples, law)
         assert stat > critical, (stat, critical)
+
+
+def test_sampling_with_plain_steps_between_matches_too(setups):
+    """`Fallback` mixing the two kinds of step: tree step 1 loses its window (break-even 3),
+    step 2 is plain, step 3 a tree step again (uncounted). Each kind draws from the model's
+    own law, so the joint law of the tokens is still the autoregressive one."""
+    model, tree_name, knobs, _ = SETTINGS["bigram"]
+    params, bp = setups[model]
+    gen = BitaGenerator(CFG, params, bp, Tree.make(tree_name, 3),
+                        fallback=Fallback(3.0, window=1, pause=1, max_pause=1))
+    result = gen.generate([PROMPT] * ROWS, 4, SamplingParams.make(*knobs), seed=12)
+    assert all(len(t) == 4 for t in result.tokens)
+    assert result.plain_steps == 1
+    for samples, law in zip(_pairs(result.tokens), _exact_pairs(params, knobs)):
+        stat, critical = _chi2(samples, law)
+        assert stat < critical, (stat, critical)
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
