@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bita_jax import models
-from bita_jax.decoding import engine
+from bita_jax.decoding import engine, prefill
 from bita_jax.decoding.ar import Generator
 from bita_jax.decoding.bita_step import BitaGenerator
 from bita_jax.decoding.tree import Tree
@@ -61,7 +61,7 @@ def _prompts(cfg: ModelConfig, lens, seed: int = 0) -> list[list[int]]:
 
 
 def _prefill_and_next_logits(cfg, params, bita, prompts, capacity=96):
-    """engine.prefill of the prompts (with a 3-mask tail when `bita`), then one more token per
+    """prefill.prefill of the prompts (with a 3-mask tail when `bita`), then one more token per
     row through the cache: (cache, next-token logits [B, V], tail logits [B, 3, V] or None)."""
     b = len(prompts)
     tp = engine.prompt_bucket(max(len(p) for p in prompts))
@@ -72,8 +72,8 @@ def _prefill_and_next_logits(cfg, params, bita, prompts, capacity=96):
     tail = None
     if bita is not None:
         masks = jnp.broadcast_to(cfg.vocab_size + jnp.arange(3, dtype=jnp.int32), (b, 3))
-        tail = engine.Tail(masks, np.arange(3, dtype=np.int32), engine.causal_mask(3))
-    cache, _, tail_hidden, _ = engine.prefill(cfg, params, jnp.asarray(prompt), lens, None,
+        tail = prefill.Tail(masks, np.arange(3, dtype=np.int32), engine.causal_mask(3))
+    cache, _, tail_hidden, _ = prefill.prefill(cfg, params, jnp.asarray(prompt), lens, None,
                                               jax.random.key(0), capacity=capacity, tail=tail,
                                               bita_params=bita)
     nxt = jnp.full((b, 1), 7, jnp.int32)
@@ -226,7 +226,7 @@ def test_chunked_prefill_pads_a_prompt_width_off_the_chunk(monkeypatch):
     lens = jnp.asarray(PROMPT_LENS, jnp.int32)
 
     def first_tokens(capacity):
-        return np.asarray(engine.prefill(cfg, params, jnp.asarray(prompt), lens, None,
+        return np.asarray(prefill.prefill(cfg, params, jnp.asarray(prompt), lens, None,
                                          jax.random.key(0), capacity=capacity)[1])
 
     want = first_tokens(64)
@@ -251,7 +251,7 @@ def test_a_cache_that_holds_only_the_filled_chunks(monkeypatch):
         prompt[i, :len(p)] = p
 
     def run(capacity):
-        cache, first, _, _ = engine.prefill(cfg, params, jnp.asarray(prompt),
+        cache, first, _, _ = prefill.prefill(cfg, params, jnp.asarray(prompt),
                                             jnp.asarray(lens, jnp.int32), None,
                                             jax.random.key(0), capacity=capacity)
         return cache, np.asarray(first)

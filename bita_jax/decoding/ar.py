@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bita_jax import models
-from bita_jax.decoding import engine
+from bita_jax.decoding import engine, prefill
 from bita_jax.decoding.engine import DecodeState
 from bita_jax.decoding.sampling import SamplingParams, sample
 from bita_jax.models import kv_cache
@@ -23,7 +23,7 @@ from bita_jax.models.config import ModelConfig
 def ar_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: SamplingParams | None,
                rng, *, capacity: int, out_slots: int, eos_ids: tuple[int, ...]) -> DecodeState:
     """Runs the prompts [B, Tp] (right-padded, lengths [B]) and emits the first token."""
-    cache, first, _, rng = engine.prefill(cfg, params, prompt, prompt_len, sp, rng,
+    cache, first, _, rng = prefill.prefill(cfg, params, prompt, prompt_len, sp, rng,
                                           capacity=capacity)
     return engine.first_state(DecodeState, cache, first, rng, max_new, out_slots=out_slots,
                               eos_ids=eos_ids, step_tokens=1)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bita_jax import models
-from bita_jax.decoding import ar, dynamic_tree, engine, lookup, placement
+from bita_jax.decoding import ar, dynamic_tree, engine, lookup, placement, prefill
 from bita_jax.decoding.engine import HEADROOM, DecodeState, GenerationError
 from bita_jax.decoding.fallback import Fallback, FallbackState, init_state, run_adaptive
 from bita_jax.decoding.sampling import SamplingParams, filtered_logits
@@ -88,8 +88,8 @@ def bita_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: Samp
     m = lay.num_masks
     b = prompt.shape[0]
     masks = jnp.broadcast_to(cfg.vocab_size + jnp.arange(m, dtype=jnp.int32), (b, m))
-    tail = engine.Tail(masks, np.arange(m, dtype=np.int32), engine.causal_mask(m))
-    cache, first, mask_hidden, rng = engine.prefill(cfg, base_params, prompt, prompt_len, sp, rng,
+    tail = prefill.Tail(masks, np.arange(m, dtype=np.int32), engine.causal_mask(m))
+    cache, first, mask_hidden, rng = prefill.prefill(cfg, base_params, prompt, prompt_len, sp, rng,
                                                     capacity=capacity, tail=tail,
                                                     bita_params=bita_params)
     history = (lookup.init_history(prompt, prompt_len, first, capacity) if tree.lookup

@@ -1,13 +1,14 @@
-"""The decode engine shared by plain and BiTA decoding: state, emission, loop, prefill, executables.
+"""The decode engine shared by plain and BiTA decoding: state, emission, loop, executables.
 
     engine = SomeEngine(cfg, params)                 # `ar.Generator` or `bita_step.BitaGenerator`
     result = engine.generate(prompt_ids, max_new_tokens, sp, seed)
 
 A decoding method supplies two jittable functions (`Engine.prefill_fn`, `Engine.decode_fn`): the
-prefill turns right-padded prompts into the first `DecodeState`, the decode function runs
-`run_steps` of its step. Everything else is here: the state and its `emit` rule (a step appends
-1..A tokens per row, stopping at EOS and max-new-tokens), the `lax.while_loop`, static shapes and
-the compiled executables.
+prefill turns right-padded prompts into the first `DecodeState` (through `prefill.prefill`: the
+cache and the first token), the decode function runs `run_steps` of its step. Everything else is
+here, with the prompt buckets and cache sizes the prefill runs at: the state and its `emit` rule
+(a step appends 1..A tokens per row, stopping at EOS and max-new-tokens), the `lax.while_loop`,
+static shapes and the compiled executables.
 
 Shapes are static per (batch B, prompt bucket Tp, cache slots S, output slots O); prompt lengths,
 max-new-tokens, sampling knobs and the seed are traced values, so a new prompt (within its bucket)
@@ -33,7 +34,7 @@ from jax.sharding import Mesh
 
 from bita_jax import models
 from bita_jax.decoding import placement
-from bita_jax.decoding.sampling import SamplingParams, sample
+from bita_jax.decoding.sampling import SamplingParams
 from bita_jax.models import kv_cache, layers
 from bita_jax.models.config import ModelConfig
 
@@ -171,116 +172,6 @@ def request_slots(longest: int, out_slots: int) -> int:
 def causal_mask(t: int) -> np.ndarray:
     """[T, T] bool lower triangle."""
     return np.tril(np.ones((t, t), bool))
-
-
-# ---------------------------------------------------------------------------------------------
-# Prefill: the prompts into a fresh cache, the first token, and the first state.
-
-
-@dataclasses.dataclass(frozen=True)
-class Tail:
-    """X extra tokens fed after the padded prompt in the prefill's forward (BiTA: a mask group).
-
-    tokens: [B, X] ids; offsets: [X] positions after each row's prompt (position = len + offset);
-    mask: [X, X] bool, which tail tokens each tail token sees. Tail tokens see the whole real
-    prompt of their row; prompt tokens never see the tail, and the tail is not cached.
-    """
-
-    tokens: jnp.ndarray
-    offsets: np.ndarray
-    mask: np.ndarray
-
-
-def prefill(cfg: ModelConfig, base_params, prompt, prompt_len, sp: SamplingParams | None, rng, *,
-            capacity: int, tail: Tail | None = None, bita_params=None):
-    """Runs the prompts [B, Tp] (right-padded, lengths [B]) into a fresh cache of `capacity`
-    slots and samples the first token.
-
-    Prompts of up to `PREFILL_CHUNK` tokens go through one forward (with the tail, if any).
-    Longer ones (Tp a multiple of the chunk, see `prompt_bucket`) go chunk by chunk through the
-    cached forward that decoding uses, as many chunks as the longest prompt needs (a traced
-    count, so one compile serves every length of a bucket); the tail then runs as one more
-    cached forward, not committed.
-
-    Returns:
-      (cache, first [B] int32, tail_hidden [B, X, E] or None, rng).
-    """
-    TRACES[("prefill", cfg)] += 1
-    b, tp = prompt.shape
-    cache = kv_cache.init_cache(cfg, b, capacity, per_layer=models.is_unrolled(base_params))
-    if tp > PREFILL_CHUNK:
-        cache, last_hidden = _chunked_prefill(cfg, base_params, prompt, prompt_len, cache)
-        tail_hidden = None
-        if tail is not None:
-            positions = prompt_len[:, None] + jnp.asarray(tail.offsets)[None, :]
-            tail_hidden, _ = models.forward(cfg, base_params, tail.tokens, positions, tail.mask,
-                                            cache, bita_params)
-    else:
-        last_hidden, tail_hidden, cache = _one_shot_prefill(cfg, base_params, prompt, prompt_len,
-                                                            cache, tail, bita_params)
-    rng, key = jax.random.split(rng)
-    first = sample(models.lm_logits(cfg, base_params, last_hidden), key, sp)
-    return cache, first, tail_hidden, rng
-
-
-def _one_shot_prefill(cfg, base_params, prompt, prompt_len, cache, tail, bita_params):
-    """The whole padded prompt (and the tail) in one forward: (last_hidden [B, E],
-    tail_hidden [B, X, E] or None, cache)."""
-    b, tp = prompt.shape
-    positions = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (b, tp))
-    if tail is None:
-        tokens, mask = prompt, causal_mask(tp)
-    else:
-        x = tail.tokens.shape[1]
-        tokens = jnp.concatenate([prompt, tail.tokens], axis=1)
-        positions = jnp.concatenate([positions, prompt_len[:, None] + tail.offsets[None, :]],
-                                    axis=1)
-        block = np.zeros((tp + x, tp + x), bool)
-        block[:tp, :tp] = causal_mask(tp)
-        block[tp:, tp:] = tail.mask
-        sees_prompt = jnp.arange(tp)[None, None, :] < prompt_len[:, None, None]  # [B, 1, Tp]
-        mask = jnp.broadcast_to(block, (b, tp + x, tp + x))
-        mask = mask.at[:, tp:, :tp].set(jnp.broadcast_to(sees_prompt, (b, x, tp)))
-    hidden, block_kv = models.forward(cfg, base_params, tokens, positions, mask, None, bita_params)
-    last_hidden = jnp.take_along_axis(hidden, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
-    cache = kv_cache.commit(cache, block_kv, jnp.broadcast_to(jnp.arange(tp), (b, tp)), prompt_len)
-    return last_hidden, (None if tail is None else hidden[:, tp:]), cache
-
-
-def _chunked_prefill(cfg, base_params, prompt, prompt_len, cache):
-    """The prompts [B, Tp] in chunks of `PREFILL_CHUNK` tokens through the cached forward, up
-    to the longest prompt: (cache holding every prompt, last_hidden [B, E] of each prompt's
-    last token). A row whose prompt ended runs the later chunks too, but commits none of it.
-
-    The cache needs the longest prompt rounded up to the chunk, which may be less than Tp
-    (`request_slots`): every chunk's write then stays inside it, a finished row's too (it
-    writes at its length, below the last chunk's start)."""
-    chunk = PREFILL_CHUNK
-    b, tp = prompt.shape
-    if tp % chunk:  # engine shapes are multiples of the chunk (`prompt_bucket`); others padded
-        prompt = jnp.pad(prompt, ((0, 0), (0, chunk - tp % chunk)))
-    if cache.capacity % chunk:  # a chunk's fixed-size write must stay in the cache
-        raise ValueError(f"a chunked prefill needs a cache of whole {chunk}-slot chunks, got "
-                         f"{cache.capacity} slots")
-    mask = causal_mask(chunk)
-
-    def run_chunk(i, carry):
-        cache, last_hidden = carry
-        start = i * chunk
-        tokens = jax.lax.dynamic_slice_in_dim(prompt, start, chunk, axis=1)
-        positions = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
-        hidden, block_kv = models.forward(cfg, base_params, tokens, positions, mask, cache)
-        real = jnp.clip(prompt_len - start, 0, chunk)
-        cache = kv_cache.commit(cache, block_kv, jnp.broadcast_to(jnp.arange(chunk), (b, chunk)),
-                                real)
-        last = prompt_len - 1 - start  # the last prompt token's index in this chunk, if there
-        here = jnp.take_along_axis(hidden, jnp.clip(last, 0, chunk - 1)[:, None, None], axis=1)
-        last_hidden = jnp.where(((last >= 0) & (last < chunk))[:, None], here[:, 0], last_hidden)
-        return cache, last_hidden
-
-    chunks = (jnp.max(prompt_len) + chunk - 1) // chunk
-    last_hidden = jnp.zeros((b, cfg.hidden_size), cfg.jnp_compute_dtype)
-    return jax.lax.fori_loop(0, chunks, run_chunk, (cache, last_hidden))
 
 
 def first_state(state_type: type[DecodeState], cache, first, rng, max_new, *, out_slots: int,
