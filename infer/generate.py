@@ -82,6 +82,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.compare_runs < 1:
         p.error(f"--compare-runs must be at least 1, got {args.compare_runs}")
+    if args.fallback and args.tree != "auto":
+        p.error(f"--fallback needs --tree auto (its break-even is the auto tree's measured step "
+                f"cost), got --tree {args.tree}")
     if args.prompt is None and not args.dry_run:
         p.error("--prompt is required (or --dry-run for a memory plan)")
     return args
@@ -174,6 +177,9 @@ def main(argv=None) -> int:
                          f"{best.step_ms / best.ar_step_ms:.2f}x a greedy step's cost" +
                          ("; plain steps where fewer are accepted)"
                           if llm.fallback_for(len(prompt_ids)) else ")"))
+            if args.fallback and llm.fallback_for(len(prompt_ids)) is None:
+                what += ("; --fallback off: no tree was chosen by measurement (the adapter has "
+                         "no acceptance.npz, or plain decoding)")
             elif choice is not None:
                 what += (f" (auto: at {len(prompt_ids)} prompt tokens no tree is predicted "
                          f"{auto_tree.MIN_SPEEDUP:.1f}x faster than plain greedy; best "

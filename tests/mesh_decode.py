@@ -93,7 +93,8 @@ def main() -> dict:
         runs = _runs(cfg, bita, prompts, sampled=name == "llama_gqa")
         single = {kind: run(params) for kind, run in runs.items()}
         case = {"one_device": {k: r.tokens for k, r in single.items()},
-                "tokens_per_step": single["bita"].tokens_per_step}
+                "tokens_per_step": single["bita"].tokens_per_step,
+                "plain_steps": {k: r.plain_steps for k, r in single.items()}}
         for data, model in MESHES:
             mesh = sharding.make_mesh(data, model)
             sharded = sharding.shard_params(params, sharding.param_shardings(cfg, mesh))

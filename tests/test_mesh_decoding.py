@@ -51,6 +51,7 @@ def test_bita_is_lossless_and_accepts_drafts(results, name):
     assert one["bita"] == one["greedy"]
     if name == "llama_gqa":  # BiTA that switches to plain steps (`Fallback`)
         assert one["bita_fallback"] == one["greedy"]
+        assert results[name]["plain_steps"]["bita_fallback"] > 0  # it did switch
     assert results[name]["tokens_per_step"] > 1.1  # the lookup branch's drafts were accepted
 
 

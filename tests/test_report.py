@@ -141,3 +141,26 @@ def test_space_engines_are_lossless_against_their_own_greedy_and_drift_from_the_
     assert "| SPACE chain | " in report.markdown(rep)
     summary["SPACE chain"]["identical_own"] = 1  # a chain that parted from its greedy
     assert report.lossless_failures(rep) == ["chat: SPACE chain"]
+
+
+def test_fallback_engine_is_reported_beside_its_tree(tmp_path):
+    """`fallbacks` adds "BiTA {tree} +fallback": lossless like every BiTA engine, its plain
+    steps counted in the summary and named in the table (a break-even no window reaches)."""
+    from bita_jax.decoding.fallback import Fallback
+
+    path = save(make_hf("llama", {"num_key_value_heads": 2}, seed=4), tmp_path)
+    cfg, params = load_hf_checkpoint(path)
+    loaded = LoadedModel("tiny", cfg, params, None, pathlib.Path(path))
+    bp = models.init_bita_params(cfg, models.BitaConfig(num_masks=3), jax.random.key(1))
+    sets = {"chat": (["a", "b"], PROMPTS["chat"])}
+    rep = report.run_report(loaded, bp, [bench.make_tree("chain@1", 3)], sets, MAX_NEW,
+                            fallbacks={"chain@1": Fallback(50.0, window=2, pause=2)})
+    name = "BiTA chain@1 +fallback"
+    assert list(rep["engines"]) == [report.OURS, "BiTA chain@1", name]
+    assert rep["engines"][name]["break_even"] == 50.0 and not rep["engines"][name]["selected"]
+    assert report.lossless_failures(rep) == []
+    s = rep["sets"]["chat"]["summary"][name]
+    assert s["identical_ours"] == 2 and 0 < s["plain_steps"] < s["steps"]
+    assert rep["sets"]["chat"]["summary"]["BiTA chain@1"]["plain_steps"] == 0
+    assert f"| {name} (break-even 50.00; {s['plain_steps']} of {s['steps']} steps plain) |" in \
+        report.markdown(rep)

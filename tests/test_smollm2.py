@@ -77,6 +77,7 @@ def test_cli_json_contract(smollm2, hf_greedy):
     (["--max-new-tokens", "9000"], "exceeds the cache size"),
     (["--max-cache", "64", "--max-new-tokens", "60"], "exceeds the cache size 64"),
     (["--compare", "--compare-runs", "0"], "--compare-runs must be at least 1, got 0"),
+    (["--fallback", "--tree", "chain"], "--fallback needs --tree auto"),
 ])
 def test_cli_errors_are_one_line(args, message):
     run = _cli("--prompt", "hello", *args)

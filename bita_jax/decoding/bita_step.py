@@ -66,9 +66,12 @@ def next_drafts(logits, lay: Layout, group_rows, shift, retrieved=None):
     rank = jnp.broadcast_to(np.maximum(lay.node_rank, 0), level.shape)
     tokens = jnp.take_along_axis(picked, rank[:, :, None], axis=2)[:, :, 0]
     tokens = jnp.where(level < lay.num_masks, tokens, NO_DRAFT)
-    if lay.lookup_nodes:
-        tokens = jnp.where(lay.node_rank < 0, jnp.take(retrieved, lay.node_level, axis=1), tokens)
-    return tokens
+    return with_lookup(tokens, lay, retrieved) if lay.lookup_nodes else tokens
+
+
+def with_lookup(drafts, lay: Layout, retrieved):
+    """drafts [B, Nn] with the lookup branch's nodes set to retrieved [B, L]."""
+    return jnp.where(lay.node_rank < 0, jnp.take(retrieved, lay.node_level, axis=1), drafts)
 
 
 def retrieve(tree: Tree, history, newest):
@@ -238,10 +241,7 @@ def plain_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new,
         return new
     count = new.num_new - state.num_new
     history = lookup.append(state.history, state.cache.length, new.last[:, None], count)
-    lay = tree.layout
-    retrieved = retrieve(tree, history, new.cache.length)
-    drafts = jnp.where(lay.node_rank < 0, jnp.take(retrieved, lay.node_level, axis=1),
-                       new.drafts)
+    drafts = with_lookup(new.drafts, tree.layout, retrieve(tree, history, new.cache.length))
     return new.replace(history=history, drafts=drafts)
 
 

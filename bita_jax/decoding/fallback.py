@@ -1,11 +1,13 @@
-"""Plain steps where the drafts do not pay: BiTA decoding that never runs much slower than greedy.
+"""Plain steps where the drafts do not pay: BiTA decoding that falls back to greedy's pace.
 
     engine = BitaGenerator(cfg, params, bita_params, tree, fallback=Fallback(break_even=1.49))
 
 A BiTA step of T tokens costs more than a plain 1-token step (on the 2-core CPU an 8-token step
 about 1.5x one), so it pays only while it emits more tokens per step than that ratio, its
 break-even. Some texts are drafted poorly (a short answer, prose the masks never learned, a
-long prompt whose cache makes every extra row dearer): there BiTA ran at 0.90x plain greedy.
+long prompt whose cache makes every extra row dearer): there BiTA ran at 0.90x plain greedy
+(docs/benchmarks.md, 2026-12-01). Measured with this switch, and why it is off by default:
+docs/benchmarks.md, "Plain steps where the drafts do not pay".
 
 With a `Fallback` the decode loop watches its own tree steps, on device, with no host round
 trip: over each window of `window` tree steps it counts the tokens the live rows emitted. A
@@ -16,7 +18,7 @@ that wins resets it. The choice is the batch's (one forward per step for all row
 Lossless either way. A plain step is `ar.ar_step`, the base model's own step. A tree step
 verifies whatever drafts it holds, so the stale drafts that a pause leaves behind cost
 acceptance, never correctness; the first tree step after a pause drafts afresh and is not
-counted. The lookup branch's history is kept up to date through plain steps too.
+counted. The lookup branch's history and drafts are kept up to date through plain steps.
 """
 
 from __future__ import annotations
