@@ -177,13 +177,13 @@ def main(argv=None) -> int:
                          f"{best.step_ms / best.ar_step_ms:.2f}x a greedy step's cost" +
                          ("; plain steps where fewer are accepted)"
                           if llm.fallback_for(len(prompt_ids)) else ")"))
-            if args.fallback and llm.fallback_for(len(prompt_ids)) is None:
-                what += ("; --fallback off: no tree was chosen by measurement (the adapter has "
-                         "no acceptance.npz, or plain decoding)")
             elif choice is not None:
                 what += (f" (auto: at {len(prompt_ids)} prompt tokens no tree is predicted "
                          f"{auto_tree.MIN_SPEEDUP:.1f}x faster than plain greedy; best "
                          f"{choice.tree.name}, {choice.speedup:.2f}x)")
+            if args.fallback and llm.fallback_for(len(prompt_ids)) is None:
+                what += ("; --fallback off: no tree was chosen by measurement (the adapter has "
+                         "no acceptance.npz, or plain decoding)")
             status(f"[{what}; compiling ...]")
         first = result = run(True, stream=not args.json)
         baseline = None
