@@ -61,25 +61,26 @@ def _prompts(cfg: ModelConfig, lens, seed: int = 0) -> list[list[int]]:
 
 
 def _prefill_and_next_logits(cfg, params, bita, prompts, capacity=96):
-    """prefill.prefill of the prompts (with a 3-mask tail when `bita`), then one more token per
-    row through the cache: (cache, next-token logits [B, V], tail logits [B, 3, V] or None)."""
+    """prefill.prefill of the prompts, then one more token per row through the cache (followed
+    by 3 mask tokens under the BiTA params when `bita`, as a first BiTA step drafts): (cache,
+    next-token logits [B, V], mask logits [B, 3, V] or None)."""
     b = len(prompts)
     tp = engine.prompt_bucket(max(len(p) for p in prompts))
     prompt = np.zeros((b, tp), np.int32)
     for i, p in enumerate(prompts):
         prompt[i, :len(p)] = p
     lens = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    tail = None
+    cache, _, _ = prefill.prefill(cfg, params, jnp.asarray(prompt), lens, None,
+                                  jax.random.key(0), capacity=capacity)
+    nxt = jnp.full((b, 1), 7, jnp.int32)
     if bita is not None:
         masks = jnp.broadcast_to(cfg.vocab_size + jnp.arange(3, dtype=jnp.int32), (b, 3))
-        tail = prefill.Tail(masks, np.arange(3, dtype=np.int32), engine.causal_mask(3))
-    cache, _, tail_hidden, _ = prefill.prefill(cfg, params, jnp.asarray(prompt), lens, None,
-                                              jax.random.key(0), capacity=capacity, tail=tail,
-                                              bita_params=bita)
-    nxt = jnp.full((b, 1), 7, jnp.int32)
-    hidden, _ = models.forward(cfg, params, nxt, lens[:, None], np.ones((1, 1), bool), cache)
-    tail_logits = None if tail_hidden is None else models.lm_logits(cfg, params, tail_hidden)
-    return cache, models.lm_logits(cfg, params, hidden[:, 0]), tail_logits
+        nxt = jnp.concatenate([nxt, masks], axis=1)
+    t = nxt.shape[1]
+    hidden, _ = models.forward(cfg, params, nxt, lens[:, None] + jnp.arange(t)[None],
+                               engine.causal_mask(t), cache, bita)
+    logits = models.lm_logits(cfg, params, hidden)
+    return cache, logits[:, 0], (None if bita is None else logits[:, 1:])
 
 
 @pytest.mark.parametrize("with_bita", [False, True], ids=["base", "bita"])
@@ -88,10 +89,10 @@ def test_chunked_prefill_equals_one_shot(name, with_bita, monkeypatch):
     cfg, params, bita = _setup(name)
     bita = bita if with_bita else None
     prompts = _prompts(cfg, PROMPT_LENS)
-    want_cache, want, want_tail = _prefill_and_next_logits(cfg, params, bita, prompts)
+    want_cache, want, want_masks = _prefill_and_next_logits(cfg, params, bita, prompts)
     _sizes(monkeypatch, chunk=8, block=16)
     assert engine.prompt_bucket(29) == 32  # 4 chunks of 8
-    cache, got, got_tail = _prefill_and_next_logits(cfg, params, bita, prompts)
+    cache, got, got_masks = _prefill_and_next_logits(cfg, params, bita, prompts)
 
     np.testing.assert_array_equal(np.asarray(cache.length), PROMPT_LENS)
     assert np.abs(np.asarray(want)).max() > 1.0
@@ -101,7 +102,7 @@ def test_chunked_prefill_equals_one_shot(name, with_bita, monkeypatch):
             np.testing.assert_allclose(np.asarray(got_kv)[:, row, :, :n],
                                        np.asarray(want_kv)[:, row, :, :n], rtol=0, atol=TOL)
     if with_bita:
-        np.testing.assert_allclose(np.asarray(got_tail), np.asarray(want_tail), rtol=0, atol=TOL)
+        np.testing.assert_allclose(np.asarray(got_masks), np.asarray(want_masks), rtol=0, atol=TOL)
 
 
 @pytest.mark.parametrize("whole_from", [2.0, 0.0], ids=["blocks", "whole"])
@@ -251,9 +252,9 @@ def test_a_cache_that_holds_only_the_filled_chunks(monkeypatch):
         prompt[i, :len(p)] = p
 
     def run(capacity):
-        cache, first, _, _ = prefill.prefill(cfg, params, jnp.asarray(prompt),
-                                            jnp.asarray(lens, jnp.int32), None,
-                                            jax.random.key(0), capacity=capacity)
+        cache, first, _ = prefill.prefill(cfg, params, jnp.asarray(prompt),
+                                          jnp.asarray(lens, jnp.int32), None,
+                                          jax.random.key(0), capacity=capacity)
         return cache, np.asarray(first)
 
     want_cache, want_first = run(tp + 128)

@@ -23,8 +23,8 @@ from bita_jax.models.config import ModelConfig
 def ar_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: SamplingParams | None,
                rng, *, capacity: int, out_slots: int, eos_ids: tuple[int, ...]) -> DecodeState:
     """Runs the prompts [B, Tp] (right-padded, lengths [B]) and emits the first token."""
-    cache, first, _, rng = prefill.prefill(cfg, params, prompt, prompt_len, sp, rng,
-                                          capacity=capacity)
+    cache, first, rng = prefill.prefill(cfg, params, prompt, prompt_len, sp, rng,
+                                       capacity=capacity)
     return engine.first_state(DecodeState, cache, first, rng, max_new, out_slots=out_slots,
                               eos_ids=eos_ids, step_tokens=1)
 

@@ -85,25 +85,25 @@ def retrieve(tree: Tree, history, newest):
 def bita_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: SamplingParams | None,
                  rng, *, capacity: int, out_slots: int, eos_ids: tuple[int, ...],
                  tree: Tree, fallback: Fallback | None = None) -> BitaState:
-    """Prompts [B, Tp] plus one mask group after each prompt: first token and first drafts."""
-    base_params, bita_params = params
+    """Prompts [B, Tp] through plain greedy's prefill: the first token, and no mask drafts yet.
+
+    The first step's mask nodes hold NO_DRAFT (never accepted; a lookup branch holds what the
+    prompt offers), and its mask groups draft the second step's tree. So the first token costs
+    what plain greedy's does, with no mask rows (and no BiTA prefix) in the prefill, for about
+    one step's worth of unused mask drafts per request."""
+    base_params, _ = params
     lay = tree.layout
-    m = lay.num_masks
     b = prompt.shape[0]
-    masks = jnp.broadcast_to(cfg.vocab_size + jnp.arange(m, dtype=jnp.int32), (b, m))
-    tail = prefill.Tail(masks, np.arange(m, dtype=np.int32), engine.causal_mask(m))
-    cache, first, mask_hidden, rng = prefill.prefill(cfg, base_params, prompt, prompt_len, sp, rng,
-                                                    capacity=capacity, tail=tail,
-                                                    bita_params=bita_params)
+    cache, first, rng = prefill.prefill(cfg, base_params, prompt, prompt_len, sp, rng,
+                                        capacity=capacity)
     history = (lookup.init_history(prompt, prompt_len, first, capacity) if tree.lookup
                else jnp.zeros((b, 0), jnp.int32))
-    mask_logits = models.lm_logits(cfg, base_params, mask_hidden)  # [B, M, V]
-    if tree.dynamic:
-        node_paths, drafts = dynamic_tree.select(mask_logits, tree.dynamic, tree.dynamic_top_k)
+    drafts = jnp.full((b, lay.num_nodes), NO_DRAFT, jnp.int32)
+    if tree.dynamic:  # the first candidates, shallow first: a valid tree of NO_DRAFT nodes
+        node_paths = jnp.broadcast_to(jnp.arange(tree.dynamic, dtype=jnp.int32), (b, tree.dynamic))
     else:
-        group_rows = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, m))
-        drafts = next_drafts(mask_logits, lay, group_rows, jnp.zeros((b,), jnp.int32),
-                             retrieve(tree, history, prompt_len))
+        if lay.lookup_nodes:
+            drafts = with_lookup(drafts, lay, retrieve(tree, history, prompt_len))
         node_paths = jnp.zeros((b, 0), jnp.int32)
     return engine.first_state(BitaState, cache, first, rng, max_new, out_slots=out_slots,
                               eos_ids=eos_ids, step_tokens=lay.max_depth + 1, drafts=drafts,

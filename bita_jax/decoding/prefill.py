@@ -1,22 +1,19 @@
 """The prefill: right-padded prompts into a fresh KV cache, and the first token.
 
-    cache, first, tail_hidden, rng = prefill(cfg, base_params, prompt, lens, sp, rng,
-                                             capacity=S, tail=Tail(...), bita_params=...)
+    cache, first, rng = prefill(cfg, base_params, prompt, lens, sp, rng, capacity=S)
 
 Prompts of up to `engine.PREFILL_CHUNK` tokens go through one forward; longer ones chunk by
 chunk through the cached forward that decoding uses (`engine.prompt_bucket` and
-`engine.request_slots` size them). A `Tail` (BiTA: one mask group) is fed after each prompt,
-seeing it whole while no prompt token sees the tail; it is not cached. The decoding methods
-(`ar`, `bita_step`) build their first `engine.DecodeState` from what this returns.
+`engine.request_slots` size them). Only real tokens run here, for every decoding method: BiTA's
+first drafts come from its first step (`bita_step.bita_prefill`), so its first token costs what
+plain greedy's does. The decoding methods (`ar`, `bita_step`) build their first
+`engine.DecodeState` from what this returns.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bita_jax import models
 from bita_jax.decoding import engine
@@ -25,74 +22,38 @@ from bita_jax.models import kv_cache
 from bita_jax.models.config import ModelConfig
 
 
-@dataclasses.dataclass(frozen=True)
-class Tail:
-    """X extra tokens fed after the padded prompt in the prefill's forward (BiTA: a mask group).
-
-    tokens: [B, X] ids; offsets: [X] positions after each row's prompt (position = len + offset);
-    mask: [X, X] bool, which tail tokens each tail token sees. Tail tokens see the whole real
-    prompt of their row; prompt tokens never see the tail, and the tail is not cached.
-    """
-
-    tokens: jnp.ndarray
-    offsets: np.ndarray
-    mask: np.ndarray
-
-
 def prefill(cfg: ModelConfig, base_params, prompt, prompt_len, sp: SamplingParams | None, rng, *,
-            capacity: int, tail: Tail | None = None, bita_params=None):
+            capacity: int):
     """Runs the prompts [B, Tp] (right-padded, lengths [B]) into a fresh cache of `capacity`
     slots and samples the first token.
 
-    Prompts of up to `engine.PREFILL_CHUNK` tokens go through one forward (with the tail, if
-    any). Longer ones (Tp a multiple of the chunk, see `engine.prompt_bucket`) go chunk by chunk
-    through the cached forward that decoding uses, as many chunks as the longest prompt needs (a
-    traced count, so one compile serves every length of a bucket); the tail then runs as one
-    more cached forward, not committed.
+    Prompts of up to `engine.PREFILL_CHUNK` tokens go through one forward. Longer ones (Tp a
+    multiple of the chunk, see `engine.prompt_bucket`) go chunk by chunk through the cached
+    forward that decoding uses, as many chunks as the longest prompt needs (a traced count, so
+    one compile serves every length of a bucket).
 
     Returns:
-      (cache, first [B] int32, tail_hidden [B, X, E] or None, rng).
+      (cache, first [B] int32, rng).
     """
     engine.TRACES[("prefill", cfg)] += 1
-    b, tp = prompt.shape
+    b, _ = prompt.shape
     cache = kv_cache.init_cache(cfg, b, capacity, per_layer=models.is_unrolled(base_params))
-    if tp > engine.PREFILL_CHUNK:
-        cache, last_hidden = _chunked_prefill(cfg, base_params, prompt, prompt_len, cache)
-        tail_hidden = None
-        if tail is not None:
-            positions = prompt_len[:, None] + jnp.asarray(tail.offsets)[None, :]
-            tail_hidden, _ = models.forward(cfg, base_params, tail.tokens, positions, tail.mask,
-                                            cache, bita_params)
-    else:
-        last_hidden, tail_hidden, cache = _one_shot_prefill(cfg, base_params, prompt, prompt_len,
-                                                            cache, tail, bita_params)
+    run = _chunked_prefill if prompt.shape[1] > engine.PREFILL_CHUNK else _one_shot_prefill
+    cache, last_hidden = run(cfg, base_params, prompt, prompt_len, cache)
     rng, key = jax.random.split(rng)
     first = sample(models.lm_logits(cfg, base_params, last_hidden), key, sp)
-    return cache, first, tail_hidden, rng
+    return cache, first, rng
 
 
-def _one_shot_prefill(cfg, base_params, prompt, prompt_len, cache, tail, bita_params):
-    """The whole padded prompt (and the tail) in one forward: (last_hidden [B, E],
-    tail_hidden [B, X, E] or None, cache)."""
+def _one_shot_prefill(cfg, base_params, prompt, prompt_len, cache):
+    """The whole padded prompt in one causal forward: (cache, last_hidden [B, E])."""
     b, tp = prompt.shape
     positions = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (b, tp))
-    if tail is None:
-        tokens, mask = prompt, engine.causal_mask(tp)
-    else:
-        x = tail.tokens.shape[1]
-        tokens = jnp.concatenate([prompt, tail.tokens], axis=1)
-        positions = jnp.concatenate([positions, prompt_len[:, None] + tail.offsets[None, :]],
-                                    axis=1)
-        block = np.zeros((tp + x, tp + x), bool)
-        block[:tp, :tp] = engine.causal_mask(tp)
-        block[tp:, tp:] = tail.mask
-        sees_prompt = jnp.arange(tp)[None, None, :] < prompt_len[:, None, None]  # [B, 1, Tp]
-        mask = jnp.broadcast_to(block, (b, tp + x, tp + x))
-        mask = mask.at[:, tp:, :tp].set(jnp.broadcast_to(sees_prompt, (b, x, tp)))
-    hidden, block_kv = models.forward(cfg, base_params, tokens, positions, mask, None, bita_params)
+    hidden, block_kv = models.forward(cfg, base_params, prompt, positions, engine.causal_mask(tp),
+                                      None)
     last_hidden = jnp.take_along_axis(hidden, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
     cache = kv_cache.commit(cache, block_kv, jnp.broadcast_to(jnp.arange(tp), (b, tp)), prompt_len)
-    return last_hidden, (None if tail is None else hidden[:, tp:]), cache
+    return cache, last_hidden
 
 
 def _chunked_prefill(cfg, base_params, prompt, prompt_len, cache):
