@@ -377,7 +377,8 @@ def _choose_tree(llm: LLM, adapter: str) -> None:
     m = llm.bita_config.num_masks
     if stats is None or stats.num_masks != m:
         return
-    trees = auto_tree.candidates_for(llm.method, m, lookup=stats.texts is not None)
+    trees = auto_tree.candidates_for(llm.method, m, lookup=stats.texts is not None,
+                                     dynamic=stats.top_logp is not None)
     curve = auto_tree.CostCurve(llm.cfg, llm.params, llm.loaded.fingerprint)
     llm.auto = (stats, trees, curve)
     llm.tree_choice = auto_tree.choose(trees, stats, curve.at(auto_tree.CONTEXT))

@@ -96,7 +96,8 @@ def save_acceptance(llm, prompts, args) -> int:
     summary = stats.to_dict()
     print(f"top-1 per mask {summary['top1']}, top-5 {summary['top5']} "
           f"({summary['anchors']} anchors of {summary['texts']} texts)")
-    for tree in auto_tree.candidates_for(llm.method, llm.bita_config.num_masks, lookup=True):
+    for tree in auto_tree.candidates_for(llm.method, llm.bita_config.num_masks, lookup=True,
+                                         dynamic=True):
         tps = tree_select.predicted_tokens_per_step(tree, stats)
         print(f"  {tree.name:24s} {tree.layout.num_tokens:3d} step tokens, predicted "
               f"{tps:.2f} tokens/step")

@@ -43,6 +43,9 @@ def test_acceptance_round_trips_beside_the_adapter(tmp_path):
     names = [t.name for t in auto_tree.candidates_for("bita", 3, lookup=True)]
     assert "chain@1+lookup:4" in names and "chain@1" in names
     assert not any("+lookup" in t.name for t in auto_tree.candidates_for("bita", 3))
+    assert not any(t.dynamic for t in auto_tree.candidates_for("bita", 3, lookup=True))
+    dynamic = [t for t in auto_tree.candidates_for("bita", 3, dynamic=True) if t.dynamic]
+    assert len(dynamic) == len(auto_tree.DYNAMIC_CANDIDATES)
     # with the texts (prompt, greedy answer: one token more than the anchors) they round-trip
     rng = np.random.default_rng(1)
     texts = [(rng.integers(0, 50, 5), rng.integers(0, 50, len(r) + 1)) for r in stats.ranks]
@@ -52,6 +55,15 @@ def test_acceptance_round_trips_beside_the_adapter(tmp_path):
     for (a, b), (c, d) in zip(back.texts, texts):
         np.testing.assert_array_equal(a, c)
         np.testing.assert_array_equal(b, d)
+    assert back.top_logp is None  # no log-probabilities: no dynamic candidates
+    # with the masks' top log-probabilities too (kept as float16)
+    logp = [np.sort(np.log(rng.dirichlet(np.ones(9), r.shape)), axis=-1)[..., ::-1]
+            for r in stats.ranks]
+    auto_tree.save_acceptance(tmp_path, tree_select.RankStats(stats.ranks, stats.max_rank, texts,
+                                                              logp))
+    back = auto_tree.load_acceptance(tmp_path)
+    for a, b in zip(back.top_logp, logp):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
     assert auto_tree.load_acceptance(tmp_path / "none") is None
     assert auto_tree.load_acceptance(None) is None
     (tmp_path / "bad").mkdir()

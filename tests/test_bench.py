@@ -2,12 +2,17 @@
 formulas by hand, the replay predictor == real decoding, the choice by predicted tokens/s."""
 
 import json
+import math
 
 import jax
 import numpy as np
 import pytest
 
 from bita_jax import models
+from bita_jax.decoding import dynamic_tree
+from bita_jax.decoding.ar import Generator
+from bita_jax.decoding.bita_step import BitaGenerator
+from bita_jax.decoding.sampling import SamplingParams
 from bita_jax.decoding.tree import Tree, TreeError
 from bita_jax.eval import bench, tree_select
 from bita_jax.models.config import ModelConfig
@@ -17,8 +22,9 @@ CFG = ModelConfig(arch="llama", vocab_size=97, hidden_size=32, intermediate_size
                   eos_token_ids=(96,))
 PROMPTS = [[5, 17, 33, 2, 80], [44], [9, 10, 11]]
 # Trees so that selection has a choice, one with a retrieval branch (its replay looks drafts up
-# in the text); each BiTA engine costs a ~10 s compile.
-TREES = ["upper-triangle:3-pruned", "chain@1", "chain@1+lookup:4"]
+# in the text), one dynamic (its replay picks nodes from the masks' top log-probabilities); each
+# BiTA engine costs a ~10 s compile.
+TREES = ["upper-triangle:3-pruned", "chain@1", "chain@1+lookup:4", "dynamic:3:3@2"]
 MAX_NEW = 40
 
 
@@ -82,6 +88,8 @@ def test_replay_predicts_real_decoding(setup):
     assert stats.num_masks == 3 and sum(len(r) for r in stats.ranks) == sum(
         len(g) - 1 for g in greedy)
     assert [len(g) for _, g in stats.texts] == [len(g) for g in greedy]  # kept for lookup
+    assert [lp.shape for lp in stats.top_logp] == [r.shape + (tree_select.TOP_LOGP,)
+                                                   for r in stats.ranks]
     replayed = {}
     for t in trees:
         tokens, steps = tree_select.replay(t, stats)
@@ -93,6 +101,31 @@ def test_replay_predicts_real_decoding(setup):
     assert replayed["chain@1+lookup:4"] < replayed["chain@1"]
     with pytest.raises(TreeError, match="retrieval branch"):  # ranks without their texts
         tree_select.replay(trees[2], tree_select.RankStats(stats.ranks, stats.max_rank))
+    with pytest.raises(TreeError, match="is dynamic"):  # ranks without the log-probabilities
+        tree_select.replay(trees[3], tree_select.RankStats(stats.ranks, stats.max_rank))
+
+
+
+def test_dynamic_replay_predicts_real_decoding():
+    """A dynamic tree whose nodes change from step to step (sharper logits than the module's
+    model: every weight x6, then nearly bigram): the replay picks each step's nodes from the
+    top log-probabilities as decoding does, so it counts the same steps and tokens."""
+    params = jax.tree.map(lambda x: 6 * x, models.init_params(CFG, jax.random.key(3)))
+    layers = params["layers"]
+    layers["attn"]["o_proj"]["kernel"] = 0.05 * layers["attn"]["o_proj"]["kernel"]
+    layers["mlp"]["down_proj"]["kernel"] = 0.05 * layers["mlp"]["down_proj"]["kernel"]
+    bp = models.init_bita_params(CFG, models.BitaConfig(num_masks=3), jax.random.key(0))
+    bp["mask_embed"] = params["embed"]["embedding"][np.array([10, 83, 41])]
+    tree = Tree.make("dynamic:5", 3)
+    greedy = Generator(CFG, params).generate(PROMPTS, MAX_NEW, SamplingParams.greedy()).tokens
+    got = BitaGenerator(CFG, params, bp, tree).generate(PROMPTS, MAX_NEW, SamplingParams.greedy())
+    assert got.tokens == greedy  # lossless
+    stats = tree_select.rank_stats(CFG, params, bp, list(zip(PROMPTS, greedy)))
+    tokens, steps = tree_select.replay(tree, stats)
+    assert (tokens, steps) == (sum(len(t) - 1 for t in got.tokens), sum(got.row_steps))
+    assert steps < tokens  # drafts were accepted (measured: 91 tokens in 77 steps)
+    picks = {tuple(sorted(n)) for lp in stats.top_logp for n in tree_select.dynamic_nodes(tree, lp)}
+    assert len(picks) > 1  # the nodes really vary (measured: 13 different sets)
 
 
 def test_expected_accepted_by_hand():
@@ -112,16 +145,40 @@ def test_expected_accepted_by_hand():
 
 
 def test_replay_by_hand():
-    # tgt has 6 tokens -> anchors 0..4; rows: ranks of tgt[a+1], tgt[a+2] under masks 0, 1.
-    ranks = np.array([[0, 0], [5, 5], [5, 5], [0, 1], [1, -1]], np.int32)
+    # tgt has 7 tokens -> anchors 0..5; rows: ranks of tgt[a+1], tgt[a+2] under masks 0, 1.
+    ranks = np.array([[0, 0], [0, 0], [5, 5], [5, 5], [0, 1], [0, -1]], np.int32)
     stats = tree_select.RankStats([ranks], 8)
     chain = Tree.make("chain", 2)
-    # anchor 0: accept 2 + bonus (3 tokens) -> anchor 3: accept 1 + bonus -> emitted 6: done.
-    assert tree_select.replay(chain, stats) == (5, 2)
+    # The first step holds no mask drafts (anchor 0's hits are unused): the bonus alone ->
+    # anchor 1: accept 2 + bonus -> anchor 4: accept 1 + bonus -> emitted 7: done.
+    assert tree_select.replay(chain, stats) == (6, 3)
     # A pruned chain: the childless node (0, 0) takes its parent's group shifted by one mask:
-    # after step 1 the drafts come from anchor 2 with mask 1 only (rank 5): a miss.
+    # after anchor 1 the drafts come from anchor 3 with mask 1 only (rank 5): a miss; then
+    # anchor 5 accepts 1, of which only the last token of the text is emitted.
     pruned = Tree.make("chain-pruned", 2)
-    assert tree_select.replay(pruned, stats) == (5, 3)
+    assert tree_select.replay(pruned, stats) == (6, 4)
+
+
+def test_dynamic_replay_by_hand():
+    # dynamic:2:2@2 (2 nodes among the paths of depth <= 2 and ranks < 2): candidates (0,),
+    # (1,), (0, 0), (0, 1), (1, 0), (1, 1). At each anchor the 2 most probable paths.
+    tree = Tree.make("dynamic:2:2@2", 2)
+    sure = np.log([[0.9, 0.1], [0.9, 0.1]])  # (0,) 0.9, (0, 0) 0.81: the top-1 chain
+    split = np.log([[0.5, 0.5], [0.9, 0.1]])  # (0,) and (1,) 0.5 each, (0, 0) 0.45
+    top_logp = np.stack([sure, sure, split, sure, sure, sure]).astype(np.float32)
+    cand = [dynamic_tree.candidates(2, 2).paths[j] for j in
+            tree_select.dynamic_nodes(tree, top_logp[2:3])[0]]
+    assert cand == [(0,), (1,)]
+    ranks = np.array([[0, 0], [0, 0], [1, 0], [5, 5], [0, 0], [0, 0]], np.int32)
+    stats = tree_select.RankStats([ranks], 8, None, [top_logp])
+    # first step: the bonus alone -> anchor 1 (chain): accept 2 + bonus -> anchor 4 (chain):
+    # accept 2, of which 2 tokens are left -> done.
+    assert tree_select.replay(tree, stats) == (6, 3)
+    # anchor 1 split instead: (1,) matches rank 1 (the chain would not), its child is not in
+    # the tree: accept 1 + bonus -> anchor 3: a miss -> anchor 4: accept 2, 2 tokens left.
+    ranks[1] = [1, 0]
+    stats.top_logp[0][1] = split
+    assert tree_select.replay(tree, stats) == (6, 4)
 
 
 def test_rank_stats_by_position_by_hand():
@@ -195,8 +252,11 @@ def test_step_seconds_and_select_tree(setup):
         assert p.tokens_per_step == p.tokens_per_step_replay == tokens / steps
         measured = results["trees"][t.name]["summary"]["tokens_per_step"]
         assert p.tokens_per_step == pytest.approx(measured), t.name
-        assert p.tokens_per_step_independent == pytest.approx(
-            tree_select.predicted_tokens_per_step(t, sel.stats, "independent"))
+        if t.dynamic:  # no independent estimate: its nodes follow the drafts' probabilities
+            assert math.isnan(p.tokens_per_step_independent)
+        else:
+            assert p.tokens_per_step_independent == pytest.approx(
+                tree_select.predicted_tokens_per_step(t, sel.stats, "independent"))
         assert 0 < p.step_ms < 1e4 and 0 < p.ar_step_ms < 1e4
         assert p.tokens_per_second == pytest.approx(1e3 * p.tokens_per_step / p.step_ms)
         assert p.speedup == pytest.approx(p.tokens_per_step * p.ar_step_ms / p.step_ms)

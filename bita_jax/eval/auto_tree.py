@@ -39,7 +39,10 @@ predicts at least `MIN_SPEEDUP` (`Choice.beats_greedy`); otherwise plain greedy 
 branches (`+lookup`): their acceptance depends on the text, which the rank
 statistics alone do not hold, so they are candidates only when `acceptance.npz` also holds the
 texts (each held-out prompt and its greedy answer); the replay then looks the drafts up in the
-text as decoding does.
+text as decoding does. Dynamic trees (`dynamic:N@D`, EAGLE-2 style: each step's N nodes are
+the most probable paths under the drafting group's own probabilities) are candidates when the
+statistics also hold each anchor's top log-probabilities per mask (`top_logp`): the replay then
+picks each step's nodes from them as decoding does (`tree_select.dynamic_nodes`).
 """
 
 from __future__ import annotations
@@ -75,6 +78,10 @@ CANDIDATES = ("chain@1", "chain@2", "chain", "upper-triangle:3@1", "upper-triang
 # With a retrieval branch, when the statistics hold their texts (its drafts come from them).
 LOOKUP_CANDIDATES = ("chain@1+lookup:2", "chain@1+lookup:4", "chain@1+lookup:8",
                      "chain@2+lookup:4", "upper-triangle:3@1+lookup:4", "upper-triangle+lookup:8")
+# Dynamic trees, when the statistics hold the masks' top log-probabilities (step tokens 6, 8, 15,
+# 21, 28 and 44 with 3 masks: 1 + N + (N + 1) x D).
+DYNAMIC_CANDIDATES = ("dynamic:2@1", "dynamic:3@1", "dynamic:4@2", "dynamic:6@2", "dynamic:6",
+                      "dynamic:10")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,12 +91,14 @@ LOOKUP_CANDIDATES = ("chain@1+lookup:2", "chain@1+lookup:4", "chain@1+lookup:8",
 def save_acceptance(adapter_dir: str | os.PathLike, stats: tree_select.RankStats) -> pathlib.Path:
     """Writes the adapter's rank statistics to `adapter_dir/acceptance.npz`: one int8 array of
     ranks [A, M] per held-out text, the rank cap, and (when the stats hold them) each text's
-    prompt and greedy ids."""
+    prompt and greedy ids and its masks' top log-probabilities [A, M, K] (float16)."""
     path = pathlib.Path(adapter_dir) / ACCEPTANCE_FILE
     arrays = {f"text_{i:04d}": r.astype(np.int8) for i, r in enumerate(stats.ranks)}
     for i, (src, tgt) in enumerate(stats.texts or ()):  # what replays a retrieval branch
         arrays[f"prompt_{i:04d}"] = np.asarray(src, np.int32)
         arrays[f"greedy_{i:04d}"] = np.asarray(tgt, np.int32)
+    for i, lp in enumerate(stats.top_logp or ()):  # what replays a dynamic tree
+        arrays[f"logp_{i:04d}"] = np.maximum(lp, np.finfo(np.float16).min).astype(np.float16)
     np.savez_compressed(path, max_rank=np.int32(stats.max_rank), **arrays)
     return path
 
@@ -110,6 +119,9 @@ def load_acceptance(adapter_dir: str | os.PathLike | None) -> tree_select.RankSt
             keys = [(k.replace("text_", "prompt_"), k.replace("text_", "greedy_")) for k in names]
             texts = ([(f[a].astype(np.int32), f[b].astype(np.int32)) for a, b in keys]
                      if all(a in f.files and b in f.files for a, b in keys) else None)
+            logp_keys = [k.replace("text_", "logp_") for k in names]
+            top_logp = ([f[k].astype(np.float32) for k in logp_keys]
+                        if all(k in f.files for k in logp_keys) else None)
     except (OSError, ValueError, KeyError) as e:
         print(f"warning: {path} is unreadable ({e}); --tree auto uses the default tree",
               file=sys.stderr)
@@ -118,7 +130,10 @@ def load_acceptance(adapter_dir: str | os.PathLike | None) -> tree_select.RankSt
         return None
     if texts is not None and any(len(g) != len(r) + 1 for (_, g), r in zip(texts, ranks)):
         texts = None  # not the texts of these ranks: no retrieval candidates
-    return tree_select.RankStats(ranks, max_rank, texts)
+    if top_logp is not None and any(lp.ndim != 3 or lp.shape[:2] != r.shape
+                                    for lp, r in zip(top_logp, ranks)):
+        top_logp = None  # not the log-probabilities of these ranks: no dynamic candidates
+    return tree_select.RankStats(ranks, max_rank, texts, top_logp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,22 +287,27 @@ def candidate_trees(num_masks: int, names: Sequence[str] = CANDIDATES) -> list[T
             tree = Tree.make(name, num_masks)
         except TreeError:  # deeper than the adapter
             continue
-        key = (tree.paths, tree.num_masks, tree.pruned, tree.lookup, tree.lookup_ngram)
+        key = (tree.paths, tree.num_masks, tree.pruned, tree.lookup, tree.lookup_ngram,
+               tree.dynamic, tree.dynamic_top_k)
         if key not in seen:
             seen.add(key)
             out.append(tree)
     return out
 
 
-def candidates_for(method: str, num_masks: int, lookup: bool = False) -> list[Tree]:
+def candidates_for(method: str, num_masks: int, lookup: bool = False,
+                   dynamic: bool = False) -> list[Tree]:
     """`--tree auto`'s candidates for an adapter: BiTA's `CANDIDATES`, or for SPACE (whose
     decoding is a chain) the chains of 1 to M masks; with `lookup` (statistics that hold their
-    texts), also those with a retrieval branch (`LOOKUP_CANDIDATES`; SPACE: its chains + 4)."""
+    texts), also those with a retrieval branch (`LOOKUP_CANDIDATES`; SPACE: its chains + 4);
+    with `dynamic` (statistics that hold the masks' top log-probabilities), BiTA's dynamic trees
+    (`DYNAMIC_CANDIDATES`)."""
     if method == "space":
         chains = [f"chain@{d}" for d in range(1, num_masks + 1)]
         return candidate_trees(num_masks, chains + ([c + "+lookup:4" for c in chains]
                                                     if lookup else []))
-    return candidate_trees(num_masks, CANDIDATES + (LOOKUP_CANDIDATES if lookup else ()))
+    return candidate_trees(num_masks, CANDIDATES + (LOOKUP_CANDIDATES if lookup else ())
+                           + (DYNAMIC_CANDIDATES if dynamic else ()))
 
 
 def choose(trees: Sequence[Tree], stats: tree_select.RankStats,

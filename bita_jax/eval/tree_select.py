@@ -18,11 +18,15 @@ and verification accepts the level-l node of rank r iff the true token has rank 
   independent  E = sum over nodes (r_0..r_{d-1}) of prod_l p_l(r_l), with p_l the marginal rank
                distribution of mask l; tokens/step = E + 1 (the bonus). Ignores correlation
                between levels and the shifted drafts of pruned trees.
-  replay       walk each text step by step as greedy BiTA decoding would (accept the deepest node
-               whose path equals the true ranks, emit it plus the bonus, jump to the anchor after
-               the bonus, take the next drafts from that anchor's group, or for a childless node of
-               a pruned tree from its parent's group shifted by one mask); tokens/step = emitted /
-               steps. Same result as decoding the same texts, up to float near-ties in the ranks.
+  replay       walk each text step by step as greedy BiTA decoding would (the first step holds no
+               mask drafts; then accept the deepest node whose path equals the true ranks, emit it
+               plus the bonus, jump to the anchor after the bonus, take the next drafts from that
+               anchor's group, or for a childless node of a pruned tree from its parent's group
+               shifted by one mask); tokens/step = emitted / steps. Same result as decoding the
+               same texts, up to float near-ties in the ranks. A dynamic tree (`dynamic:N:K@D`)
+               replays from the top log-probabilities kept beside the ranks (`top_logp`): at each
+               anchor its N nodes are the N most probable candidate paths, as
+               `decoding.dynamic_tree.select` picks them on device.
 
 **Speed.** tokens/s of a tree ~ tokens_per_step / t_step(tree); predicted speedup over plain
 greedy = tokens_per_step * t_ar / t_step. Step times come from `step_seconds` on the current
@@ -42,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bita_jax.decoding import lookup
+from bita_jax.decoding import dynamic_tree, lookup
 from bita_jax.decoding.engine import Engine, bucket
 from bita_jax.decoding.sampling import SamplingParams
 from bita_jax.decoding.tree import Path, Tree, TreeError
@@ -50,6 +54,7 @@ from bita_jax.models.config import ModelConfig
 from bita_jax.training import loss, samples
 
 MAX_RANK = 8  # ranks >= MAX_RANK are pooled (no template drafts deeper than top-5)
+TOP_LOGP = MAX_RANK  # log-probabilities kept per mask and anchor: a dynamic tree's K up to this
 GROUPS_PER_CALL = 128  # mask groups per teacher-forced pass (longer texts take several passes)
 METHODS = ("replay", "independent")
 
@@ -68,11 +73,15 @@ class RankStats:
     texts: list (one per ranks entry) of (prompt ids, greedy continuation ids), the text the
       ranks were measured on, or None: what replays a retrieval branch (`+lookup`), whose drafts
       come from the text itself.
+    top_logp: list (one per ranks entry) of [A, M, K] float32, the K highest log-probabilities
+      under mask k of the group at anchor a, best first (K = `TOP_LOGP`), or None: what
+      replays a dynamic tree, whose nodes follow them.
     """
 
     ranks: list[np.ndarray]
     max_rank: int = MAX_RANK
     texts: list[tuple[np.ndarray, np.ndarray]] | None = None
+    top_logp: list[np.ndarray] | None = None
 
     @property
     def num_masks(self) -> int:
@@ -117,7 +126,8 @@ class RankStats:
 @functools.partial(jax.jit, static_argnames=("cfg", "num_masks", "max_rank"))
 def _group_ranks(bita_params, base_params, tokens, anchors, labels, *, cfg: ModelConfig,
                  num_masks: int, max_rank: int):
-    """Ranks [B, G*M] of `labels` under the mask logits of the two-pass layout (-1 = no label)."""
+    """Ranks [B, G*M] of `labels` under the mask logits of the two-pass layout (-1 = no label),
+    and the `TOP_LOGP` highest log-probabilities of each mask [B, G*M, K]."""
     tr = tokens.shape[1]
     spec = samples.SampleSpec(num_masks=num_masks, max_groups=anchors.shape[1],
                           cutoff=tr + num_masks + 1, real_len=tr)
@@ -126,22 +136,24 @@ def _group_ranks(bita_params, base_params, tokens, anchors, labels, *, cfg: Mode
     safe = jnp.maximum(labels, 0)
     gold = jnp.take_along_axis(logits, safe[..., None], axis=-1)
     rank = jnp.minimum(jnp.sum(logits > gold, axis=-1), max_rank).astype(jnp.int32)
-    return jnp.where(labels >= 0, rank, -1)
+    top_logp = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), TOP_LOGP)[0]
+    return jnp.where(labels >= 0, rank, -1), top_logp
 
 
 def text_ranks(cfg: ModelConfig, base_params, bita_params, src: Sequence[int], tgt: Sequence[int],
                num_masks: int, max_rank: int = MAX_RANK,
-               groups_per_call: int = GROUPS_PER_CALL) -> np.ndarray:
-    """[A, M] ranks for one text (A = len(tgt) - 1 anchors; see `RankStats`)."""
+               groups_per_call: int = GROUPS_PER_CALL) -> tuple[np.ndarray, np.ndarray]:
+    """[A, M] ranks and [A, M, K] top log-probabilities for one text (A = len(tgt) - 1
+    anchors; see `RankStats`)."""
     src, tgt = np.asarray(src, np.int32), np.asarray(tgt, np.int32)
     m = num_masks
     num_anchors = len(tgt) - 1
     if num_anchors < 1:
-        return np.zeros((0, m), np.int32)
+        return np.zeros((0, m), np.int32), np.zeros((0, m, TOP_LOGP), np.float32)
     real = np.concatenate([src, tgt[:-1]])  # the last token is never visible to a labelled group
     tokens = np.zeros((1, bucket(len(real))), np.int32)
     tokens[0, : len(real)] = real
-    out = []
+    out, logps = [], []
     for start in range(0, num_anchors, groups_per_call):
         a = np.arange(start, start + groups_per_call)
         live = a < num_anchors
@@ -149,10 +161,12 @@ def text_ranks(cfg: ModelConfig, base_params, bita_params, src: Sequence[int], t
         target = a[:, None] + 1 + np.arange(m)[None, :]  # index into tgt, [G, M]
         labels = np.where(live[:, None] & (target < len(tgt)),
                           tgt[np.minimum(target, len(tgt) - 1)], -1).astype(np.int32)
-        ranks = _group_ranks(bita_params, base_params, tokens, anchors[None], labels.reshape(1, -1),
-                             cfg=cfg, num_masks=m, max_rank=max_rank)
+        ranks, top_logp = _group_ranks(bita_params, base_params, tokens, anchors[None],
+                                       labels.reshape(1, -1), cfg=cfg, num_masks=m,
+                                       max_rank=max_rank)
         out.append(np.asarray(ranks).reshape(groups_per_call, m)[live])
-    return np.concatenate(out)
+        logps.append(np.asarray(top_logp).reshape(groups_per_call, m, TOP_LOGP)[live])
+    return np.concatenate(out), np.concatenate(logps)
 
 
 def rank_stats(cfg: ModelConfig, base_params, bita_params,
@@ -160,12 +174,14 @@ def rank_stats(cfg: ModelConfig, base_params, bita_params,
                max_rank: int = MAX_RANK) -> RankStats:
     """Acceptance statistics of an adapter on (prompt ids, greedy continuation ids) pairs."""
     m = bita_params["mask_embed"].shape[0]
-    ranks = [text_ranks(cfg, base_params, bita_params, src, tgt, m, max_rank) for src, tgt in texts]
-    kept = [(r, (np.asarray(src, np.int32), np.asarray(tgt, np.int32)))
-            for r, (src, tgt) in zip(ranks, texts) if len(r)]
+    measured = [text_ranks(cfg, base_params, bita_params, src, tgt, m, max_rank)
+                for src, tgt in texts]
+    kept = [(r, lp, (np.asarray(src, np.int32), np.asarray(tgt, np.int32)))
+            for (r, lp), (src, tgt) in zip(measured, texts) if len(r)]
     if not kept:
         return RankStats([np.zeros((0, m), np.int32)], max_rank)
-    return RankStats([r for r, _ in kept], max_rank, [t for _, t in kept])
+    return RankStats([r for r, _, _ in kept], max_rank, [t for _, _, t in kept],
+                     [lp for _, lp, _ in kept])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,19 +214,41 @@ def _accepted_depth(paths: set, ranks: Sequence[int]) -> int:
     return d
 
 
+def dynamic_nodes(tree: Tree, top_logp: np.ndarray) -> np.ndarray:
+    """The nodes a dynamic tree picks at each anchor, [A, N] indices into
+    `dynamic_tree.candidates(D, K)`, from the groups' top log-probabilities [A, M, K'] (best
+    first): the N best candidates by the sum of their levels' log-probabilities, ties to the
+    shallower, as `dynamic_tree.select` scores them on device."""
+    d, k = tree.num_masks, tree.dynamic_top_k
+    cand = dynamic_tree.candidates(d, k)
+    lp = np.maximum(top_logp[:, :d, :k].astype(np.float64), dynamic_tree.LOG_FLOOR)
+    inside = np.arange(d)[None, :] < cand.depth[:, None]  # [C, D]
+    per_level = lp[:, np.arange(d)[None, :], cand.ranks]  # [A, C, D]
+    score = (np.where(inside[None], per_level, 0.0).sum(axis=2)
+             - dynamic_tree.DEPTH_PENALTY * cand.depth[None])
+    return np.argsort(-score, axis=1, kind="stable")[:, : tree.dynamic]
+
+
 def replay(tree: Tree, stats: RankStats) -> tuple[int, int]:
     """Replays greedy BiTA decoding of the stats' texts with `tree`; returns (tokens, steps).
 
-    Counts as `GenerationResult.tokens_per_step` does: the prefill's first token is excluded.
-    A retrieval branch (`+lookup:L[:N]`) is replayed exactly from the texts (`stats.texts`): at
-    each step its L drafts are the lookup of the prompt and the tokens so far
-    (`lookup.host_lookup_drafts`, the device lookup's twin), and the step accepts the deeper of
-    the mask path and the leading lookup drafts that equal the greedy text.
+    Counts as `GenerationResult.tokens_per_step` does: the prefill's first token is excluded,
+    and the first step holds no mask drafts (`bita_step.bita_prefill`). A retrieval branch
+    (`+lookup:L[:N]`) is replayed exactly from the texts (`stats.texts`): at each step its L
+    drafts are the lookup of the prompt and the tokens so far (`lookup.host_lookup_drafts`, the
+    device lookup's twin), and the step accepts the deeper of the mask path and the leading
+    lookup drafts that equal the greedy text. A dynamic tree takes its nodes at each anchor from
+    `stats.top_logp` (`dynamic_nodes`).
     """
     if tree.lookup and (stats.texts is None or tree.pruned):
         raise TreeError(f"tree {tree.name!r} has a retrieval branch: replaying it needs the "
                         "texts beside the ranks (save the statistics again) and groups on "
                         "every node (no -pruned)")
+    if tree.dynamic and (stats.top_logp is None
+                         or tree.dynamic_top_k > stats.top_logp[0].shape[-1]):
+        raise TreeError(f"tree {tree.name!r} is dynamic: replaying it needs the masks' top "
+                        f"{tree.dynamic_top_k} log-probabilities beside the ranks (save the "
+                        "statistics again)")
     paths = set(tree.paths)
     has_children = {p[:-1] for p in tree.paths}
     m = tree.num_masks  # masks per group of this tree (may be fewer than the adapter's)
@@ -220,10 +258,17 @@ def replay(tree: Tree, stats: RankStats) -> tuple[int, int]:
         if tree.lookup:
             src, tgt = stats.texts[i]
             text = np.concatenate([src, tgt])
-        emitted, anchor, shift = 1, 0, 0  # the prefill emitted tgt[0]; drafts from anchor 0
+        if tree.dynamic:
+            nodes = dynamic_nodes(tree, stats.top_logp[i])
+            cand_paths = dynamic_tree.candidates(m, tree.dynamic_top_k).paths
+        emitted, anchor, shift = 1, 0, 0  # the prefill emitted tgt[0]
+        drafted = False  # the first step holds no mask drafts
         while emitted < length:
             levels = [int(ranks[anchor, lv + shift]) if lv + shift < m else -1 for lv in range(m)]
-            levels = [r if r < stats.max_rank else -1 for r in levels]  # R = "R or worse"
+            levels = [r if r < stats.max_rank and drafted else -1 for r in levels]  # R: "or worse"
+            drafted = True
+            if tree.dynamic:
+                paths = {cand_paths[j] for j in nodes[anchor]}
             d = _accepted_depth(paths, levels)
             end = tuple(levels[:d])
             if tree.lookup:
@@ -247,11 +292,11 @@ def replay(tree: Tree, stats: RankStats) -> tuple[int, int]:
 
 
 def predicted_tokens_per_step(tree: Tree, stats: RankStats, method: str = "replay") -> float:
-    if tree.dynamic:
-        raise TreeError(f"tree {tree.name!r} is dynamic: its nodes follow the drafts' "
-                        "probabilities, which rank statistics do not hold; bench it instead "
-                        "(infer/bench.py without --select)")
     if method == "independent":
+        if tree.dynamic:
+            raise TreeError(f"tree {tree.name!r} is dynamic: its nodes follow the drafts' "
+                            "probabilities, which the independent estimate does not hold; "
+                            "use the replay")
         return expected_accepted(tree.paths, stats.probs()[:, : stats.max_rank]) + 1.0
     if method == "replay":
         tokens, steps = replay(tree, stats)
@@ -314,18 +359,22 @@ class Prediction:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.update(tokens_per_second=self.tokens_per_second, speedup=self.speedup)
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+        return {k: (None if math.isnan(v) else round(v, 4)) if isinstance(v, float) else v
+                for k, v in d.items()}
 
 
 def predict(trees: Sequence[Tree], stats: RankStats, step_seconds_by_tree: Mapping[str, float],
             ar_step_seconds: float, method: str = "replay") -> list[Prediction]:
-    """Predictions for each tree (keyed by `tree.name` in `step_seconds_by_tree`)."""
+    """Predictions for each tree (keyed by `tree.name` in `step_seconds_by_tree`). A dynamic
+    tree has no independent estimate (NaN): its prediction is the replay's by either method."""
     out = []
     for tree in trees:
-        indep = predicted_tokens_per_step(tree, stats, "independent")
+        indep = (math.nan if tree.dynamic
+                 else predicted_tokens_per_step(tree, stats, "independent"))
         rep = predicted_tokens_per_step(tree, stats, "replay")
         out.append(Prediction(
-            tree.name, tree.layout.num_tokens, rep if method == "replay" else indep, indep, rep,
+            tree.name, tree.layout.num_tokens,
+            rep if method == "replay" or tree.dynamic else indep, indep, rep,
             1e3 * step_seconds_by_tree[tree.name], 1e3 * ar_step_seconds))
     return out
 
@@ -349,7 +398,9 @@ def table(predictions: Sequence[Prediction], measured: Mapping[str, Mapping] | N
         meas_tps = f"{m['tokens_per_step']:.2f}" if "tokens_per_step" in m else "-"
         meas_sp = f"{m['speedup']:.2f}" if "speedup" in m else "-"
         name = f"**{p.tree}**" if p.tree == chosen else p.tree
-        lines.append(f"| {name} | {p.step_tokens} | {p.tokens_per_step_independent:.2f} | "
+        indep = p.tokens_per_step_independent
+        indep = "-" if math.isnan(indep) else f"{indep:.2f}"  # a dynamic tree: replay only
+        lines.append(f"| {name} | {p.step_tokens} | {indep} | "
                      f"{p.tokens_per_step_replay:.2f} | {p.step_ms:.1f} | {p.speedup:.2f} | "
                      f"{meas_tps} | {meas_sp} |")
     return "\n".join(lines)
