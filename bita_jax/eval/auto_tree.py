@@ -78,10 +78,10 @@ CANDIDATES = ("chain@1", "chain@2", "chain", "upper-triangle:3@1", "upper-triang
 # With a retrieval branch, when the statistics hold their texts (its drafts come from them).
 LOOKUP_CANDIDATES = ("chain@1+lookup:2", "chain@1+lookup:4", "chain@1+lookup:8",
                      "chain@2+lookup:4", "upper-triangle:3@1+lookup:4", "upper-triangle+lookup:8")
-# Dynamic trees, when the statistics hold the masks' top log-probabilities (step tokens 6, 8, 15,
-# 21, 28 and 44 with 3 masks: 1 + N + (N + 1) x D).
-DYNAMIC_CANDIDATES = ("dynamic:2@1", "dynamic:3@1", "dynamic:4@2", "dynamic:6@2", "dynamic:6",
-                      "dynamic:10")
+# Dynamic trees, when the statistics hold the masks' top log-probabilities (step tokens 12, 15,
+# 21, 28 and 44 with 3 masks: 1 + N + (N + 1) x D). None of depth 1: there the N most probable
+# nodes are always the top N ranks, a static tree.
+DYNAMIC_CANDIDATES = ("dynamic:3@2", "dynamic:4@2", "dynamic:6@2", "dynamic:6", "dynamic:10")
 
 
 # ---------------------------------------------------------------------------------------------
