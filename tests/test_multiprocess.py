@@ -199,7 +199,10 @@ def test_distillation_across_processes_writes_once_and_equals_one_process(tmp_pa
 def test_a_killed_process_stops_the_others_with_one_line(tmp_path, killed):
     data = tmp_path / "data.jsonl"
     _records(data)
-    heartbeat = 10
+    # Long enough that a heartbeat missed on a loaded box (the suite's other workers share the
+    # two cores) does not abort the survivor before Gloo reports the lost peer: with 10 s the
+    # coordination service once won that race (a worker starved of its heartbeats).
+    heartbeat = 30
     procs = start_job(2, [*TINY, "--data", str(data), "--out", str(tmp_path / "run"),
                           "run.mesh=[2,2]", "run.steps=100000", "run.checkpoint_every=100000"],
                       devices=2, BITA_JAX_HEARTBEAT_SECONDS=str(heartbeat))
