@@ -83,7 +83,8 @@ class LLM:
     pytree), `tokenizer`, `bita_params` and `bita_config` (None without an adapter), `tree` (None
     without an adapter), `adapter` (the adapter directory, `random:...` or "none"), `method`
     ("bita", "space", or None without an adapter), `fallback` (whether `tree="auto"` decoding
-    switches to plain steps where the drafts do not pay).
+    switches to plain steps where the drafts do not pay: True, False, or None for prompts past
+    chat length only).
 
     A SPACE adapter fine-tunes the model: `params` are then the base weights with its LoRA
     merged, and plain decoding (`use_bita=False`) is that fine-tuned model's greedy decoding,
@@ -93,7 +94,7 @@ class LLM:
     def __init__(self, loaded: loading.LoadedModel, bita_params=None,
                  bita_config: BitaConfig | None = None, tree: Tree | None = None,
                  adapter: str = "none", max_cache: int | None = None, mesh: Mesh | None = None,
-                 fallback: bool = False):
+                 fallback: bool | None = None):
         if (bita_params is None) != (tree is None):
             raise ValueError("BiTA params and a tree go together: pass both or neither")
         # Decoding's layout (unrolled on CPU; on a mesh, the sharded params as loaded), kept
@@ -165,14 +166,18 @@ class LLM:
 
     def fallback_for(self, prompt_tokens: int | None = None) -> Fallback | None:
         """The switch to plain steps for prompts of `prompt_tokens` tokens (None: chat length):
-        with `tree="auto"` and `fallback`, at the chosen tree's measured break-even (its step
-        cost over a plain step's at that context, `auto_tree.Choice.break_even`); else None."""
-        if self.auto is None or not self.fallback:
+        with `tree="auto"`, at the chosen tree's measured break-even (its step cost over a plain
+        step's at that context, `auto_tree.Choice.break_even`), when `fallback` is True, or is
+        None and the prompt is past chat length (its context bucket is not
+        `auto_tree.CONTEXT`: there the chat-calibrated acceptance may not hold); else None."""
+        if self.auto is None or self.fallback is False:
             return None
         from bita_jax.eval import auto_tree
 
-        choice = self.auto_choice(auto_tree.CONTEXT if prompt_tokens is None else prompt_tokens)
-        return Fallback(break_even=round(choice.break_even, 3))
+        n = auto_tree.CONTEXT if prompt_tokens is None else prompt_tokens
+        if self.fallback is None and auto_tree.context_bucket(n) == auto_tree.CONTEXT:
+            return None
+        return Fallback(break_even=round(self.auto_choice(n).break_even, 3))
 
     def engine(self, use_bita: bool = True, prompt_tokens: int | None = None) -> Engine:
         """The jitted engine: BiTA when `use_bita` and an adapter is loaded, else plain. With
@@ -311,7 +316,7 @@ def load_base(model: str | os.PathLike = loading.DEFAULT_MODEL, dtype: str = "fl
 
 def load(model: str | os.PathLike = loading.DEFAULT_MODEL, adapter: str | os.PathLike | None =
          "default", tree: str = "auto", dtype: str = "float32", mesh: Mesh | str | None = None,
-         max_cache: int | None = None, fallback: bool = False) -> LLM:
+         max_cache: int | None = None, fallback: bool | None = None) -> LLM:
     """Loads a base model and its BiTA adapter, ready to generate.
 
     Args:
@@ -340,9 +345,11 @@ def load(model: str | os.PathLike = loading.DEFAULT_MODEL, adapter: str | os.Pat
       fallback: with `tree="auto"`, the decode loop switches to plain steps (lossless, on
         device) wherever the drafts accept fewer tokens per step than the chosen tree's step
         costs over a plain step's, and tries the tree again after a pause
-        (`decoding.fallback`). Off by default: on held-out chat it cost 4 % (ShareGPT), on
-        Code Alpaca it gained 1 %, on a 2,000-token prompt 7 % (docs/benchmarks.md). A fixed
-        tree never switches.
+        (`decoding.fallback`). True: for every prompt; False: never; None (the default): for
+        prompts past chat length only, where the chat-calibrated acceptance statistics may not
+        hold. On held-out chat it cost 4 % (ShareGPT) and gained 1 % on Code Alpaca; past chat
+        length it kept a 2,000-token summary prompt at 1.02x plain greedy where the tree
+        alone ran at 0.89x (docs/benchmarks.md). A fixed tree never switches.
 
     Raises:
       ModelLoadError, ConfigError: an unknown, unreadable or unsupported model.

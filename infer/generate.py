@@ -57,10 +57,11 @@ def parse_args(argv=None):
                    help="upper-triangle[:K] | chain | full[:K] (+ -pruned, @D) | FILE.json | auto "
                         "(auto: chain@1 on CPU, where a step's cost grows with its tokens; "
                         "upper-triangle on GPU/TPU; see docs/benchmarks.md)")
-    p.add_argument("--fallback", action="store_true",
+    p.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=None,
                    help="--tree auto: switch to plain steps where the drafts accept fewer tokens "
                         "per step than the tree's measured cost, and back after a pause "
-                        "(lossless; see docs/benchmarks.md for when it pays)")
+                        "(lossless; default: for prompts past chat length only; see "
+                        "docs/benchmarks.md for when it pays)")
     p.add_argument("--compare", action="store_true",
                    help="also run plain greedy on the same prompt: times, speedup, identical ids")
     p.add_argument("--compare-runs", type=int, default=2,

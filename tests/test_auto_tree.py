@@ -198,8 +198,13 @@ def test_auto_tree_decodes_losslessly(tmp_path, monkeypatch):
     got = BitaGenerator(llm.cfg, llm.params, llm.bita_params, llm.tree).generate(prompts, 24)
     assert got.tokens == want
     # fallback=True: the auto tree's engine switches to plain steps below the chosen tree's
-    # measured break-even (its step cost over a plain step's), still lossless; off by default
-    assert llm.engine(True, prompt_tokens=4).fallback is None
+    # measured break-even (its step cost over a plain step's), still lossless. By default
+    # (None) only past chat length; False: never.
+    assert llm.fallback is None and llm.engine(True, prompt_tokens=4).fallback is None
+    assert llm.fallback_for(4) is None and llm.fallback_for() is None
+    assert llm.fallback_for(2000).break_even == round(llm.auto_choice(2000).break_even, 3) > 0
+    never = bita_jax.load("tiny", adapter=str(adapter), fallback=False)
+    assert never.fallback_for(4) is None and never.fallback_for(2000) is None
     switching = bita_jax.load("tiny", adapter=str(adapter), fallback=True)
     gen = switching.engine(True, prompt_tokens=4)
     assert gen.fallback.break_even == round(switching.tree_choice.break_even, 3) > 0
