@@ -129,6 +129,10 @@ def main(argv=None) -> int:
         names = args.tree.split(",") if args.tree else (
             bench.default_candidates(bcfg.num_masks) if args.select else ["upper-triangle"])
         trees = [bench.make_tree(n.strip(), bcfg.num_masks) for n in names if n.strip()]
+        too_wide = [t.name for t in trees if t.dynamic and t.dynamic_top_k > tree_select.TOP_LOGP]
+        if args.select and too_wide:  # the replay has the top TOP_LOGP log-probabilities only
+            raise ValueError(f"--select replays dynamic trees of up to K={tree_select.TOP_LOGP} "
+                             f"ranks per level, not {', '.join(too_wide)}: lower K")
         prompts = bench.encode_prompts(llm.tokenizer, texts, raw=args.prompts == "humaneval")
         check = Generator(llm.cfg, llm.params, max_cache=args.max_cache)
         for ids in prompts:  # fail fast, before compiling
