@@ -29,7 +29,8 @@ Two measurements meet here, Sequoia style:
               its own cost, the curve being non-decreasing) does not beat the best so far. On
               the 2-core CPU that measures 4 of the 8 sizes.
 
-The choice maximises predicted tokens per step / cost(T) over `candidate_trees`, and plain
+The choice maximises predicted tokens per step / cost(T) over `candidate_trees` (a bigger step
+must beat the best smaller one by `BIGGER_STEP_MARGIN`), and plain
 greedy's cost is cost(1), so the predicted speedup is tokens_per_step * cost(1) / cost(T). The
 forward omits the BiTA step's own work (tree attention mask, drafting, acceptance), which on the
 2-core CPU adds about 10 % to a small tree's step (docs/benchmarks.md), so predictions lean a
@@ -71,6 +72,12 @@ CURVE_FORMAT = 3  # bump when the measurement changes: cached curves then stop m
 # A tree must predict this speedup over plain greedy to be used: the forward's cost leaves out
 # the BiTA step's own work, about 10 % of a small tree's step on the 2-core CPU.
 MIN_SPEEDUP = 1.1
+# A bigger step must predict this much more than the best smaller one to be chosen: the curve's
+# ratios move by 10 % or more between two fresh measurements on the 2-core CPU (an 12-token
+# forward at 1.85x and 2.11x a 1-token one on 2026-12-02), and a near-tie then flips to the
+# bigger tree, which measured slower (`chain@1+lookup:4` predicted 1.31x against 1.28x, then
+# ran the README's command at x1.00; on held-out chat it was 7 % slower than `chain@1+lookup:2`).
+BIGGER_STEP_MARGIN = 0.10
 # Candidates from a one-mask chain to the paper's tree; those deeper than the adapter's masks
 # are skipped.
 CANDIDATES = ("chain@1", "chain@2", "chain", "upper-triangle:3@1", "upper-triangle:3@2",
@@ -312,20 +319,27 @@ def candidates_for(method: str, num_masks: int, lookup: bool = False,
 
 def choose(trees: Sequence[Tree], stats: tree_select.RankStats,
            seconds: Callable[[int], float]) -> Choice:
-    """The tree of highest predicted tokens per step / cost(step tokens) (ties: the smaller
-    step), measuring `seconds(T)` only for trees that could still win (module doc)."""
+    """The tree of highest predicted tokens per step / cost(step tokens), measuring
+    `seconds(T)` only for trees that could still win (module doc). Trees are visited from the
+    smallest step up, and a bigger step replaces the best so far only when it predicts more
+    than `BIGGER_STEP_MARGIN` above it (so ties and near-ties keep the smaller step)."""
     tps = {t.name: tree_select.predicted_tokens_per_step(t, stats) for t in trees}
     ar = seconds(1)
-    floor, best, best_rate = ar, None, -1.0
+    floor, best, best_rate, bar = ar, None, -1.0, -1.0
     costs = {}
     for tree in sorted(trees, key=lambda t: t.layout.num_tokens):
-        if best is not None and tps[tree.name] / floor <= best_rate:
+        # what it must beat: the best so far, by the margin when its step is bigger
+        to_beat = (-1.0 if best is None else bar if tree.layout.num_tokens >
+                   best.layout.num_tokens else best_rate)
+        if tps[tree.name] / floor <= to_beat:
             continue  # even at the cheapest cost it could have, it loses
         cost = seconds(tree.layout.num_tokens)
         costs[tree.name] = cost
         floor = max(floor, cost)
-        if tps[tree.name] / cost > best_rate:
-            best, best_rate = tree, tps[tree.name] / cost
+        rate = tps[tree.name] / cost
+        if rate > to_beat:
+            best, best_rate = tree, rate
+            bar = rate * (1 + BIGGER_STEP_MARGIN)
     preds = tuple(
         tree_select.Prediction(t.name, t.layout.num_tokens, tps[t.name], math.nan, tps[t.name],
                                1e3 * costs.get(t.name, math.nan), 1e3 * ar) for t in trees)
