@@ -73,7 +73,7 @@ CURVE_FORMAT = 3  # bump when the measurement changes: cached curves then stop m
 # the BiTA step's own work, about 10 % of a small tree's step on the 2-core CPU.
 MIN_SPEEDUP = 1.1
 # A bigger step must predict this much more than the best smaller one to be chosen: the curve's
-# ratios move by 10 % or more between two fresh measurements on the 2-core CPU (an 12-token
+# ratios move by 10 % or more between two fresh measurements on the 2-core CPU (a 12-token
 # forward at 1.85x and 2.11x a 1-token one on 2026-12-02), and a near-tie then flips to the
 # bigger tree, which measured slower (`chain@1+lookup:4` predicted 1.31x against 1.28x, then
 # ran the README's command at x1.00; on held-out chat it was 7 % slower than `chain@1+lookup:2`).
