@@ -24,9 +24,9 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from bita_jax import sharding
+from bita_jax import models, sharding
 from bita_jax.checkpoints import loading
-from bita_jax.decoding import ar, bita_step
+from bita_jax.decoding import ar, bita_step, ngram
 from bita_jax.decoding.engine import Engine, GenerationResult, decode_layout
 from bita_jax.decoding.fallback import Fallback
 from bita_jax.decoding.sampling import SamplingParams
@@ -94,7 +94,7 @@ class LLM:
     def __init__(self, loaded: loading.LoadedModel, bita_params=None,
                  bita_config: BitaConfig | None = None, tree: Tree | None = None,
                  adapter: str = "none", max_cache: int | None = None, mesh: Mesh | None = None,
-                 fallback: bool | None = None):
+                 fallback: bool | None = None, ngram_table: ngram.NgramTable | None = None):
         if (bita_params is None) != (tree is None):
             raise ValueError("BiTA params and a tree go together: pass both or neither")
         # Decoding's layout (unrolled on CPU; on a mesh, the sharded params as loaded), kept
@@ -111,6 +111,7 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         self.bita_params, self.bita_config, self.tree = bita_params, bita_config, tree
         self.adapter = adapter
+        self.ngram_table = ngram_table  # the adapter's table for retrieval branches, or None
         self.method = bita_config.method if bita_config is not None else None
         self.max_cache = max_cache
         self.fallback = fallback
@@ -194,7 +195,7 @@ class LLM:
             if tree is not None:
                 self._engines[key] = bita_step.BitaGenerator(
                     self.cfg, self.params, self.bita_params, tree, max_cache=self.max_cache,
-                    mesh=self.mesh, fallback=fallback)
+                    mesh=self.mesh, fallback=fallback, ngram_table=self.ngram_table)
             else:
                 self._engines[key] = ar.Generator(self.cfg, self.params,
                                                   max_cache=self.max_cache, mesh=self.mesh)
@@ -364,11 +365,17 @@ def load(model: str | os.PathLike = loading.DEFAULT_MODEL, adapter: str | os.Pat
     if spec == "none":
         return LLM(loaded, adapter="none", max_cache=max_cache, mesh=mesh, fallback=fallback)
     bita_params, bita_config, _ = loading.load_bita(spec, loaded)
+    try:
+        table = ngram.load(spec) if os.path.isdir(spec) else None
+    except (OSError, ValueError, KeyError) as e:
+        raise models.AdapterError(f"{spec}: unreadable {ngram.FILE} ({e}); delete it to decode "
+                                   "without the n-gram table, or rebuild it") from None
     name = tree
     if tree == "auto":  # SPACE decodes with its chain; BiTA with the backend's tree
         name = "chain" if bita_config.method == "space" else auto_tree_name(jax.default_backend())
     llm = LLM(loaded, bita_params, bita_config, Tree.make(name, bita_config.num_masks),
-              adapter=spec, max_cache=max_cache, mesh=mesh, fallback=fallback)
+              adapter=spec, max_cache=max_cache, mesh=mesh, fallback=fallback,
+              ngram_table=table)
     if tree == "auto" and llm.mesh is None:
         _choose_tree(llm, spec)
     return llm

@@ -93,6 +93,7 @@ def save_acceptance(llm, prompts, args) -> int:
     stats = bench.acceptance_stats(llm.cfg, llm.params, llm.bita_params, prompts,
                                    args.max_new_tokens, max_cache=args.max_cache, log=status)
     path = auto_tree.save_acceptance(adapter, stats)
+    stats.ngram = llm.ngram_table  # what decoding's retrieval branches use beside the lookup
     summary = stats.to_dict()
     print(f"top-1 per mask {summary['top1']}, top-5 {summary['top5']} "
           f"({summary['anchors']} anchors of {summary['texts']} texts)")
@@ -148,7 +149,8 @@ def main(argv=None) -> int:
     if args.select:
         selection = bench.select_tree(cfg, params, bita_params, trees, prompts,
                                       args.max_new_tokens, max_cache=args.max_cache,
-                                      method=args.method, log=status)
+                                      method=args.method, log=status,
+                                      ngram_table=llm.ngram_table)
         print(f"## Predicted (chosen: {selection.chosen.tree})\n")
         print(tree_select.table(selection.predictions, chosen=selection.chosen.tree) + "\n",
               flush=True)
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
         trees = [t for t in trees if t.name == selection.chosen.tree]
     results = bench.run_bench(cfg, params, bita_params, trees, prompts, args.max_new_tokens,
                               texts=texts, max_cache=args.max_cache, repeats=args.repeats,
-                              log=status)
+                              log=status, ngram_table=llm.ngram_table)
     results["config"] = config
     if selection is not None:
         results["selection"] = selection.to_dict()

@@ -58,6 +58,9 @@ def parse_args(argv=None):
                    help="also run each BiTA tree switching to plain steps where its drafts do not "
                         "pay (break-even: the tree's step cost over a plain step's on this "
                         "machine, the --tree auto curve)")
+    p.add_argument("--ngram", choices=("on", "off", "both"), default="on",
+                   help="the adapter's n-gram table in retrieval branches: on (default), off, or "
+                        "both (adds each lookup tree without it, 'BiTA TREE -ngram')")
     p.add_argument("--prompt-lookup", type=int, default=10,
                    help="HF prompt_lookup_num_tokens (default 10)")
     p.add_argument("--repeats", type=int, default=1,
@@ -160,7 +163,8 @@ def main(argv=None) -> int:
               "splits": {s: bench.default_split(s, "test") for s in sources},
               "calibration_split": None if calibration is None else
               bench.default_split(sources[0], "selection"),
-              "trees": [t.name for t in trees], "prompt_lookup": None if args.no_hf else
+              "trees": [t.name for t in trees], "ngram": args.ngram,
+              "ngram_table": llm.ngram_table is not None, "prompt_lookup": None if args.no_hf else
               args.prompt_lookup, "repeats": args.repeats, **bench.environment()}
     if hf is not None:
         import torch
@@ -171,7 +175,9 @@ def main(argv=None) -> int:
         status(f"tree selection on {len(calibration)} calibration prompts ...")
         selection = bench.select_tree(loaded.cfg, loaded.params, bita_params, trees,
                                       calibration, args.max_new_tokens,
-                                      max_cache=args.max_cache, log=status)
+                                      max_cache=args.max_cache, log=status,
+                                      ngram_table=None if args.ngram == "off"
+                                      else llm.ngram_table)
         status(f"selected: {selection.chosen.tree}")
     fallbacks = None
     if args.fallback:
@@ -186,7 +192,9 @@ def main(argv=None) -> int:
     report = report_lib.run_report(loaded, bita_params, trees, sets, args.max_new_tokens,
                                    selection=selection, hf=hf, max_cache=args.max_cache,
                                    repeats=args.repeats, log=status, space=space,
-                                   fallbacks=fallbacks)
+                                   fallbacks=fallbacks,
+                                   ngram_table=None if args.ngram == "off" else llm.ngram_table,
+                                   without_table=args.ngram == "both")
     report["config"] = config
     if selection is not None:
         report["selection"] = selection.to_dict()

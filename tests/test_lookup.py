@@ -183,11 +183,14 @@ def test_eos_inside_an_accepted_lookup_run_stops_exactly(setup):
     check_eos_inside_an_accepted_run(cfg, params, bp, tree, prompts, 40, min_emitted=3)
 
 
-def check_eos_inside_an_accepted_run(cfg, params, bp, tree, prompts, max_new, min_emitted=2):
+def check_eos_inside_an_accepted_run(cfg, params, bp, tree, prompts, max_new, min_emitted=2,
+                                     **engine_kwargs):
     """Finds a token that a BiTA step emitted before its last (bonus) token, in a step that
     emitted at least `min_emitted`, and the token's first occurrence in its row; makes it the
-    EOS: the row must stop right at it, equal to plain greedy with that EOS."""
-    free, counts = _steps(BitaGenerator(cfg, params, bp, tree, eos_ids=()), prompts, max_new)
+    EOS: the row must stop right at it, equal to plain greedy with that EOS. `engine_kwargs` go
+    to both BiTA engines (e.g. an n-gram table)."""
+    free, counts = _steps(BitaGenerator(cfg, params, bp, tree, eos_ids=(), **engine_kwargs),
+                          prompts, max_new)
     found = None
     for row, (toks, row_counts) in enumerate(zip(free, counts)):
         index = 1  # the prefill emitted token 0
@@ -201,8 +204,8 @@ def check_eos_inside_an_accepted_run(cfg, params, bp, tree, prompts, max_new, mi
     eos = free[row][index]
     want = Generator(cfg, params, eos_ids=(eos,)).generate(prompts, max_new).tokens
     assert want[row] == free[row][: index + 1]
-    got, got_counts = _steps(BitaGenerator(cfg, params, bp, tree, eos_ids=(eos,)), prompts,
-                             max_new)
+    got, got_counts = _steps(BitaGenerator(cfg, params, bp, tree, eos_ids=(eos,),
+                                           **engine_kwargs), prompts, max_new)
     assert got == want
     assert sum(got_counts[row]) == index  # it stopped in the step that emitted the EOS
 

@@ -6,9 +6,10 @@
 Modules: `sampling` (greedy / top-k / top-p), `tree` (draft-tree templates and their static
 buffers), `engine` (the shared state, emission rule, while-loop and executables), `prefill`
 (prompts into the cache, one-shot or chunked), `ar` (plain decoding), `bita_step` (BiTA's
-verify-and-draft step), `lookup` (retrieval drafts), `fallback` (plain steps where the drafts do
-not pay), `placement` (shardings of params, cache and state on a mesh; global inputs and outputs
-across processes) and `memory_plan` (per-device memory of decoding, from shapes).
+verify-and-draft step), `lookup` (retrieval drafts), `ngram` (the adapter's n-gram table of the
+model's own answers), `fallback` (plain steps where the drafts do not pay), `placement`
+(shardings of params, cache and state on a mesh; global inputs and outputs across processes)
+and `memory_plan` (per-device memory of decoding, from shapes).
 
 On a mesh: `Generator(cfg, sharded_params)` or `Generator(cfg, params, mesh=mesh)` decode with
 explicit shardings; the tokens equal one device's.

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bita_jax import models
-from bita_jax.decoding import ar, dynamic_tree, engine, lookup, placement, prefill
+from bita_jax.decoding import ar, dynamic_tree, engine, lookup, ngram, placement, prefill
 from bita_jax.decoding.engine import HEADROOM, DecodeState, GenerationError
 from bita_jax.decoding.fallback import Fallback, FallbackState, init_state, run_adaptive
 from bita_jax.decoding.sampling import SamplingParams, filtered_logits
@@ -74,12 +74,12 @@ def with_lookup(drafts, lay: Layout, retrieved):
     return jnp.where(lay.node_rank < 0, jnp.take(retrieved, lay.node_level, axis=1), drafts)
 
 
-def retrieve(tree: Tree, history, newest):
+def retrieve(tree: Tree, history, newest, table=None):
     """The lookup branch's tokens [B, L] (None without one), from history [B, S] up to position
-    newest [B]."""
+    newest [B], and the adapter's n-gram table (`ngram.NgramTable` or None)."""
     if not tree.lookup:
         return None
-    return lookup.lookup_drafts(history, newest, tree.lookup, tree.lookup_ngram)
+    return lookup.lookup_drafts(history, newest, tree.lookup, tree.lookup_ngram, table)
 
 
 def bita_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: SamplingParams | None,
@@ -91,7 +91,7 @@ def bita_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: Samp
     prompt offers), and its mask groups draft the second step's tree. So the first token costs
     what plain greedy's does, with no mask rows (and no BiTA prefix) in the prefill, for about
     one step's worth of unused mask drafts per request."""
-    base_params, _ = params
+    base_params, _, table = params
     lay = tree.layout
     b = prompt.shape[0]
     cache, first, rng = prefill.prefill(cfg, base_params, prompt, prompt_len, sp, rng,
@@ -103,7 +103,7 @@ def bita_prefill(cfg: ModelConfig, params, prompt, prompt_len, max_new, sp: Samp
         node_paths = jnp.broadcast_to(jnp.arange(tree.dynamic, dtype=jnp.int32), (b, tree.dynamic))
     else:
         if lay.lookup_nodes:
-            drafts = with_lookup(drafts, lay, retrieve(tree, history, prompt_len))
+            drafts = with_lookup(drafts, lay, retrieve(tree, history, prompt_len, table))
         node_paths = jnp.zeros((b, 0), jnp.int32)
     return engine.first_state(BitaState, cache, first, rng, max_new, out_slots=out_slots,
                               eos_ids=eos_ids, step_tokens=lay.max_depth + 1, drafts=drafts,
@@ -225,7 +225,7 @@ def bita_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new,
         history = lookup.append(history, n, emitted, count)
     group_rows = jnp.take(lay.group_rows, jnp.take(lay.endpoint_group, endpoint), axis=0)
     drafts = next_drafts(logits, lay, group_rows, jnp.take(lay.endpoint_shift, endpoint),
-                         retrieve(tree, history, cache.length))
+                         retrieve(tree, history, cache.length, params[2]))
     return advance(state, cache, emitted, depth, {"drafts": drafts}, max_new, eos_ids, rng=rng,
                    history=history)
 
@@ -235,20 +235,21 @@ def plain_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new,
     """A plain 1-token step of the base model (`ar.ar_step`) on BiTA's state, for `Fallback`.
     The mask drafts are left as they are (stale); a lookup branch's history gets the new token
     and its drafts are looked up afresh, so the first tree step after a pause can accept them."""
-    base_params, _ = params
+    base_params, _, table = params
     new = ar.ar_step(cfg, base_params, state, max_new, sp, eos_ids)
     if not tree.lookup:
         return new
     count = new.num_new - state.num_new
     history = lookup.append(state.history, state.cache.length, new.last[:, None], count)
-    drafts = with_lookup(new.drafts, tree.layout, retrieve(tree, history, new.cache.length))
+    drafts = with_lookup(new.drafts, tree.layout,
+                         retrieve(tree, history, new.cache.length, table))
     return new.replace(history=history, drafts=drafts)
 
 
 def step_forward(cfg: ModelConfig, params, state: BitaState, mask_ids, offsets, mask):
     """The step's forward: tokens [B, T] (`[root | nodes | masks]`), logits [B, T, V] and the
     block's keys/values. offsets [T] or [B, T], mask [T, T] or [B, T, T] (static or per row)."""
-    base_params, bita_params = params
+    base_params, bita_params, _ = params
     b = state.drafts.shape[0]
     masks = jnp.broadcast_to(cfg.vocab_size + mask_ids, (b, mask_ids.shape[0]))
     tokens = jnp.concatenate(
@@ -311,15 +312,18 @@ def dynamic_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new
 
 class BitaGenerator(engine.Engine):
     """Lossless BiTA generation (greedy, or exact sampling) with the same API as `Generator`;
-    on a mesh the BiTA params are replicated."""
+    on a mesh the BiTA params (and the n-gram table) are replicated."""
 
     state_type = BitaState
 
     def __init__(self, cfg: ModelConfig, params, bita_params, tree: Tree,
                  eos_ids: Sequence[int] | None = None, max_cache: int | None = None,
-                 mesh=None, fallback: Fallback | None = None):
+                 mesh=None, fallback: Fallback | None = None,
+                 ngram_table: ngram.NgramTable | None = None):
         """`fallback`: switch to plain steps where the drafts do not pay (`fallback.py`);
-        None: tree steps throughout."""
+        None: tree steps throughout. `ngram_table`: the adapter's table (`ngram.load`), which a
+        retrieval branch consults where prompt lookup finds no 2-gram; None: prompt lookup
+        only."""
         super().__init__(cfg, params, eos_ids, max_cache, mesh)
         self.fallback = fallback
         masks = bita_params["mask_embed"].shape[0]
@@ -330,12 +334,15 @@ class BitaGenerator(engine.Engine):
         if depth + 1 > HEADROOM:  # a step commits up to D + 1 slots past the length
             raise GenerationError(f"tree {tree.name!r} is {depth} nodes deep: trees deeper than "
                                   f"{HEADROOM - 1} need more cache headroom")
+        table = None
+        if ngram_table is not None and tree.lookup:  # only a retrieval branch reads it
+            table = jax.tree.map(jnp.asarray, ngram_table)
         if self.mesh is not None:
-            bita_params = placement.replicate(bita_params, self.mesh)
-        self.bita_params, self.tree = bita_params, tree
+            bita_params, table = placement.replicate((bita_params, table), self.mesh)
+        self.bita_params, self.tree, self.ngram_table = bita_params, tree, table
 
     def run_params(self):
-        return (self.params, self.bita_params)
+        return (self.params, self.bita_params, self.ngram_table)
 
     def prepare(self, prompts, max_new_tokens, sp, seed=0, keep_state=False):
         if self.tree.dynamic and float(sp.temperature) > 0:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from bita_jax.decoding import ngram
+
 NO_DRAFT = -1  # a placeholder node token: never equals a prediction, fed as token 0
 
 
@@ -41,12 +43,14 @@ def append(history, start, tokens, count):
     return history.at[jnp.arange(b)[:, None], slots].set(tokens, mode="drop")
 
 
-def lookup_drafts(history, newest, num_tokens: int, max_ngram: int):
+def lookup_drafts(history, newest, num_tokens: int, max_ngram: int, table=None):
     """The L = `num_tokens` tokens that followed the latest earlier occurrence of each row's
     last n-gram, for the longest n <= `max_ngram` that has one.
 
     Args:
       history: [B, S] tokens by position; newest: [B] position of each row's newest token.
+      table: an `ngram.NgramTable` of device arrays, or None: rows whose match is shorter than
+        `ngram.MIN_PROMPT_NGRAM` tokens take the table's drafts where it holds their context.
 
     Returns:
       [B, L] int32 draft tokens; NO_DRAFT for a row without any match.
@@ -55,6 +59,7 @@ def lookup_drafts(history, newest, num_tokens: int, max_ngram: int):
     rows = jnp.arange(b)
     pos = jnp.arange(s)[None, :]
     end = jnp.full((b,), -1, jnp.int32)  # position where the chosen earlier occurrence ends
+    order = jnp.zeros((b,), jnp.int32)  # the n of that occurrence (0: none)
     for g in range(max_ngram, 0, -1):
         # An occurrence ending at j < newest: history[j - k] == history[newest - k], k < g.
         match = (pos >= g - 1) & (pos < newest[:, None]) & (newest[:, None] >= g - 1)
@@ -63,21 +68,27 @@ def lookup_drafts(history, newest, num_tokens: int, max_ngram: int):
             suffix = history[rows, jnp.maximum(newest - k, 0)]
             match = match & (earlier == suffix[:, None])
         latest = jnp.max(jnp.where(match, pos, -1), axis=1).astype(jnp.int32)
+        order = jnp.where((end < 0) & (latest >= 0), g, order)
         end = jnp.where(end < 0, latest, end)
     period = jnp.maximum(newest - end, 1)[:, None]  # the continuation is known up to the newest
     follow = end[:, None] + 1 + jnp.arange(num_tokens)[None, :] % period  # [B, L]
     tokens = jnp.take_along_axis(history, jnp.clip(follow, 0, s - 1), axis=1)
-    return jnp.where(end[:, None] >= 0, tokens, NO_DRAFT).astype(jnp.int32)
+    tokens = jnp.where(end[:, None] >= 0, tokens, NO_DRAFT).astype(jnp.int32)
+    if table is None:
+        return tokens
+    from_table, found = ngram.table_drafts(table, history, newest, num_tokens)
+    use = found & (order < ngram.MIN_PROMPT_NGRAM)
+    return jnp.where(use[:, None], from_table, tokens)
 
 
-def host_lookup_drafts(history, num_tokens: int, max_ngram: int) -> np.ndarray:
+def host_lookup_drafts(history, num_tokens: int, max_ngram: int, table=None) -> np.ndarray:
     """`lookup_drafts` of one row on the host, in numpy: history [n + 1] holds the prompt and
-    every token so far, the newest last. Returns [L] tokens, NO_DRAFT without any match. The
-    replay of `--tree auto` uses it (`eval.tree_select.replay`); a test holds it to the device
-    version."""
+    every token so far, the newest last; `table` a host `ngram.NgramTable` or None. Returns [L]
+    tokens, NO_DRAFT without any match. The replay of `--tree auto` uses it
+    (`eval.tree_select.replay`); a test holds it to the device version."""
     h = np.asarray(history, np.int64)
     newest = len(h) - 1
-    end = -1
+    end, order = -1, 0
     for g in range(max_ngram, 0, -1):
         if newest < g:  # no room for an earlier occurrence of g tokens
             continue
@@ -86,8 +97,13 @@ def host_lookup_drafts(history, num_tokens: int, max_ngram: int) -> np.ndarray:
         windows = np.lib.stride_tricks.sliding_window_view(h[:newest], g)
         hits = np.nonzero(np.all(windows == suffix, axis=1))[0]
         if len(hits):
-            end = int(hits[-1]) + g - 1
+            end, order = int(hits[-1]) + g - 1, g
             break
+    if table is not None and order < ngram.MIN_PROMPT_NGRAM:
+        from_table, found = ngram.table_drafts(table, h[None, :], np.asarray([newest]),
+                                               num_tokens, xp=np)
+        if found[0]:
+            return from_table[0]
     if end < 0:
         return np.full((num_tokens,), NO_DRAFT, np.int32)
     period = max(newest - end, 1)

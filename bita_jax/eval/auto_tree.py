@@ -61,6 +61,7 @@ import jax
 import numpy as np
 
 from bita_jax.checkpoints import model_cache
+from bita_jax.decoding import ngram
 from bita_jax.decoding.tree import Tree, TreeError
 from bita_jax.eval import step_cost, tree_select
 from bita_jax.models.config import ModelConfig
@@ -140,7 +141,7 @@ def load_acceptance(adapter_dir: str | os.PathLike | None) -> tree_select.RankSt
     if top_logp is not None and any(lp.ndim != 3 or lp.shape[:2] != r.shape
                                     for lp, r in zip(top_logp, ranks)):
         top_logp = None  # not the log-probabilities of these ranks: no dynamic candidates
-    return tree_select.RankStats(ranks, max_rank, texts, top_logp)
+    return tree_select.RankStats(ranks, max_rank, texts, top_logp, ngram.load(adapter_dir))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def summarize(rows: Sequence[dict], greedy_rows: Sequence[dict] | None = None) -
 def run_bench(cfg: ModelConfig, params, bita_params, trees: Sequence[Tree],
               prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
               texts: Sequence[str] | None = None, max_cache: int | None = None,
-              repeats: int = 1, log: Log = quiet) -> dict:
+              repeats: int = 1, log: Log = quiet, ngram_table=None) -> dict:
     """Plain greedy and every tree on every prompt (interleaved per prompt), after a warm-up.
 
     Args:
@@ -162,6 +162,7 @@ def run_bench(cfg: ModelConfig, params, bita_params, trees: Sequence[Tree],
       max_cache: the longest prompt + max_new_tokens accepted (default: the model's context).
       repeats: runs per prompt and engine (engines take turns); the fastest run is kept.
       log: progress lines.
+      ngram_table: the adapter's n-gram table (`decoding.ngram`) for retrieval branches, or None.
 
     Returns:
       {"greedy": {"summary"}, "trees": {name: {"summary", "step_tokens", "nodes", "num_masks"}},
@@ -173,7 +174,8 @@ def run_bench(cfg: ModelConfig, params, bita_params, trees: Sequence[Tree],
         raise ValueError(f"tree names must differ: {names}")
     engines = {GREEDY: Generator(cfg, params, max_cache=max_cache)}
     for t in trees:
-        engines[t.name] = BitaGenerator(cfg, params, bita_params, t, max_cache=max_cache)
+        engines[t.name] = BitaGenerator(cfg, params, bita_params, t, max_cache=max_cache,
+                                        ngram_table=ngram_table)
     for name, gen in engines.items():
         log(f"warm-up: {name} ...")
         warm_up(gen, prompts, max_new_tokens)
@@ -295,7 +297,7 @@ def select_tree(cfg: ModelConfig, params, bita_params, trees: Sequence[Tree],
                 prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                 greedy_tokens: Sequence[Sequence[int]] | None = None,
                 max_cache: int | None = None, method: str = "replay", timing_steps: int = 32,
-                repeats: int = 3, log: Log = quiet) -> Selection:
+                repeats: int = 3, log: Log = quiet, ngram_table=None) -> Selection:
     """Acceptance statistics on the prompts' greedy continuations, step times per tree, choice.
 
     Args:
@@ -303,6 +305,7 @@ def select_tree(cfg: ModelConfig, params, bita_params, trees: Sequence[Tree],
       method: "replay" or "independent" (see `tree_select`).
       timing_steps, repeats: decode steps per timing, best of `repeats`; timed on the prompt with
         the longest continuation, at the bench's shape bucket.
+      ngram_table: the adapter's n-gram table, in the replay and the engines, or None.
     """
     ar = Generator(cfg, params, max_cache=max_cache)
     if greedy_tokens is None:
@@ -311,9 +314,10 @@ def select_tree(cfg: ModelConfig, params, bita_params, trees: Sequence[Tree],
     max_rank = max([tree_select.MAX_RANK] + [t.layout.max_rank for t in trees])
     stats = acceptance_stats(cfg, params, bita_params, prompts, max_new_tokens,
                              greedy_tokens=greedy_tokens, max_rank=max_rank, log=log)
+    stats.ngram = ngram_table
     ids = prompts[int(np.argmax([len(t) for t in greedy_tokens]))]
-    gens = {GREEDY: ar, **{t.name: BitaGenerator(cfg, params, bita_params, t, max_cache=max_cache)
-                           for t in trees}}
+    gens = {GREEDY: ar, **{t.name: BitaGenerator(cfg, params, bita_params, t, max_cache=max_cache,
+                                                 ngram_table=ngram_table) for t in trees}}
     for name, gen in gens.items():
         log(f"compiling {name} ...")
         warm_up(gen, [ids], max_new_tokens)

@@ -169,7 +169,8 @@ def run_report(loaded, bita_params, trees,
                prompt_sets: dict[str, tuple[list[str], list[list[int]]]],
                max_new_tokens: int, *, selection=None, hf: dict | None = None,
                max_cache: int | None = None, repeats: int = 1, log: Log = bench.quiet,
-               space: tuple | None = None, fallbacks: dict | None = None) -> dict:
+               space: tuple | None = None, fallbacks: dict | None = None,
+               ngram_table=None, without_table: bool = False) -> dict:
     """The whole report.
 
     Args:
@@ -185,6 +186,9 @@ def run_report(loaded, bita_params, trees,
         one SPACE engine per tree.
       fallbacks: {tree name: `Fallback`}: adds "BiTA {tree} +fallback", that tree switching to
         plain steps where its drafts do not pay.
+      ngram_table: the adapter's n-gram table (`decoding.ngram`), which the BiTA engines'
+        retrieval branches use, or None; `without_table` adds "BiTA {tree} -ngram" for each tree
+        with a retrieval branch: the same tree on prompt lookup alone (the table's share).
 
     Returns a JSON-ready dict: {"engines": {name: {kind, tree, step_tokens, nodes}},
     "selected": name or None, "sets": {set: {"prompts", "rows", "summary"}}}.
@@ -198,7 +202,9 @@ def run_report(loaded, bita_params, trees,
             trees.append(bench.make_tree(selected, bita_params["mask_embed"].shape[0]))
     ours = Generator(cfg, params, max_cache=max_cache)
     gens = {OURS: ours, **{f"BiTA {t.name}": BitaGenerator(cfg, params, bita_params, t,
-                                                           max_cache=max_cache) for t in trees}}
+                                                           max_cache=max_cache,
+                                                           ngram_table=ngram_table)
+                           for t in trees}}
     info = {n: {"kind": "hf"} for n in (hf or {})}
     info[OURS] = {"kind": "ours", "tree": None, "step_tokens": 1}
     for t in trees:
@@ -209,9 +215,13 @@ def run_report(loaded, bita_params, trees,
         if fallback is not None:
             name = f"BiTA {t.name} +fallback"
             gens[name] = BitaGenerator(cfg, params, bita_params, t, max_cache=max_cache,
-                                       fallback=fallback)
+                                       fallback=fallback, ngram_table=ngram_table)
             info[name] = {**info[f"BiTA {t.name}"], "selected": False,
                           "break_even": fallback.break_even}
+        if without_table and ngram_table is not None and t.lookup:
+            name = f"BiTA {t.name} -ngram"
+            gens[name] = BitaGenerator(cfg, params, bita_params, t, max_cache=max_cache)
+            info[name] = {**info[f"BiTA {t.name}"], "selected": False}
     if space is not None:
         space_params, space_cfg, space_trees = space
         tuned, masks = decoding_params(params, space_params, space_cfg)

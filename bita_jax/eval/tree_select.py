@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bita_jax.decoding import dynamic_tree, lookup
+from bita_jax.decoding import ngram as ngram_table
 from bita_jax.decoding.engine import Engine, bucket
 from bita_jax.decoding.sampling import SamplingParams
 from bita_jax.decoding.tree import Path, Tree, TreeError
@@ -76,12 +77,15 @@ class RankStats:
     top_logp: list (one per ranks entry) of [A, M, K] float32, the K highest log-probabilities
       under mask k of the group at anchor a, best first (K = `TOP_LOGP`), or None: what
       replays a dynamic tree, whose nodes follow them.
+    ngram: the adapter's n-gram table (`ngram.NgramTable`, host arrays) or None: what a
+      retrieval branch's drafts come from where prompt lookup finds no 2-gram, as in decoding.
     """
 
     ranks: list[np.ndarray]
     max_rank: int = MAX_RANK
     texts: list[tuple[np.ndarray, np.ndarray]] | None = None
     top_logp: list[np.ndarray] | None = None
+    ngram: ngram_table.NgramTable | None = None
 
     @property
     def num_masks(self) -> int:
@@ -236,8 +240,9 @@ def replay(tree: Tree, stats: RankStats) -> tuple[int, int]:
     and the first step holds no mask drafts (`bita_step.bita_prefill`). A retrieval branch
     (`+lookup:L[:N]`) is replayed exactly from the texts (`stats.texts`): at each step its L
     drafts are the lookup of the prompt and the tokens so far (`lookup.host_lookup_drafts`, the
-    device lookup's twin), and the step accepts the deeper of the mask path and the leading
-    lookup drafts that equal the greedy text. A dynamic tree takes its nodes at each anchor from
+    device lookup's twin, with `stats.ngram` when the adapter has a table), and the step
+    accepts the deeper of the mask path and the leading lookup drafts that equal the greedy
+    text. A dynamic tree takes its nodes at each anchor from
     `stats.top_logp` (`dynamic_nodes`).
     """
     if tree.lookup and (stats.texts is None or tree.pruned):
@@ -273,7 +278,7 @@ def replay(tree: Tree, stats: RankStats) -> tuple[int, int]:
             end = tuple(levels[:d])
             if tree.lookup:
                 drafts = lookup.host_lookup_drafts(text[: len(src) + emitted], tree.lookup,
-                                                   tree.lookup_ngram)
+                                                   tree.lookup_ngram, stats.ngram)
                 truth = tgt[emitted: emitted + tree.lookup]
                 same = drafts[: len(truth)] == truth
                 d_lookup = int(np.argmin(same)) if not same.all() else len(truth)
