@@ -173,7 +173,7 @@ def _oracle_decode(cfg, params, bp, tree, prompts, max_new, corrupt, eos_ids=(),
         seq = (p + r)[: truth.shape[1]]
         truth[i, : len(seq)] = seq
     state, record = _oracle_run(
-        (params, bp), prompt, np.asarray(lens, np.int32), truth, np.int32(max_new),
+        (params, bp, None), prompt, np.asarray(lens, np.int32), truth, np.int32(max_new),
         np.float32(corrupt), jax.random.key(seed), cfg=cfg, tree=tree, eos_ids=tuple(eos_ids),
         capacity=capacity, out_slots=out_slots)
     out, num, row_steps, hist, record = jax.device_get(

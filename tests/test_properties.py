@@ -205,7 +205,7 @@ def test_bita_equals_greedy_on_random_cases(setup):
         bcfg = models.BitaConfig(num_masks=MASKS, init_std=adapter_std)
         bp = models.init_bita_params(cfg, bcfg, jax.random.key(adapter_seed))
         out, num, row_steps, hist, record = jax.device_get(_oracle_generate(
-            (params, bp), prompt, np.array([len(p) for p in prompts], np.int32),
+            (params, bp, None), prompt, np.array([len(p) for p in prompts], np.int32),
             np.array([r[1] for r in rows], np.int32), truth,
             np.array([r[3] for r in rows], np.float32), np.array([r[2] for r in rows]),
             jax.random.key(seed), SamplingParams.greedy(), cfg=cfg, tree=tree, eos_ids=eos))

@@ -195,6 +195,7 @@ def bita_step(cfg: ModelConfig, tree: Tree, params, state: BitaState, max_new,
     """One BiTA step: verify `state.drafts`, emit 1..M+1 tokens, draft the next tree.
 
     Greedy verification unless `sp` has temperature > 0 (then exact rejection sampling).
+    `params`: (base params, BiTA params, the n-gram table or None), as `run_params` passes them.
     """
     if tree.dynamic:
         return dynamic_step(cfg, tree, params, state, max_new, eos_ids)
