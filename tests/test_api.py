@@ -111,3 +111,27 @@ def test_a_space_adapter_decodes_its_fine_tuned_model(llm, tmp_path):
     assert out.mode == "space" and ref.mode == "plain"
     assert out.token_ids == ref.token_ids
     assert ref.token_ids != llm.generate(PROMPT, max_new_tokens=24, use_bita=False).token_ids
+
+
+def test_the_shipped_table_drafts_and_a_corrupt_one_is_a_one_line_error(llm, tmp_path):
+    """The shipped adapter's n-gram table is loaded and used by the retrieval branch (Code
+    Alpaca-style answers, where prompt lookup finds few 2-grams); the output stays greedy's. A
+    corrupt ngram.npz in an adapter directory is an AdapterError naming the file."""
+    import shutil
+
+    from bita_jax.decoding import ngram
+
+    assert llm.ngram_table is not None and llm.ngram_table.num_entries() > 50_000
+    prompt = "Write a Java program that prints the numbers from 1 to 10."
+    with_table = bita_jax.load("smollm2-135m", tree="chain@1+lookup:2")
+    without = bita_jax.load("smollm2-135m", tree="chain@1+lookup:2")
+    without.ngram_table = None  # before any engine is built
+    ref = with_table.generate(prompt, max_new_tokens=96, use_bita=False)
+    a = with_table.generate(prompt, max_new_tokens=96)
+    b = without.generate(prompt, max_new_tokens=96)
+    assert a.token_ids == ref.token_ids == b.token_ids
+    assert a.steps < b.steps  # the table's drafts were accepted where prompt lookup had none
+    shutil.copytree(llm.adapter, tmp_path / "adapter")
+    (tmp_path / "adapter" / ngram.FILE).write_bytes(b"not a zip")
+    with pytest.raises(AdapterError, match="ngram.npz"):
+        bita_jax.load("smollm2-135m", adapter=tmp_path / "adapter")

@@ -387,3 +387,26 @@ def test_sharegpt_selection_and_test_sizes():
     assert len(texts) == 10318 and parts == {"train": 9822, "selection": 248, "test": 248}
     first30 = prompts.load_prompts("sharegpt", "heldout", limit=30, max_chars=2000)
     assert sum(prompts.heldout_part(t) == "selection" for t in first30) == 15
+
+
+def test_ngram_table_cli_reads_the_train_split_only(full_run, tmp_path, capsys):
+    """train/ngram_table.py: the table of the train answers (a held-out answer's contexts are
+    not in it unless a train answer has them too); bad input is a one-line error."""
+    from bita_jax.decoding import ngram
+
+    spec = importlib.util.spec_from_file_location("ngram_cli", ROOT / "train" / "ngram_table.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--data", str(full_run), "--out", str(tmp_path)]) == 0
+    table = ngram.load(tmp_path)
+    splits = _loaded(full_run)
+    want = ngram.build([r["response_ids"] for r in splits["train"]])
+    with_heldout = ngram.build([r["response_ids"] for s in dataset.SPLITS for r in splits[s]])
+    assert 0 < table.num_entries() < with_heldout.num_entries()
+    for a, b in zip(table.contexts + table.drafts, want.contexts + want.drafts):
+        np.testing.assert_array_equal(a, b)
+    capsys.readouterr()
+    assert cli.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "no bita_distill dataset" in _one_line_error(capsys)
+    assert cli.main(["--data", str(full_run), "--out", str(tmp_path / "missing")]) == 2
+    assert "not a directory" in _one_line_error(capsys)
