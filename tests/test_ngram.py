@@ -50,20 +50,22 @@ def test_full_tables_drop_contexts_but_stay_correct(monkeypatch):
     """With one probe per context, colliding contexts are dropped: never a wrong hit."""
     monkeypatch.setattr(ngram, "PROBES", 1)
     rng = np.random.default_rng(0)
-    texts = [rng.integers(0, 50, 40).tolist() for _ in range(30)]
-    table = ngram.build(texts, max_order=2, num_tokens=2)
+    vocab = rng.choice(40_000, 300, replace=False)  # scattered ids: hashes that collide
+    texts = [vocab[rng.integers(0, 300, 40)].tolist() for _ in range(30)]
+    table = ngram.build(texts, max_order=1, num_tokens=1)
     follow = {}
     for t in texts:
         for i in range(len(t) - 1):
-            follow.setdefault((t[i],), []).append(t[i + 1])
+            follow.setdefault(t[i], []).append(t[i + 1])
+    hits = 0
     for ctx, nxt in follow.items():
-        got, found = ngram.table_drafts(
-            ngram.NgramTable(table.contexts[:1], table.drafts[:1]),
-            np.asarray([ctx]), np.asarray([0]), 1, xp=np)
+        got, found = ngram.table_drafts(table, np.asarray([[ctx]]), np.asarray([0]), 1, xp=np)
         if found[0]:
             counts = np.bincount(nxt)
-            assert got[0, 0] == np.flatnonzero(counts == counts.max())[0]
-    assert table.num_entries() <= sum(c.shape[0] for c in table.contexts)
+            assert got[0, 0] == np.flatnonzero(counts == counts.max())[0], ctx
+            hits += 1
+    # ~300 contexts in 1,024 slots, one probe each: some collide and are dropped
+    assert hits == table.num_entries() and 0 < len(follow) - hits < len(follow) // 2
 
 
 def test_device_lookup_equals_the_host_twin():

@@ -38,6 +38,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     texts = [r["response_ids"] for r in records]
+    if not texts:
+        print(f"error: {args.data} has no train records: distill more prompts "
+              "(train/distill.py --extend with a larger --limit)", file=sys.stderr)
+        return 2
     tokens = sum(len(t) for t in texts)
     print(f"{len(texts)} answers, {tokens:,} tokens (train split of {args.data})")
     start = time.perf_counter()

@@ -37,7 +37,7 @@ DRAFT_TOKENS = 4  # L stored per context: the longest lookup branch `--tree auto
 PROBES = 8  # slots searched from a context's home slot
 MIN_PROMPT_NGRAM = 2  # prompt lookup's own drafts win from a match of this many tokens
 _MULTIPLIERS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D)  # odd: one per context position
-EMPTY = -1
+EMPTY = -1  # a free slot, or no draft: = `lookup.NO_DRAFT`, which verification never accepts
 
 
 @flax.struct.dataclass
@@ -51,10 +51,6 @@ class NgramTable:
     @property
     def max_order(self) -> int:
         return len(self.contexts)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.drafts[0].shape[1])
 
     def num_entries(self) -> int:
         return sum(int(np.sum(np.asarray(c)[:, 0] != EMPTY)) for c in self.contexts)
